@@ -1,0 +1,293 @@
+"""Recipes: a YAML file plus ``key=value`` overrides, validated into a frozen :class:`Config`.
+
+Every section forbids unknown keys: a typo fails with its full key path and the closest valid names
+(``unknown key 'train.max_step'; did you mean 'max_steps'?``). Wrong types and values name the key and
+what was expected. Free-form sections (``data.options``, ``losses.N.params``) are checked when the
+thing they configure is built, with the same kind of message.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import UserError
+
+
+class ConfigError(UserError):
+    """A bad recipe or override; one line naming the key (or file) and what was expected."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    format: str = "digits"
+    root: Optional[str] = None
+    options: Dict[str, Any] = Field(default_factory=dict)
+    transform: str = "tensor"
+    image_size: Optional[Tuple[int, int]] = None
+    classes_per_batch: int = Field(8, ge=1)
+    samples_per_class: int = Field(4, ge=1)
+    num_workers: int = Field(0, ge=0)
+    pin_memory: bool = False
+    eval_batch_size: int = Field(256, ge=1)
+    drop_singletons: bool = False
+
+
+class ModelConfig(_Section):
+    backbone: str = "small_cnn"
+    backbone_options: Dict[str, Any] = Field(default_factory=dict)
+    in_chans: int = Field(3, ge=1)
+    pretrained: Optional[str] = None
+    init_from: Optional[str] = None
+    embedding_dim: int = Field(0, ge=0)
+    pooling: Literal["avg", "max", "gem"] = "avg"
+    bnneck: bool = False
+    normalize: bool = True
+
+
+class MemoryConfig(_Section):
+    size: int = Field(..., ge=1)
+    start_step: int = Field(0, ge=0)
+    weight: float = 1.0
+
+
+class LossTerm(_Section):
+    name: str
+    weight: float = 1.0
+    input: Literal["embedding", "features", "neck"] = "embedding"
+    params: Dict[str, Any] = Field(default_factory=dict)
+    memory: Optional[MemoryConfig] = None
+    lr: Optional[float] = Field(None, gt=0)
+    optimizer: Optional[Literal["sgd"]] = None
+
+
+class ParamGroup(_Section):
+    match: str
+    lr: Optional[float] = Field(None, gt=0)
+    lr_mult: Optional[float] = Field(None, gt=0)
+    weight_decay: Optional[float] = Field(None, ge=0)
+
+
+class OptimizerConfig(_Section):
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0)
+    nesterov: bool = False
+    betas: Tuple[float, float] = (0.9, 0.999)
+    param_groups: List[ParamGroup] = Field(default_factory=list)
+
+
+class SchedulerConfig(_Section):
+    name: Literal["constant", "step", "multistep", "cosine", "plateau"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_factor: float = Field(0.01, gt=0, le=1)
+    step_size: int = Field(1000, ge=1)
+    milestones: List[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    patience: int = Field(4, ge=0)
+    threshold: float = Field(1e-3, ge=0)
+    cooldown: int = Field(0, ge=0)
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(1000, ge=1)
+    eval_every: int = Field(0, ge=0)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(0, ge=0)
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    grad_clip: float = Field(0.0, ge=0)
+    device: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    progress: bool = True
+    deterministic: bool = True
+
+
+class EvalConfig(_Section):
+    protocol: Literal["retrieval", "reid", "verification"] = "retrieval"
+    metric: str = "recall@1"
+    ks: List[int] = Field(default_factory=lambda: [1, 2, 4, 8])
+    distance: Literal["cosine", "euclidean", "squared_euclidean"] = "cosine"
+    rerank: bool = False
+    centroids: bool = False
+    flip: bool = False
+    lfw_root: Optional[str] = None
+    lfw_pairs: Optional[str] = None
+    max_rank: int = Field(50, ge=1)
+    worst_queries: int = Field(8, ge=0)
+
+
+class Config(_Section):
+    name: str = "run"
+    seed: int = 0
+    run_dir: Optional[str] = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    losses: List[LossTerm] = Field(default_factory=lambda: [LossTerm(name="triplet", params={"mining": "hard"})])
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def with_overrides(self, overrides: Sequence[str]) -> "Config":
+        return validate(apply_overrides(self.to_dict(), overrides))
+
+
+# -- loading -------------------------------------------------------------------------------------------
+
+def parse_value(text: str) -> Any:
+    """Override values are YAML scalars: ``128`` -> int, ``null`` -> None, ``[1, 2]`` -> list."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Set ``a.b.c=value`` (and ``losses.0.params.margin=0.2``) in a nested dict, returning a copy."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. train.max_steps=100)")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{item}': empty key segment")
+        node: Any = out
+        for depth, part in enumerate(parts[:-1]):
+            path = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                node = node[_list_index(node, part, path)]
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override '{item}': '{path}' is a value, not a section")
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_list_index(node, last, key)] = parse_value(text)
+        else:
+            node[last] = parse_value(text)
+    return out
+
+
+def _list_index(node: list, part: str, path: str) -> int:
+    try:
+        i = int(part)
+    except ValueError:
+        raise ConfigError(f"'{path}': expected a list index (0..{len(node) - 1}), got '{part}'") from None
+    if not 0 <= i < len(node):
+        raise ConfigError(f"'{path}': list index {i} out of range (the list has {len(node)} items)")
+    return i
+
+
+def _section_at(loc: Tuple[Any, ...]) -> Optional[Type[BaseModel]]:
+    """The pydantic model that owns the field at ``loc[-1]`` (for 'did you mean' hints)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            for inner in (cand, *getattr(cand, "__args__", ())):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    model = inner
+                    break
+            else:
+                continue
+            break
+        else:
+            return None
+    return model
+
+
+def _format_error(err: Dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        section = _section_at(loc)
+        valid = list(section.model_fields) if section is not None else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        return f"unknown config key '{key}'{hint} (valid here: {', '.join(valid)})"
+    if err["type"] == "missing":
+        return f"config key '{key}' is required"
+    got = err.get("input")
+    return f"config key '{key}': {err['msg'].lower()} (got {got!r})"
+
+
+def validate(raw: Any, source: str = "config") -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        errors = e.errors()
+        msg = _format_error(errors[0])
+        if len(errors) > 1:
+            msg += f" (+{len(errors) - 1} more problems)"
+        raise ConfigError(f"{source}: {msg}") from None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a recipe (or start from defaults when ``path`` is None) and apply overrides."""
+    raw: Dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if p.is_dir() and (p / "config.yaml").is_file():
+            p = p / "config.yaml"  # a run directory
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        source = str(p)
+    cfg = validate(raw, source)
+    if overrides:  # overrides act on the resolved recipe, so defaults (e.g. losses.0) can be addressed
+        cfg = validate(apply_overrides(cfg.to_dict(), overrides), f"{source} with overrides")
+    return cfg
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write through a temporary file in the same folder and rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
