@@ -1,0 +1,119 @@
+"""``PKBatchSampler``: batches of P classes x K samples that cover every sample each epoch.
+
+The rule, per epoch (all randomness from ``seed`` and the epoch number, so every rank draws the same
+plan):
+
+1. Each class's indices are shuffled and cut into chunks of K. A class with fewer than K samples, or
+   a last chunk shorter than K, is topped up by drawing more of that class's own samples at random
+   (with replacement when the class has fewer than K). Every top-up draw is counted in
+   ``stats["resampled"]``; a class with one sample is repeated K times, which still gives no positive
+   pair, so such classes are better filtered out of the data (``stats["singleton_classes"]``).
+2. Batches are formed by repeatedly picking P distinct classes, with probability proportional to
+   their remaining chunk counts (as research-xbm and PaddleClas do), and taking one chunk from each.
+3. When fewer than P classes still have chunks, the last batches are completed with chunks drawn at
+   random from other classes (``stats["filler_chunks"]``), so no sample is ever dropped.
+4. With ``world_size > 1`` the plan is padded with extra random batches to a multiple of
+   ``world_size`` and rank r takes batches r, r + W, r + 2W, ...: ranks never share a batch, and
+   together they cover every sample.
+
+Iteration yields lists of dataset indices of length P*K, laid out class by class
+(``[c1]*K + [c2]*K + ...``), the layout the PaddlePaddle and Centroids-ReID losses expect.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+class PKBatchSampler(Sampler[List[int]]):
+    def __init__(self, labels: Sequence[int] | np.ndarray, classes_per_batch: int, samples_per_class: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if classes_per_batch < 1 or samples_per_class < 1:
+            raise ValueError("data.classes_per_batch and data.samples_per_class must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.P, self.K = int(classes_per_batch), int(samples_per_class)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        classes, inverse = np.unique(labels, return_inverse=True)
+        if len(classes) < self.P:
+            raise ValueError(
+                f"data.classes_per_batch={self.P} but the training set has only {len(classes)} classes; "
+                f"lower data.classes_per_batch")
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.cumsum(np.bincount(inverse))
+        self._members: List[np.ndarray] = np.split(order, bounds[:-1])
+        self.num_samples = len(labels)
+        self.epoch = 0
+        self._skip = 0
+        self.stats: Dict[str, int] = {}
+        self._plan_cache: tuple[int, List[np.ndarray]] | None = None
+
+    # -- plan --------------------------------------------------------------------------------------
+    def _plan(self, epoch: int) -> List[np.ndarray]:
+        """All batches of this epoch (before sharding), deterministic in ``(seed, epoch)``."""
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        P, K = self.P, self.K
+        resampled = 0
+        chunks: List[List[np.ndarray]] = []
+        for members in self._members:
+            idx = rng.permutation(members)
+            short = (-len(idx)) % K
+            if short:
+                extra = rng.choice(members, size=short, replace=len(members) < short or len(members) < K)
+                idx = np.concatenate([idx, extra])
+                resampled += short
+            chunks.append(list(idx.reshape(-1, K)))
+        remaining = np.array([len(c) for c in chunks], dtype=np.int64)
+        batches: List[np.ndarray] = []
+        filler = 0
+        while remaining.sum() > 0:
+            avail = np.flatnonzero(remaining)
+            if len(avail) >= P:
+                picked = rng.choice(avail, size=P, replace=False, p=remaining[avail] / remaining[avail].sum())
+                parts = [chunks[c][len(chunks[c]) - remaining[c]] for c in picked]
+                remaining[picked] -= 1
+            else:
+                parts = [chunks[c][len(chunks[c]) - remaining[c]] for c in avail]
+                remaining[avail] -= 1
+                others = np.setdiff1d(np.arange(len(chunks)), avail)
+                for c in rng.choice(others, size=P - len(avail), replace=False):
+                    parts.append(chunks[c][rng.integers(len(chunks[c]))])
+                    filler += 1
+            batches.append(np.concatenate(parts))
+        pad = (-len(batches)) % self.world_size
+        for _ in range(pad):
+            picked = rng.choice(len(chunks), size=P, replace=False)
+            batches.append(np.concatenate([chunks[c][rng.integers(len(chunks[c]))] for c in picked]))
+        self.stats = {
+            "resampled": int(resampled),
+            "filler_chunks": int(filler),
+            "padding_batches": int(pad),
+            "singleton_classes": int(sum(len(m) == 1 for m in self._members)),
+        }
+        self._plan_cache = (epoch, batches)
+        return batches
+
+    # -- Sampler protocol ----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._plan(self.epoch)) // self.world_size
+
+    def __iter__(self) -> Iterator[List[int]]:
+        mine = self._plan(self.epoch)[self.rank::self.world_size]
+        start, self._skip = self._skip, 0
+        for batch in mine[start:]:
+            yield batch.tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def skip(self, batches: int) -> None:
+        """Start the next iteration ``batches`` batches into the current epoch (resume)."""
+        self._skip = int(batches)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "P": self.P, "K": self.K}
