@@ -1,0 +1,121 @@
+"""Backbone catalogue: each constructor returns a module mapping images ``(B, C, H, W)`` to a
+feature map ``(B, F, h, w)`` and sets ``out_channels = F``.
+
+Registered: ``resnet18/34/50/101`` (torchvision layout, so torchvision and timm ResNet state dicts
+load by key), ``small_cnn`` (tiny grayscale images such as digits and Fashion-MNIST), and any timm
+model as ``timm:<name>``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..registry import BACKBONES
+
+
+class ResNetTrunk(nn.Module):
+    """A torchvision ResNet without its pooling and classifier.
+
+    Args:
+        depth: 18, 34, 50 or 101.
+        last_stride: stride of ``layer4`` (2 as in ImageNet; 1 for re-ID, doubling the final map).
+        stem_relu: keep the ReLU after the stem BatchNorm. The XBM and Centroids-ReID ResNet50s omit
+            it (REFERENCE Part A, 3b and 4a); set False to reproduce them.
+        in_chans: input channels (weights for 3 channels are averaged when loading for 1 channel).
+    """
+
+    def __init__(self, depth: int = 50, last_stride: int = 2, stem_relu: bool = True, in_chans: int = 3) -> None:
+        super().__init__()
+        import torchvision.models as tvm
+
+        ctor = {18: tvm.resnet18, 34: tvm.resnet34, 50: tvm.resnet50, 101: tvm.resnet101}[depth]
+        net = ctor(weights=None)
+        if in_chans != 3:
+            net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.conv1, self.bn1, self.maxpool = net.conv1, net.bn1, net.maxpool
+        self.relu = nn.ReLU(inplace=True) if stem_relu else nn.Identity()
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        if last_stride != 2:
+            block = self.layer4[0]
+            strided = block.conv2 if hasattr(block, "conv3") else block.conv1  # v1.5 bottleneck strides the 3x3
+            strided.stride = (last_stride, last_stride)
+            if block.downsample is not None:
+                block.downsample[0].stride = (last_stride, last_stride)
+        self.out_channels = 512 * (4 if depth >= 50 else 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def _resnet(depth: int):
+    def build(last_stride: int = 2, stem_relu: bool = True, in_chans: int = 3) -> ResNetTrunk:
+        return ResNetTrunk(depth, last_stride=last_stride, stem_relu=stem_relu, in_chans=in_chans)
+
+    build.__name__ = f"resnet{depth}"
+    return build
+
+
+for _depth in (18, 34, 50, 101):
+    BACKBONES.register(f"resnet{_depth}")(_resnet(_depth))
+
+
+class SmallCNN(nn.Module):
+    """Four conv-BN-ReLU blocks for tiny grayscale images (8x8 digits, 28x28 Fashion-MNIST)."""
+
+    def __init__(self, in_chans: int = 1, width: int = 64) -> None:
+        super().__init__()
+        chans = [in_chans, width, width, 2 * width, 2 * width]
+        layers: list[nn.Module] = []
+        for i in range(4):
+            layers += [
+                nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False),
+                nn.BatchNorm2d(chans[i + 1]),
+                nn.ReLU(inplace=True),
+            ]
+            if i in (1, 3):
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        self.body = nn.Sequential(*layers)
+        self.out_channels = chans[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@BACKBONES.register("small_cnn")
+def small_cnn(in_chans: int = 1, width: int = 64) -> SmallCNN:
+    return SmallCNN(in_chans=in_chans, width=width)
+
+
+class TimmTrunk(nn.Module):
+    """Any timm model as a feature-map extractor (``num_classes=0, global_pool=''``)."""
+
+    def __init__(self, name: str, in_chans: int = 3, **kwargs) -> None:
+        super().__init__()
+        import timm
+
+        try:
+            self.model = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", in_chans=in_chans, **kwargs)
+        except RuntimeError as e:  # timm says "Unknown model (x)"
+            raise ValueError(f"model.backbone: timm has no model '{name}' ({e})") from None
+        self.out_channels = int(self.model.num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.model.forward_features(x)
+        if y.ndim == 3:  # vision transformers: (B, tokens, F) -> treat tokens as a 1-pixel-high map
+            y = y.transpose(1, 2).unsqueeze(2)
+        return y
+
+
+def build_backbone(name: str, in_chans: int = 3, **options) -> nn.Module:
+    """``resnet50``, ``small_cnn``, or ``timm:<any timm name>``."""
+    if name.startswith("timm:"):
+        return TimmTrunk(name[len("timm:"):], in_chans=in_chans, **options)
+    return BACKBONES.build(name, in_chans=in_chans, **options)
+
+
+def backbone_state_prefix(backbone: nn.Module) -> Optional[str]:
+    """Prefix to add to plain torchvision/timm keys so they match this trunk's own keys."""
+    return "model." if isinstance(backbone, TimmTrunk) else ""

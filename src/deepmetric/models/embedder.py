@@ -1,0 +1,170 @@
+"""The model: ``Embedder = backbone ► head``, and loading of pretrained weights from local files."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .backbones import TimmTrunk, build_backbone
+from ..errors import UserError
+from .heads import EmbeddingHead
+
+log = logging.getLogger("deepmetric")
+
+
+class Embedder(nn.Module):
+    """Images ``(B, C, H, W)`` float in, embeddings ``(B, D)`` out.
+
+    ``forward`` returns the retrieval embedding (what search, evaluation and ONNX export use);
+    ``forward_train`` returns the head's dict (``features``, ``neck``, ``embedding``) for losses.
+    """
+
+    def __init__(self, backbone: nn.Module, head: EmbeddingHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.head.dim
+
+    def forward_train(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.head(self.backbone(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_train(x)["embedding"]
+
+
+def build_embedder(backbone: str = "resnet50", embedding_dim: int = 0, pooling: str = "avg",
+                   bnneck: bool = False, normalize: bool = True, in_chans: int = 3,
+                   backbone_options: Optional[dict] = None) -> Embedder:
+    trunk = build_backbone(backbone, in_chans=in_chans, **(backbone_options or {}))
+    head = EmbeddingHead(trunk.out_channels, embedding_dim, pooling, bnneck, normalize)
+    return Embedder(trunk, head)
+
+
+@dataclass
+class LoadReport:
+    """What a weights file gave a module: keys loaded, missing (left at init) and unexpected."""
+
+    source: str
+    loaded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    shape_mismatch: List[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        def few(keys: List[str]) -> str:
+            return ", ".join(keys[:6]) + (f", ... (+{len(keys) - 6})" if len(keys) > 6 else "")
+
+        parts = [f"{self.source}: loaded {len(self.loaded)} tensors"]
+        if self.missing:
+            parts.append(f"missing {len(self.missing)} (kept at init: {few(self.missing)})")
+        if self.unexpected:
+            parts.append(f"unexpected {len(self.unexpected)} (ignored: {few(self.unexpected)})")
+        if self.shape_mismatch:
+            parts.append(f"shape mismatch {len(self.shape_mismatch)} (kept at init: {few(self.shape_mismatch)})")
+        return "; ".join(parts)
+
+
+class WeightsError(UserError):
+    """A weights file that cannot be used; the message names the file."""
+
+
+def read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
+    """Read a torchvision/timm ``.pth``/``.pt``/``.bin`` or a ``.safetensors`` file into a flat state dict.
+
+    Accepts checkpoints that wrap the weights under ``state_dict``/``model``/``module.`` prefixes.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"weights file not found: {p}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(p))
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated/foreign files raise many different types
+        raise WeightsError(f"cannot read weights file {p}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise WeightsError(f"{p} does not hold a state dict of tensors")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_weights(module: nn.Module, state: Dict[str, torch.Tensor], source: str,
+                 prefix: str = "", skip: tuple[str, ...] = ()) -> LoadReport:
+    """Copy every tensor of ``state`` whose (prefixed) key and shape match ``module``'s.
+
+    Keys starting with any of ``skip`` are ignored (e.g. a stage-one run's classifier).
+    Nothing fails silently: the returned report lists loaded, missing, unexpected and mismatched keys.
+    """
+    own = module.state_dict()
+    report = LoadReport(source)
+    matched = {}
+    for key, tensor in state.items():
+        if any(key.startswith(s) for s in skip):
+            continue
+        k = prefix + key
+        if k not in own:
+            report.unexpected.append(key)
+        elif own[k].shape != tensor.shape:
+            report.shape_mismatch.append(f"{key} {tuple(tensor.shape)}->{tuple(own[k].shape)}")
+        else:
+            matched[k] = tensor
+            report.loaded.append(key)
+    report.missing = [k for k in own if k not in matched and not k.endswith("num_batches_tracked")]
+    if not matched:
+        raise WeightsError(f"{source}: no tensor matches this model (first keys in file: {', '.join(list(state)[:4])})")
+    module.load_state_dict(matched, strict=False)
+    return report
+
+
+def load_pretrained(model: Embedder, pretrained: str, backbone_name: str) -> LoadReport:
+    """Initialise the backbone from a local torchvision/timm weights file, or ``imagenet`` (download).
+
+    Offline, ``imagenet`` fails with a message saying to pass a local file.
+    """
+    if pretrained == "imagenet":
+        state = _download_imagenet(backbone_name)
+        source = f"imagenet weights for {backbone_name}"
+    else:
+        state = read_state_dict(pretrained)
+        source = str(pretrained)
+    prefix = "model." if isinstance(model.backbone, TimmTrunk) else ""
+    if isinstance(model.backbone, TimmTrunk) is False and model.backbone.conv1.weight.shape[1] != 3:
+        w = state.get("conv1.weight")
+        if w is not None and w.shape[1] == 3:  # grayscale input: average the RGB filters
+            state = dict(state, **{"conv1.weight": w.mean(dim=1, keepdim=True)})
+    report = load_weights(model.backbone, state, source, prefix=prefix)
+    log.info(report.summary())
+    return report
+
+
+def _download_imagenet(backbone_name: str) -> Dict[str, torch.Tensor]:
+    hint = ("no network to download ImageNet weights; pass a local file instead: "
+            "model.pretrained=/path/to/resnet50.pth (torchvision or timm state dict)")
+    try:
+        if backbone_name.startswith("timm:"):
+            import timm
+
+            return timm.create_model(backbone_name[5:], pretrained=True).state_dict()
+        import torchvision.models as tvm
+
+        if backbone_name not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+            raise WeightsError(f"model.pretrained=imagenet: no ImageNet weights for backbone '{backbone_name}'")
+        return tvm.get_model(backbone_name, weights="DEFAULT").state_dict()
+    except WeightsError:
+        raise
+    except Exception as e:  # URLError, ConnectionError, HF hub errors, ...
+        raise WeightsError(f"model.pretrained=imagenet: {hint} ({type(e).__name__})") from None

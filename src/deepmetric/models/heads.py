@@ -1,0 +1,65 @@
+"""Embedding heads: pooling -> optional projection -> optional BNNeck -> optional L2 normalisation."""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenovic et al. 2018): ``(mean x^p)^(1/p)``, ``p`` learnable."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
+
+
+POOLINGS = ("avg", "max", "gem")
+
+
+class EmbeddingHead(nn.Module):
+    """Maps a feature map ``(B, C, h, w)`` to the training outputs.
+
+    Returns a dict with:
+      - ``features``: pooled (and projected) vector, before the BNNeck, ``(B, D)``;
+      - ``neck``: after the BNNeck (equal to ``features`` without one), ``(B, D)``;
+      - ``embedding``: ``neck`` L2-normalised when ``normalize`` (what retrieval uses), ``(B, D)``.
+
+    The BNNeck (Luo et al. 2019, "Bag of Tricks") is a BatchNorm1d whose bias is frozen at zero;
+    re-ID recipes put metric losses on ``features`` and the classifier on ``neck``.
+    """
+
+    def __init__(self, in_channels: int, embedding_dim: int = 0, pooling: str = "avg",
+                 bnneck: bool = False, normalize: bool = True) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"model.pooling must be one of {', '.join(POOLINGS)}, got '{pooling}'")
+        self.pool = {"avg": nn.AdaptiveAvgPool2d(1), "max": nn.AdaptiveMaxPool2d(1), "gem": GeM()}[pooling]
+        self.pooling = pooling
+        self.proj = None
+        dim = in_channels
+        if embedding_dim and embedding_dim > 0:
+            self.proj = nn.Linear(in_channels, embedding_dim)
+            nn.init.kaiming_normal_(self.proj.weight, mode="fan_out")
+            nn.init.zeros_(self.proj.bias)
+            dim = embedding_dim
+        self.dim = dim
+        self.bnneck = None
+        if bnneck:
+            self.bnneck = nn.BatchNorm1d(dim)
+            self.bnneck.bias.requires_grad_(False)
+        self.normalize = normalize
+
+    def forward(self, fmap: torch.Tensor) -> Dict[str, torch.Tensor]:
+        x = self.pool(fmap).flatten(1)
+        if self.proj is not None:
+            x = self.proj(x)
+        neck = self.bnneck(x) if self.bnneck is not None else x
+        emb = F.normalize(neck.float(), dim=1) if self.normalize else neck
+        return {"features": x, "neck": neck, "embedding": emb}

@@ -1,0 +1,78 @@
+"""Backbones, heads and weight loading."""
+import pytest
+import torch
+
+from deepmetric.models import WeightsError, build_embedder, load_pretrained, read_state_dict
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max", "gem"])
+@pytest.mark.parametrize("dim, bnneck", [(0, False), (32, True)])
+def test_small_cnn_shapes_and_normalisation(pooling, dim, bnneck):
+    m = build_embedder("small_cnn", embedding_dim=dim, pooling=pooling, bnneck=bnneck, in_chans=1).eval()
+    out = m.forward_train(torch.randn(5, 1, 8, 8))
+    d = dim or 128
+    assert out["features"].shape == out["neck"].shape == out["embedding"].shape == (5, d)
+    assert torch.allclose(out["embedding"].norm(dim=1), torch.ones(5), atol=1e-5)
+    assert m(torch.randn(2, 1, 28, 28)).shape == (2, d)
+    if bnneck:
+        assert not m.head.bnneck.bias.requires_grad
+
+
+def test_unnormalised_embedding_keeps_the_neck():
+    m = build_embedder("small_cnn", embedding_dim=16, normalize=False, in_chans=1).eval()
+    out = m.forward_train(torch.randn(3, 1, 8, 8))
+    assert torch.equal(out["embedding"], out["neck"])
+
+
+def test_resnet_variants_of_the_seed_systems():
+    x = torch.randn(1, 3, 64, 32)
+    plain = build_embedder("resnet18").eval()
+    reid = build_embedder("resnet18", backbone_options={"last_stride": 1, "stem_relu": False}).eval()
+    assert plain.backbone(x).shape[-2:] == (2, 1)
+    assert reid.backbone(x).shape[-2:] == (4, 2), "last stride 1 doubles the final map"
+    assert isinstance(reid.backbone.relu, torch.nn.Identity)
+    assert plain(x).shape == (1, 512)
+
+
+def test_pretrained_local_torchvision_file_reports_keys(tmp_path):
+    import torchvision
+
+    ref = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(ref.state_dict(), path)
+    m = build_embedder("resnet18", embedding_dim=8)
+    report = load_pretrained(m, str(path), "resnet18")
+    assert torch.equal(m.backbone.conv1.weight, ref.conv1.weight)
+    assert "fc.weight" in report.unexpected and not report.missing
+    assert "loaded" in report.summary() and "unexpected 2" in report.summary()
+
+
+def test_pretrained_errors_name_the_file(tmp_path):
+    m = build_embedder("resnet18")
+    with pytest.raises(WeightsError, match="weights file not found: .*none.pth"):
+        load_pretrained(m, str(tmp_path / "none.pth"), "resnet18")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot read weights file .*junk.pth"):
+        read_state_dict(junk)
+    other = tmp_path / "other.pth"
+    torch.save({"a.b": torch.zeros(2)}, other)
+    with pytest.raises(WeightsError, match="no tensor matches this model"):
+        load_pretrained(m, str(other), "resnet18")
+
+
+def test_imagenet_offline_says_to_pass_a_local_file(monkeypatch):
+    import torchvision.models as tvm
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tvm, "get_model", offline)
+    with pytest.raises(WeightsError, match="pass a local file instead: model.pretrained=/path/to/resnet50.pth"):
+        load_pretrained(build_embedder("resnet18"), "imagenet", "resnet18")
+
+
+def test_timm_backbone_by_name():
+    pytest.importorskip("timm")
+    m = build_embedder("timm:resnet10t", embedding_dim=16).eval()
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 16)
