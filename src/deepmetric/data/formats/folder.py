@@ -1,0 +1,161 @@
+"""One folder per class: ``image_folder`` (train + retrieval test) and ``identity_folder`` (train only).
+
+Labels are the index of the class folder in sorted name order (``info["class_names"]`` maps them
+back). The training view is relabelled to ``0..C_train-1`` (``info["train_class_names"]`` in label
+order); the test view keeps the folder-index labels, so they identify classes across runs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ...registry import DATASETS
+from ..base import DataError, DataSplits, MetricDataset, relabel
+from ..io import IMAGE_EXTENSIONS, ImageListDataset, require_root
+from ..splits import class_split
+
+_EXPECTED = "a folder with one subfolder of images per class"
+
+
+def scan_class_folders(
+    root: str, extensions: Sequence[str], fmt: str
+) -> tuple[list[str], list[str], np.ndarray]:
+    """Class names (sorted subfolders), image paths relative to ``root``, and folder-index labels.
+
+    Images are found recursively inside each class folder; hidden files and folders are skipped.
+    Raises :class:`DataError` for a root with no class folder or a class folder with no image.
+    """
+    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    with os.scandir(root) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    names = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    if not names:
+        loose = sum(1 for e in entries if e.is_file() and e.name.lower().endswith(exts))
+        hint = f"; found {loose} images directly in it: move them into one subfolder per class" if loose else ""
+        raise DataError(f"{fmt} root {root}: no class subfolders (expected {_EXPECTED}){hint}")
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(names):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel = os.path.relpath(dirpath, root)
+            found.extend(
+                os.path.join(rel, f) for f in sorted(filenames)
+                if not f.startswith(".") and f.lower().endswith(exts)
+            )
+        if not found:
+            raise DataError(
+                f"{fmt} class folder {os.path.join(root, name)}: no images with extensions "
+                f"{' '.join(exts)} (remove the empty folder or add images)"
+            )
+        paths.extend(found)
+        labels.extend([label] * len(found))
+    return names, paths, np.asarray(labels, dtype=np.int64)
+
+
+def _class_ids(names: list[str], wanted: Optional[Sequence[str]], option: str, root: str) -> Optional[list[int]]:
+    if wanted is None:
+        return None
+    if isinstance(wanted, str):
+        wanted = [wanted]
+    index = {n: i for i, n in enumerate(names)}
+    unknown = [str(w) for w in wanted if str(w) not in index]
+    if unknown:
+        raise DataError(f"image_folder root {root}: {option} names folders that do not exist: {', '.join(unknown[:10])}")
+    return [index[str(w)] for w in wanted]
+
+
+def split_by_class(
+    base: MetricDataset,
+    class_names: Optional[list[str]],
+    train_ids: Optional[list[int]],
+    test_ids: Optional[list[int]],
+    train_fraction: Optional[float],
+    train_transform: Optional[Callable],
+    test_transform: Optional[Callable],
+    info: dict,
+) -> DataSplits:
+    """Shared by ``image_folder`` and ``csv``: class-disjoint split, or all classes on both sides.
+
+    ``class_names[label]`` names a class when the labels index names (``None`` for numeric labels).
+    """
+    if train_ids is None and test_ids is None and train_fraction is None:
+        train = base.with_transform(train_transform)
+        train.labels = relabel(base.labels)
+        query = base.with_transform(test_transform)
+        train_classes = np.unique(base.labels)
+        info["protocol"] = "leave-one-out on all classes (no class split: not zero-shot)"
+    else:
+        tr, te = class_split(base, train_ids, test_ids, train_fraction)
+        train_classes = np.unique(base.labels[tr.indices])
+        train, query = tr.with_transform(train_transform), te.with_transform(test_transform)
+        info["protocol"] = "leave-one-out on unseen classes"
+    train.name, query.name = f"{base.name}/train", f"{base.name}/query"
+    info["train_class_ids"] = train_classes.tolist()  # original label of each training label
+    if class_names is not None:
+        info["train_class_names"] = [class_names[i] for i in train_classes]
+    return DataSplits(train=train, query=query, gallery=None, info=info)
+
+
+@DATASETS.register("image_folder")
+def build_image_folder(
+    root: Optional[str],
+    *,
+    train_transform: Optional[Callable] = None,
+    test_transform: Optional[Callable] = None,
+    train_classes: Optional[Sequence[str]] = None,
+    test_classes: Optional[Sequence[str]] = None,
+    train_fraction: Optional[float] = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> DataSplits:
+    """A folder per class. Class split for zero-shot retrieval: ``train_classes``/``test_classes``
+    (folder names) or ``train_fraction`` (first fraction of the sorted folders train, the rest are
+    queried leave-one-out). With no split option every class is trained and queried (a sanity
+    check, not a zero-shot measurement)."""
+    root = require_root(root, "image_folder", _EXPECTED)
+    names, paths, labels = scan_class_folders(root, extensions, "image_folder")
+    base = ImageListDataset(paths, labels, root=root, name="image_folder")
+    info = {"format": "image_folder", "root": root, "class_names": names}
+    return split_by_class(
+        base, names,
+        _class_ids(names, train_classes, "train_classes", root),
+        _class_ids(names, test_classes, "test_classes", root),
+        train_fraction, train_transform, test_transform, info,
+    )
+
+
+@DATASETS.register("identity_folder")
+def build_identity_folder(
+    root: Optional[str],
+    *,
+    train_transform: Optional[Callable] = None,
+    test_transform: Optional[Callable] = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    min_images: int = 1,
+) -> DataSplits:
+    """MS-Celeb style: one folder per identity, training only (evaluate with e.g. ``lfw``).
+
+    ``min_images`` drops identities with fewer images (``info["dropped_identities"]`` counts them).
+    ``test_transform`` is accepted for the common builder signature and unused.
+    """
+    del test_transform
+    root = require_root(root, "identity_folder", "a folder with one subfolder of images per identity")
+    names, paths, labels = scan_class_folders(root, extensions, "identity_folder")
+    counts = np.bincount(labels, minlength=len(names))
+    keep_ids = np.flatnonzero(counts >= int(min_images))
+    if len(keep_ids) == 0:
+        raise DataError(f"identity_folder root {root}: no identity has at least min_images={min_images} images")
+    keep = np.isin(labels, keep_ids)
+    train = ImageListDataset(
+        [p for p, k in zip(paths, keep) if k], relabel(labels[keep]), root=root,
+        transform=train_transform, name="identity_folder/train",
+    )
+    info = {
+        "format": "identity_folder", "root": root, "protocol": "training only",
+        "train_class_names": [names[i] for i in keep_ids],
+        "dropped_identities": int(len(names) - len(keep_ids)),
+    }
+    return DataSplits(train=train, info=info)

@@ -1,0 +1,263 @@
+"""Reading things from disk: images, list files, and the generic image-list dataset.
+
+Every error here is a :class:`~deepmetric.data.base.DataError` whose one-line message names the
+file (and the line, for list files) and says what was expected, so a broken download is found
+from the message alone.
+
+Decompression-bomb policy: :func:`load_image` refuses images with more than ``max_pixels`` pixels
+(default :data:`DEFAULT_MAX_PIXELS`, PIL's own hard limit) by reading the header size before any
+pixel is decoded. The limit can only be lowered per call; raising it above PIL's is a process-wide
+decision the caller makes explicitly with ``PIL.Image.MAX_IMAGE_PIXELS`` (we never change it).
+Truncated files are errors, never silently padded (``ImageFile.LOAD_TRUNCATED_IMAGES`` stays off).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .base import DataError, MetricDataset
+
+#: PIL raises DecompressionBombError above twice its warning limit; we use the same ceiling.
+DEFAULT_MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
+
+
+def load_image(path: str | os.PathLike, max_pixels: Optional[int] = None) -> Image.Image:
+    """Open ``path`` fully and return it as an RGB ``PIL.Image``.
+
+    PIL opens lazily (only the header); pixels are decoded by ``load()``, which is where truncated
+    or corrupt data fails, so both happen inside the ``try``. Grayscale, palette (with
+    transparency), CMYK and RGBA images are converted to RGB.
+
+    Raises:
+        DataError: missing file, unreadable/corrupt/truncated image, or more than ``max_pixels``
+            pixels; the message names the file.
+    """
+    path = os.fspath(path)
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > limit:
+                raise DataError(
+                    f"image {path}: {w}x{h} = {w * h} pixels exceeds the limit of {limit} "
+                    "(decompression-bomb guard; pass a larger max_pixels if the file is trusted)"
+                )
+            img.load()
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")
+            return img.convert("RGB")
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"image {path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"image {path}: is a directory, expected an image file") from None
+    except UnidentifiedImageError:
+        raise DataError(f"image {path}: not a readable image (corrupt file or unsupported format)") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image {path}: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated data, bad headers, decoder errors
+        raise DataError(f"image {path}: cannot decode ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# list files
+
+
+@dataclass(frozen=True)
+class Row:
+    """One data line of a list file: its 1-based ``line`` number and its ``fields`` (strings)."""
+
+    line: int
+    fields: tuple[str, ...]
+
+
+def read_rows(path: str | os.PathLike, *, sep: Optional[str] = None, skip_lines: int = 0,
+              maxsplit: int = -1) -> list[Row]:
+    """Non-blank lines of a text list file split on ``sep`` (whitespace when ``None``).
+
+    Field counts may vary; :func:`read_table` checks them. Raises :class:`DataError` when the file
+    is missing or not UTF-8 text.
+    """
+    path = os.fspath(path)
+    rows: list[Row] = []
+    for lineno, text in _lines(path):
+        text = text.strip()
+        if lineno <= skip_lines or not text:
+            continue
+        fields = text.split(sep, maxsplit) if sep is None else [f.strip() for f in text.split(sep, maxsplit)]
+        rows.append(Row(lineno, tuple(fields)))
+    return rows
+
+
+def read_table(
+    path: str | os.PathLike,
+    columns: Sequence[str],
+    *,
+    sep: Optional[str] = None,
+    skip_lines: int = 0,
+    header_if: Optional[Callable[[tuple[str, ...]], bool]] = None,
+    last_column_may_contain_sep: bool = False,
+) -> list[Row]:
+    """Read a whitespace- (``sep=None``) or ``sep``-separated list file with a fixed column count.
+
+    Args:
+        columns: the expected column names, used for the count and in error messages.
+        skip_lines: leading lines skipped unconditionally (counts, headers).
+        header_if: called on the first remaining row's fields; if True that row is a header
+            and skipped (``lambda f: f[0] == "image_id"`` for the SOP lists).
+        last_column_may_contain_sep: split at most ``len(columns) - 1`` times so the last column
+            (a path) may contain spaces.
+
+    Blank lines are skipped. Raises :class:`DataError`
+    (``"Ebay_train.txt line 17: expected 4 columns 'image_id class_id super_class_id path', got 3"``).
+    """
+    path = os.fspath(path)
+    n = len(columns)
+    rows = read_rows(path, sep=sep, skip_lines=skip_lines, maxsplit=n - 1 if last_column_may_contain_sep else -1)
+    if rows and header_if is not None and header_if(rows[0].fields):
+        rows = rows[1:]
+    for r in rows:
+        if len(r.fields) != n:
+            raise DataError(
+                f"{path} line {r.line}: expected {n} columns '{' '.join(columns)}', got {len(r.fields)}"
+            )
+    return rows
+
+
+def read_csv(path: str | os.PathLike, required: Sequence[str], delimiter: str = ",") -> list[tuple[int, dict]]:
+    """Read a CSV with a header row; returns ``(line_number, {column: value})`` per data row.
+
+    Raises :class:`DataError` naming the file when a required column is missing from the header or
+    a row has the wrong number of cells.
+    """
+    path = os.fspath(path)
+    _require_file(path, "CSV list file")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise DataError(f"{path}: empty file, expected a header row naming the columns") from None
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise DataError(
+                f"{path}: header has no column {', '.join(repr(m) for m in missing)} "
+                f"(found {', '.join(repr(h) for h in header)})"
+            )
+        out = []
+        for cells in reader:
+            lineno = reader.line_num
+            if not cells or all(not c.strip() for c in cells):
+                continue
+            if len(cells) != len(header):
+                raise DataError(
+                    f"{path} line {lineno}: expected {len(header)} cells "
+                    f"'{delimiter.join(header)}', got {len(cells)}"
+                )
+            out.append((lineno, {h: c.strip() for h, c in zip(header, cells)}))
+    return out
+
+
+def to_int(value: str, path: str, line: int, column: str) -> int:
+    """``int(value)`` or a :class:`DataError` naming file, line and column."""
+    try:
+        return int(value)
+    except ValueError:
+        raise DataError(f"{path} line {line}: column '{column}' should be an integer, got {value!r}") from None
+
+
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    _require_file(path, "list file")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, text in enumerate(f, start=1):
+                yield lineno, text
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+
+
+def _require_file(path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: {what} not found")
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset roots
+
+
+def require_root(root: Optional[str | os.PathLike], fmt: str, expected: str) -> str:
+    """Check that ``root`` names an existing folder; ``expected`` says what it should hold.
+
+    Raises :class:`DataError`: ``"sop: no data root given (set data.root to ...)"`` or
+    ``"SOP root /x: folder not found (expected ...)"``.
+    """
+    if root is None or not str(root).strip():
+        raise DataError(f"{fmt}: no data root given (set data.root to {expected})")
+    path = os.path.expanduser(os.fspath(root))
+    if not os.path.isdir(path):
+        what = "is a file, not a folder" if os.path.exists(path) else "folder not found"
+        raise DataError(f"{fmt} root {path}: {what} (expected {expected})")
+    return path
+
+
+def descend(root: str, marker: str, subdirs: Sequence[str]) -> str:
+    """``root``, or ``root/<subdir>`` when only that holds ``marker`` (the archive's top folder).
+
+    Lets users point at the folder they extracted into as well as the dataset folder itself.
+    """
+    if os.path.exists(os.path.join(root, marker)):
+        return root
+    for sub in subdirs:
+        if os.path.exists(os.path.join(root, sub, marker)):
+            return os.path.join(root, sub)
+    return root
+
+
+def require_in(root: str, name: str, fmt: str, expected: str) -> str:
+    """``root/name`` if it exists, else ``DataError("<fmt> root <root>: missing <name> (expected ...)")``."""
+    path = os.path.join(root, name)
+    if not os.path.exists(path):
+        raise DataError(f"{fmt} root {root}: missing {name} (expected {expected})")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the dataset every image format produces
+
+
+class ImageListDataset(MetricDataset):
+    """Images named by a list of paths, loaded lazily with :func:`load_image`.
+
+    Args:
+        paths: image paths, relative to ``root`` (or absolute). ``self.paths`` holds the resolved
+            paths, so search results and error messages point at real files.
+        labels: ``(N,)`` class ids (int64).
+        camids: optional ``(N,)`` camera ids.
+        root: folder the relative paths are resolved against.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        camids: Optional[Sequence[int] | np.ndarray] = None,
+        root: Optional[str | os.PathLike] = None,
+        transform: Optional[Callable] = None,
+        name: str = "images",
+        max_pixels: Optional[int] = None,
+    ) -> None:
+        self.root = None if root is None else os.fspath(root)
+        resolved = [p if self.root is None else os.path.join(self.root, p) for p in map(os.fspath, paths)]
+        self.max_pixels = max_pixels
+        super().__init__(labels, camids=camids, paths=resolved, transform=transform, name=name)
+
+    def load(self, i: int) -> Image.Image:
+        return load_image(self.paths[i], self.max_pixels)

@@ -1,0 +1,242 @@
+"""Image preprocessing presets, one per seed system, built by name.
+
+``build_transform("paddle_sop", train=True)`` returns a callable that turns a ``PIL.Image`` (or, for
+``"tensor"``, a numpy array) into a ``(C, H, W) float32`` tensor. :func:`describe` reports the input
+size and normalisation a preset uses, for export metadata (a deployed model must be fed the same).
+
+| preset | train | test | default size | mean / std |
+|---|---|---|---|---|
+| tensor | to tensor, normalise (no augmentation) | same | input's own | 0.5 / 0.5 |
+| paddle_sop | RandomResizedCrop(scale .08-1, ratio 3/4-4/3, Lanczos), hflip | short side to size (Lanczos), centre crop | 224 | ImageNet |
+| xbm | Resize(256), RandomResizedCrop(scale .2-1), hflip | Resize(256), CenterCrop(224) | 224 | ImageNet |
+| reid | Resize(256x128), hflip, Pad(10), RandomCrop, normalise, RandomErasing | Resize, normalise | 256x128 | ImageNet |
+| face | Resize(112x112), hflip | Resize(112x112) | 112x112 | 0.5 / 0.5 |
+| imagenet | RandomResizedCrop, hflip | Resize(size*256/224), CenterCrop | 224 | ImageNet |
+
+``image_size`` (int or ``(H, W)``) replaces the default size; resize-then-crop presets scale the
+resize step with it (``xbm`` at 448 resizes to 512).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+Size = tuple[int, int]
+
+
+class ArrayToTensor:
+    """numpy ``(H, W)`` / ``(H, W, C)`` array or PIL image -> ``(C, H, W) float32`` tensor.
+
+    ``uint8`` input is scaled to [0, 1] (as torchvision's ``ToTensor``); float input is kept as is,
+    so a dataset already in [0, 1] is not divided twice.
+    """
+
+    def __call__(self, x: Any) -> torch.Tensor:
+        if isinstance(x, Image.Image):
+            return T.functional.to_tensor(x)
+        if torch.is_tensor(x):
+            t = x
+        else:
+            arr = np.asarray(x)
+            if arr.ndim == 2:
+                arr = arr[:, :, None]
+            if arr.ndim != 3:
+                raise ValueError(f"tensor preset: expected an (H, W) or (H, W, C) array, got shape {arr.shape}")
+            t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        if t.dtype == torch.uint8:
+            return t.float().div_(255.0)
+        return t.float()
+
+
+class RandomErasing:
+    """Random erasing as in the re-ID reference (Zhong et al. 2017; centroids-reid, torchreid).
+
+    With probability ``p``, up to 100 attempts draw an area fraction ``U(sl, sh)`` and an aspect
+    ratio ``U(r1, 1/r1)``; the first rectangle that fits is filled with ``value`` (per channel, in
+    the normalised tensor: the reference fills with the pixel-mean values themselves, so the
+    ``reid`` preset passes its normalisation mean). Differs
+    from torchvision's ``RandomErasing``, which draws the ratio log-uniformly and tries 10 times.
+    Uses torch's RNG, so DataLoader worker seeding makes it reproducible.
+    """
+
+    def __init__(self, p: float = 0.5, sl: float = 0.02, sh: float = 0.4, r1: float = 0.3,
+                 value: Sequence[float] = IMAGENET_MEAN) -> None:
+        self.p, self.sl, self.sh, self.r1 = p, sl, sh, r1
+        self.value = tuple(float(v) for v in value)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if torch.rand(()).item() >= self.p:
+            return img
+        _, height, width = img.shape
+        area = height * width
+        for _ in range(100):
+            target = area * _uniform(self.sl, self.sh)
+            aspect = _uniform(self.r1, 1.0 / self.r1)
+            h = int(round(math.sqrt(target * aspect)))
+            w = int(round(math.sqrt(target / aspect)))
+            if w < width and h < height:
+                top = int(torch.randint(0, height - h + 1, ()).item())
+                left = int(torch.randint(0, width - w + 1, ()).item())
+                img = img.clone()
+                fill = torch.tensor(self.value[: img.shape[0]], dtype=img.dtype).view(-1, 1, 1)
+                img[:, top : top + h, left : left + w] = fill
+                return img
+        return img
+
+    def __repr__(self) -> str:
+        return f"RandomErasing(p={self.p}, sl={self.sl}, sh={self.sh}, r1={self.r1}, value={self.value})"
+
+
+def _uniform(lo: float, hi: float) -> float:
+    return lo + (hi - lo) * torch.rand(()).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named preprocessing recipe: default input size and normalisation, and its two pipelines."""
+
+    description: str
+    size: Optional[Size]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train: Callable[[Optional[Size], Callable], list]
+    test: Callable[[Optional[Size], Callable], list]
+
+
+def _scaled(size: Size, ratio: float) -> int:
+    """Short-side resize length for a crop of ``size`` (256/224 for the ImageNet convention)."""
+    return int(round(min(size) * ratio))
+
+
+_LANCZOS = InterpolationMode.LANCZOS
+
+
+def _tensor(size, norm):
+    return [ArrayToTensor()] + ([T.Resize(size, antialias=True)] if size else []) + [norm]
+
+
+PRESETS: dict[str, Preset] = {
+    "tensor": Preset(
+        "arrays or small images to tensor and normalise; no augmentation (digits, MNIST-like data)",
+        None, (0.5,), (0.5,), _tensor, _tensor,
+    ),
+    "paddle_sop": Preset(
+        "PaddlePaddle metric_learning (SOP): RandomResizedCrop Lanczos + flip / short side + centre crop",
+        (224, 224), IMAGENET_MEAN, IMAGENET_STD,
+        lambda s, norm: [
+            T.RandomResizedCrop(s, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=_LANCZOS),
+            T.RandomHorizontalFlip(0.5), T.ToTensor(), norm,
+        ],
+        lambda s, norm: [T.Resize(min(s), interpolation=_LANCZOS), T.CenterCrop(s), T.ToTensor(), norm],
+    ),
+    "xbm": Preset(
+        "XBM (PaddleClas / research-xbm): Resize 256 + RandomResizedCrop(scale .2-1) + flip / Resize 256 + CenterCrop",
+        (224, 224), IMAGENET_MEAN, IMAGENET_STD,
+        lambda s, norm: [
+            T.Resize(_scaled(s, 256 / 224)), T.RandomResizedCrop(s, scale=(0.2, 1.0)),
+            T.RandomHorizontalFlip(0.5), T.ToTensor(), norm,
+        ],
+        lambda s, norm: [T.Resize(_scaled(s, 256 / 224)), T.CenterCrop(s), T.ToTensor(), norm],
+    ),
+    "reid": Preset(
+        "Centroids-ReID: Resize + flip + Pad(10) + RandomCrop + RandomErasing / Resize",
+        (256, 128), IMAGENET_MEAN, IMAGENET_STD,
+        lambda s, norm: [
+            T.Resize(s), T.RandomHorizontalFlip(0.5), T.Pad(10), T.RandomCrop(s), T.ToTensor(), norm,
+            RandomErasing(p=0.5, sl=0.02, sh=0.4, r1=0.3, value=norm.mean),
+        ],
+        lambda s, norm: [T.Resize(s), T.ToTensor(), norm],
+    ),
+    "face": Preset(
+        "aligned faces (insightface convention): 112x112, ((x/255)-0.5)/0.5, train flip",
+        (112, 112), HALF, HALF,
+        lambda s, norm: [T.Resize(s), T.RandomHorizontalFlip(0.5), T.ToTensor(), norm],
+        lambda s, norm: [T.Resize(s), T.ToTensor(), norm],
+    ),
+    "imagenet": Preset(
+        "generic ImageNet-style: RandomResizedCrop + flip / Resize(size*256/224) + CenterCrop",
+        (224, 224), IMAGENET_MEAN, IMAGENET_STD,
+        lambda s, norm: [T.RandomResizedCrop(s), T.RandomHorizontalFlip(0.5), T.ToTensor(), norm],
+        lambda s, norm: [T.Resize(_scaled(s, 256 / 224)), T.CenterCrop(s), T.ToTensor(), norm],
+    ),
+}
+
+
+def _preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown transform preset {name!r} (valid: {', '.join(PRESETS)})") from None
+
+
+def _size(image_size: Optional[int | Sequence[int]], default: Optional[Size]) -> Optional[Size]:
+    if image_size is None:
+        return default
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    hw = tuple(int(v) for v in image_size)
+    if len(hw) != 2 or min(hw) <= 0:
+        raise ValueError(f"image_size must be an int or (H, W) of positive ints, got {image_size!r}")
+    return hw  # type: ignore[return-value]
+
+
+def describe(
+    preset: str,
+    image_size: Optional[int | Sequence[int]] = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+) -> dict:
+    """What a preset feeds the model, for export metadata.
+
+    Returns ``{"preset", "input_size": [H, W] or None (the input's own size), "mean", "std",
+    "pixel_range": "0-1", "description"}``; normalised input is ``(x/255 - mean) / std``.
+    """
+    p = _preset(preset)
+    size = _size(image_size, p.size)
+    return {
+        "preset": preset,
+        "input_size": None if size is None else list(size),
+        "mean": list(p.mean if mean is None else mean),
+        "std": list(p.std if std is None else std),
+        "pixel_range": "0-1",
+        "description": p.description,
+    }
+
+
+def build_transform(
+    preset: str,
+    train: bool,
+    image_size: Optional[int | Sequence[int]] = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+) -> T.Compose:
+    """The train or test pipeline of ``preset``; output ``(C, H, W) float32``.
+
+    Args:
+        preset: one of :data:`PRESETS`.
+        train: the augmenting training pipeline, or the deterministic test pipeline.
+        image_size: int or ``(H, W)`` replacing the preset's default input size.
+        mean, std: per-channel normalisation replacing the preset's (``x`` in [0, 1]).
+
+    Raises:
+        ValueError: unknown preset (the message lists the valid ones) or bad size.
+    """
+    p = _preset(preset)
+    size = _size(image_size, p.size)
+    norm = T.Normalize(tuple(p.mean if mean is None else mean), tuple(p.std if std is None else std))
+    return T.Compose((p.train if train else p.test)(size, norm))
