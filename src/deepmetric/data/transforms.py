@@ -130,7 +130,18 @@ def _tensor(size, norm):
     return [ArrayToTensor()] + ([T.Resize(size, antialias=True)] if size else []) + [norm]
 
 
+def _tensor_augmented(size, norm):
+    # small random shifts, rotations and scale changes: the invariances of handwriting, learned from
+    # a handful of classes and carried over to unseen ones
+    return [ArrayToTensor()] + ([T.Resize(size, antialias=True)] if size else []) + [
+        T.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)), norm]
+
+
 PRESETS: dict[str, Preset] = {
+    "tensor_augment": Preset(
+        "like 'tensor', with small random shifts, rotations and scalings when training (digits)",
+        None, (0.5,), (0.5,), _tensor_augmented, _tensor,
+    ),
     "tensor": Preset(
         "arrays or small images to tensor and normalise; no augmentation (digits, MNIST-like data)",
         None, (0.5,), (0.5,), _tensor, _tensor,

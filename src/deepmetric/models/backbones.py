@@ -62,31 +62,51 @@ for _depth in (18, 34, 50, 101):
     BACKBONES.register(f"resnet{_depth}")(_resnet(_depth))
 
 
-class SmallCNN(nn.Module):
-    """Four conv-BN-ReLU blocks for tiny grayscale images (8x8 digits, 28x28 Fashion-MNIST)."""
+NORMS = ("batch", "group", "none")
 
-    def __init__(self, in_chans: int = 1, width: int = 64) -> None:
+
+class SmallCNN(nn.Module):
+    """Four conv-norm-ReLU blocks for tiny grayscale images (8x8 digits, 28x28 Fashion-MNIST).
+
+    ``norm``: ``batch`` (default), ``group`` (8 groups; per-sample, so multi-process training matches
+    one process exactly without SyncBatchNorm) or ``none``.
+
+    ``grid``: 0 returns the final feature map (the head pools it globally). ``g > 0`` average-pools it
+    to ``g x g`` cells and stacks them as channels (a ``(B, C*g*g, 1, 1)`` map): in tiny images *where*
+    a stroke is carries the class, and global pooling would discard it.
+    """
+
+    def __init__(self, in_chans: int = 1, width: int = 64, norm: str = "batch", grid: int = 0) -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"model.backbone_options.norm must be one of {', '.join(NORMS)}, got '{norm}'")
         chans = [in_chans, width, width, 2 * width, 2 * width]
         layers: list[nn.Module] = []
         for i in range(4):
+            c = chans[i + 1]
+            norm_layer = {"batch": lambda: nn.BatchNorm2d(c), "group": lambda: nn.GroupNorm(min(8, c), c),
+                          "none": lambda: nn.Identity()}[norm]()
             layers += [
-                nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False),
-                nn.BatchNorm2d(chans[i + 1]),
+                nn.Conv2d(chans[i], c, 3, padding=1, bias=norm == "none"),
+                norm_layer,
                 nn.ReLU(inplace=True),
             ]
             if i in (1, 3):
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
         self.body = nn.Sequential(*layers)
-        self.out_channels = chans[-1]
+        self.grid = int(grid)
+        self.out_channels = chans[-1] * max(1, self.grid) ** 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        x = self.body(x)
+        if self.grid:
+            x = nn.functional.adaptive_avg_pool2d(x, self.grid).flatten(1)[:, :, None, None]
+        return x
 
 
 @BACKBONES.register("small_cnn")
-def small_cnn(in_chans: int = 1, width: int = 64) -> SmallCNN:
-    return SmallCNN(in_chans=in_chans, width=width)
+def small_cnn(in_chans: int = 1, width: int = 64, norm: str = "batch", grid: int = 0) -> SmallCNN:
+    return SmallCNN(in_chans=in_chans, width=width, norm=norm, grid=grid)
 
 
 class TimmTrunk(nn.Module):

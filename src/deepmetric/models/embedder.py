@@ -19,8 +19,10 @@ log = logging.getLogger("deepmetric")
 class Embedder(nn.Module):
     """Images ``(B, C, H, W)`` float in, embeddings ``(B, D)`` out.
 
-    ``forward`` returns the retrieval embedding (what search, evaluation and ONNX export use);
-    ``forward_train`` returns the head's dict (``features``, ``neck``, ``embedding``) for losses.
+    ``forward(x)`` returns the retrieval embedding (what search, evaluation and ONNX export use);
+    ``forward(x, all_outputs=True)`` (or ``forward_train``) returns the head's dict (``features``,
+    ``neck``, ``embedding``) for losses; going through ``forward`` keeps DistributedDataParallel's
+    hooks in the path.
     """
 
     def __init__(self, backbone: nn.Module, head: EmbeddingHead) -> None:
@@ -35,8 +37,9 @@ class Embedder(nn.Module):
     def forward_train(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self.head(self.backbone(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_train(x)["embedding"]
+    def forward(self, x: torch.Tensor, all_outputs: bool = False):
+        out = self.forward_train(x)
+        return out if all_outputs else out["embedding"]
 
 
 def build_embedder(backbone: str = "resnet50", embedding_dim: int = 0, pooling: str = "avg",

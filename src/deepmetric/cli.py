@@ -1,0 +1,233 @@
+"""The ``deepmetric`` command. Each subcommand composes library parts; none holds logic of its own.
+
+Bad input (a ``UserError``: missing file, unknown key, wrong value, corrupt image) prints one line
+and exits with code 2; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from . import __version__
+from .errors import UserError
+
+log = logging.getLogger("deepmetric")
+
+RECIPES = Path(__file__).parent / "configs"
+
+
+def resolve_recipe(name: str) -> Path:
+    """A recipe path, or the name of a packaged recipe (``sop/xbm_contrastive_resnet50``)."""
+    p = Path(name)
+    if p.exists():
+        return p
+    packaged = RECIPES / (name if name.endswith(".yaml") else name + ".yaml")
+    if packaged.is_file():
+        return packaged
+    from .config import ConfigError
+
+    raise ConfigError(f"config file not found: {name} (packaged recipes: {', '.join(list_recipes())})")
+
+
+def list_recipes() -> List[str]:
+    return sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.rglob("*.yaml"))
+
+
+# -- handlers --------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+    from .engine.trainer import Trainer
+
+    if args.config and "=" in args.config:  # `train --resume RUN key=value`: no recipe, only overrides
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = load_config(run_dir, [])
+        changed = load_config(run_dir, args.overrides)
+        bad = [o.split("=", 1)[0] for o in args.overrides if not o.startswith("train.")]
+        if bad:
+            raise ConfigError(f"--resume: only train.* keys may change when resuming, not {bad[0]}")
+        cfg = changed
+    else:
+        if not args.config:
+            raise ConfigError("train: give a recipe (e.g. configs/fashion_mnist.yaml) or --resume RUN_DIR")
+        cfg = load_config(resolve_recipe(args.config), args.overrides)
+        run_dir = Path(args.run_dir or cfg.run_dir or f"runs/{cfg.name}")
+    trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
+    result = trainer.fit()
+    _print_metrics(f"{cfg.name}: step {result['step']}", result["metrics"])
+    from .viz.report import write_report
+
+    report = write_report(run_dir, trainer.history, trainer.evaluator.run(trainer.model), cfg=cfg,
+                          dataset=trainer.splits.query, gallery_dataset=trainer.splits.gallery)
+    print(f"run directory: {run_dir}  (report: {report})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine.build import build_data, build_model
+    from .engine.checkpoint import load_model_weights, read_checkpoint
+    from .engine.evaluator import Evaluator
+    from .engine.trainer import resolve_device
+    from .config import atomic_write_text
+
+    target = Path(args.target)
+    if target.is_dir() and (target / "config.yaml").is_file():
+        cfg = load_config(target, args.overrides)
+        ckpt_path = args.checkpoint or target
+        out_dir = Path(args.output or target)
+    else:
+        cfg = load_config(resolve_recipe(args.target), args.overrides)
+        if not args.checkpoint:
+            from .config import ConfigError
+
+            raise ConfigError("eval: a recipe needs --checkpoint PATH (or pass a run directory)")
+        ckpt_path = args.checkpoint
+        out_dir = Path(args.output or Path(ckpt_path).parent)
+    ckpt, _ = read_checkpoint(ckpt_path)
+    device = resolve_device(cfg.train.device)
+    splits = build_data(cfg)
+    model = build_model(cfg, load_weights=False)
+    load_model_weights(model, ckpt)
+    model.to(device).eval()
+    result = Evaluator(cfg, splits, device).run(model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "metrics.json", json.dumps({"checkpoint": str(ckpt), **result.metrics}, indent=1))
+    from .viz.report import write_eval_plots
+
+    plots = write_eval_plots(out_dir, result, cfg=cfg, dataset=splits.query, gallery_dataset=splits.gallery)
+    _print_metrics(f"eval {ckpt}", result.metrics)
+    print(f"wrote {out_dir / 'metrics.json'} and {len(plots)} plots")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .data.check import find_unreadable, format_summary, summarize
+    from .engine.build import build_data
+
+    cfg = load_config(resolve_recipe(args.config), args.overrides)
+    splits = build_data(cfg)
+    print(format_summary(summarize(splits)))
+    bad_total = 0
+    for name in ("train", "query", "gallery"):
+        ds = getattr(splits, name)
+        if ds is None or ds.paths is None:
+            continue
+        bad = find_unreadable(ds)
+        bad_total += len(bad)
+        for path, reason in bad[: args.max_listed]:
+            print(f"unreadable ({name}): {path}: {reason}")
+    if bad_total:
+        print(f"{bad_total} unreadable images")
+        return 1
+    print("all images readable")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run_quickstart
+
+    run_quickstart(run_dir=args.run_dir, overrides=args.overrides)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .engine.build import _register_formats
+    from .registry import BACKBONES, DATASETS, LOSSES
+    from . import losses as _losses  # noqa: F401  (registers losses)
+
+    _register_formats()
+    tables = {"losses": LOSSES.names(), "backbones": BACKBONES.names() + ["timm:<any timm model>"],
+              "datasets": DATASETS.names(), "recipes": list_recipes()}
+    for what in ([args.what] if args.what else tables):
+        print(f"{what}: {', '.join(tables[what])}")
+    return 0
+
+
+def _print_metrics(title: str, metrics: dict) -> None:
+    print(title)
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            print(f"  {k:<24} {v:.4f}")
+        elif isinstance(v, int):
+            print(f"  {k:<24} {v}")
+
+
+# -- parser ----------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepmetric", description="Deep metric learning: train, evaluate, ship.")
+    p.add_argument("--version", action="version", version=f"deepmetric {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("quickstart", help="train and evaluate on real digits (about a minute on a CPU)")
+    q.add_argument("--run-dir", default="runs/quickstart")
+    q.add_argument("overrides", nargs="*", help="key=value recipe overrides (e.g. train.max_steps=100)")
+    q.set_defaults(func=cmd_quickstart)
+
+    t = sub.add_parser("train", help="train a recipe: deepmetric train CONFIG [key=value ...]")
+    t.add_argument("config", nargs="?", help="recipe YAML (or packaged recipe name)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides (e.g. train.max_steps=100)")
+    t.add_argument("--run-dir", help="where to write the run (default runs/<name>)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run directory or a recipe with --checkpoint")
+    e.add_argument("target", metavar="RUN_DIR_OR_CONFIG")
+    e.add_argument("overrides", nargs="*", help="key=value overrides (e.g. eval.rerank=true)")
+    e.add_argument("--checkpoint", help="checkpoint directory (default: the run's best)")
+    e.add_argument("--output", help="where to write metrics.json and plots")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("data", help="inspect a recipe's data")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    dc = dsub.add_parser("check", help="summary per split and unreadable images")
+    dc.add_argument("config")
+    dc.add_argument("overrides", nargs="*")
+    dc.add_argument("--max-listed", type=int, default=20)
+    dc.set_defaults(func=cmd_data_check)
+
+    ls = sub.add_parser("list", help="registered losses, backbones, datasets and packaged recipes")
+    ls.add_argument("what", nargs="?", choices=["losses", "backbones", "datasets", "recipes"])
+    ls.set_defaults(func=cmd_list)
+
+    for module in ("deepmetric.inference.cli", "deepmetric.serve.cli"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ImportError:
+            continue
+        mod.register(sub)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"deepmetric: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deepmetric: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The evaluator: embeds the evaluation data with a model and runs the recipe's protocol.
+
+One implementation serves the trainer's periodic evaluation and ``deepmetric eval``. It composes the
+pure metric functions of :mod:`deepmetric.evaluation`; it owns no formula.
+
+Protocols (``eval.protocol``):
+  - ``retrieval``: query set against gallery set, or leave-one-out on the query set;
+  - ``reid``: CMC/mAP/mINP with same-identity-same-camera removal, optional re-ranking, optional
+    centroid galleries (both tables reported);
+  - ``verification``: LFW 10-fold on pairs, each image embedded with its horizontal flip and summed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from ..config import Config, ConfigError
+from ..data.base import DataSplits
+from ..inference.extract import EmbeddingSet, extract
+
+
+@dataclass
+class EvalResult:
+    """Metrics plus what the report draws: embedding sets and, for retrieval, top neighbours."""
+
+    metrics: Dict[str, Any]
+    query: Optional[EmbeddingSet] = None
+    gallery: Optional[EmbeddingSet] = None
+    extras: Dict[str, Any] = field(default_factory=dict)
+
+
+class Evaluator:
+    def __init__(self, cfg: Config, splits: DataSplits, device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg
+        self.splits = splits
+        self.device = torch.device(device)
+        self._pairs = None
+        p = cfg.eval.protocol
+        if p == "verification":
+            self._pairs = splits.pairs or self._load_lfw()
+            if self._pairs is None:
+                raise ConfigError("eval.protocol=verification needs pairs: a verification format "
+                                  "(data.format=lfw) or eval.lfw_root and eval.lfw_pairs")
+        elif splits.query is None:
+            raise ConfigError(f"eval.protocol={p}: data.format '{cfg.data.format}' gives no query split")
+        if p == "reid" and (splits.gallery is None or splits.query.camids is None):
+            raise ConfigError("eval.protocol=reid needs query and gallery splits with camera ids "
+                              "(data.format market1501 or dukemtmc, or a csv with a camera column)")
+
+    def _load_lfw(self):
+        c = self.cfg.eval
+        if not c.lfw_root:
+            return None
+        from ..registry import DATASETS
+        from .build import _register_formats, build_transforms
+
+        _register_formats()
+        _, test_tf = build_transforms(self.cfg)
+        pairs_file = c.lfw_pairs or "pairs.txt"
+        return DATASETS.get("lfw")(c.lfw_root, test_transform=test_tf, pairs=pairs_file).pairs
+
+    def _embed(self, model, dataset, flip: bool = False) -> EmbeddingSet:
+        """Embed ``dataset``; under DDP each rank embeds every W-th item and the parts are gathered."""
+        from .distributed import dist_info, gather_embeddings
+
+        info = dist_info()
+        kw = dict(batch_size=self.cfg.data.eval_batch_size, device=self.device, flip=flip,
+                  num_workers=self.cfg.data.num_workers, amp=self.cfg.train.amp)
+        if not info.is_distributed:
+            return extract(model, dataset, **kw)
+        mine = np.arange(info.rank, len(dataset), info.world_size)
+        part = extract(model, dataset.subset(mine), **kw)
+        comm = self.device if self.device.type == "cuda" else torch.device("cpu")
+        vectors, _ = gather_embeddings(part.vectors.to(comm), torch.as_tensor(part.labels, device=comm),
+                                       torch.as_tensor(mine, device=comm))
+        return EmbeddingSet(vectors.cpu(), dataset.labels, dataset.camids, dataset.paths)
+
+    def evaluate(self, model: torch.nn.Module) -> Dict[str, Any]:
+        return self.run(model).metrics
+
+    def run(self, model: torch.nn.Module) -> EvalResult:
+        p = self.cfg.eval.protocol
+        if p == "verification":
+            return self._verification(model)
+        query = self._embed(model, self.splits.query, flip=self.cfg.eval.flip)
+        gallery = None if self.splits.gallery is None else self._embed(model, self.splits.gallery, flip=self.cfg.eval.flip)
+        if p == "reid":
+            return self._reid(query, gallery)
+        return self._retrieval(query, gallery)
+
+    def _retrieval(self, query: EmbeddingSet, gallery: Optional[EmbeddingSet]) -> EvalResult:
+        from ..evaluation import retrieval_metrics
+
+        c = self.cfg.eval
+        n_ref = len(query) - 1 if gallery is None else len(gallery)
+        ks = tuple(k for k in c.ks if k <= max(n_ref, 1))
+        metrics = retrieval_metrics(query.vectors, query.labels,
+                                    None if gallery is None else gallery.vectors,
+                                    None if gallery is None else gallery.labels,
+                                    ks=ks, distance=c.distance)
+        return EvalResult(metrics, query, gallery, {"neighbours": top_neighbours(query, gallery, c.distance)})
+
+    def _reid(self, query: EmbeddingSet, gallery: EmbeddingSet) -> EvalResult:
+        from ..evaluation import reid_metrics_from_embeddings
+
+        c = self.cfg.eval
+        metrics = reid_metrics_from_embeddings(query, gallery, distance=c.distance, max_rank=c.max_rank,
+                                               rerank=c.rerank)
+        metrics = {k: v for k, v in metrics.items()}
+        if c.centroids:  # Centroids-ReID: per query camera, each pid's centroid from its other cameras
+            from ..evaluation import centroid_gallery, reid_metrics_centroids
+
+            cameras = np.unique(query.camids) if query.camids is not None else None
+            gallery_c = centroid_gallery(gallery, cameras, camera_aware=cameras is not None)
+            cen = reid_metrics_centroids(query, gallery_c, distance=c.distance, max_rank=c.max_rank)
+            metrics.update({f"centroid_{k}": v for k, v in cen.items()})
+        return EvalResult(metrics, query, gallery, {"neighbours": top_neighbours(query, gallery, c.distance)})
+
+    def _verification(self, model) -> EvalResult:
+        from ..evaluation import verification_metrics
+
+        pairs = self._pairs
+        emb = self._embed(model, pairs.images, flip=True)
+        v = torch.nn.functional.normalize(emb.vectors.float(), dim=1)
+        dist = ((v[pairs.left] - v[pairs.right]) ** 2).sum(1).numpy()
+        metrics = verification_metrics(dist, np.asarray(pairs.is_same, dtype=bool))
+        return EvalResult(metrics, emb, None, {"distances": dist, "is_same": np.asarray(pairs.is_same)})
+
+
+def top_neighbours(query: EmbeddingSet, gallery: Optional[EmbeddingSet], distance: str, k: int = 5,
+                   chunk: int = 1024) -> Dict[str, np.ndarray]:
+    """Top-``k`` gallery indices per query (self excluded in leave-one-out) for the report's grids."""
+    from ..evaluation.neighbors import topk_neighbors
+
+    dist, idx = topk_neighbors(query.vectors, None if gallery is None else gallery.vectors, k=k,
+                               distance=distance, chunk_size=chunk)
+    return {"indices": idx.cpu().numpy(), "distances": dist.cpu().numpy()}

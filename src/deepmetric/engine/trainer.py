@@ -1,0 +1,311 @@
+"""The training loop: composes data, model, losses and optimizers built from a Config.
+
+``Trainer(cfg, run_dir).fit()`` trains for ``train.max_steps`` steps, evaluates every
+``train.eval_every`` steps (and at the end) with the same :class:`~deepmetric.engine.evaluator.Evaluator`
+that ``deepmetric eval`` uses, writes ``metrics.jsonl`` and TensorBoard events, and keeps ``best``
+and ``last`` checkpoints. ``Trainer(cfg, run_dir, resume=True)`` continues from ``last`` exactly: the
+same batches, the same random numbers (with ``data.num_workers=0``; with workers the batches are the
+same but augmentation draws differ).
+
+Under ``torchrun`` the same code runs DistributedDataParallel (NCCL on GPUs, gloo on CPU): the PK
+sampler shards batches by rank; every loss sees all ranks' embeddings through a gradient-preserving
+all-gather and every rank computes the same full loss, so (with DDP's gradient averaging and the
+gather's gradient sum, see :mod:`deepmetric.engine.distributed`) the update equals one process
+training on the global batch. Cross-batch memories therefore enqueue the same global batch in the
+same order on every rank. Rank 0 alone writes logs and checkpoints; evaluation embeds a shard per
+rank, gathers the embeddings and computes exact metrics once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import Config, ConfigError, save_config
+from ..data.base import DataError, DataSplits
+from ..data.samplers import PKBatchSampler
+from .build import build_data, build_losses, build_model, build_optimizers
+from .checkpoint import load_model_weights, load_train_state, read_checkpoint, save_checkpoint
+from .distributed import all_gather_with_grad, barrier, broadcast_object, init_distributed
+from .evaluator import Evaluator
+from .schedule import LRSchedule
+
+log = logging.getLogger("deepmetric")
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_training_set(splits: DataSplits, cfg: Config) -> DataSplits:
+    """Refuse training sets that cannot train a metric: empty, or classes with a single image."""
+    train = splits.train
+    if train is None or len(train) == 0:
+        raise DataError(f"data: the training set of format '{cfg.data.format}' (root {cfg.data.root}) is empty")
+    classes, counts = np.unique(train.labels, return_counts=True)
+    single = classes[counts == 1]
+    if len(single):
+        if not cfg.data.drop_singletons:
+            where = ""
+            if train.paths is not None:
+                where = f" ({train.paths[int(np.flatnonzero(train.labels == single[0])[0])]})"
+            raise DataError(f"data: training class {int(single[0])}{where} has only one image "
+                            f"({len(single)} such classes); metric learning needs >= 2 per class: "
+                            f"remove them or set data.drop_singletons=true")
+        keep = np.flatnonzero(~np.isin(train.labels, single))
+        log.warning("dropped %d single-image training classes (data.drop_singletons)", len(single))
+        splits.train = train.subset(keep)
+        from ..data.base import relabel
+
+        splits.train.labels = relabel(splits.train.labels)
+    return splits
+
+
+class Trainer:
+    """Train one recipe into ``run_dir``. See the module docstring."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False,
+                 splits: Optional[DataSplits] = None, on_log: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.on_log = on_log
+        self.dist = init_distributed()
+        self.device = resolve_device(cfg.train.device)
+        if self.dist.is_distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.is_main = self.dist.is_main
+        if not resume and (self.run_dir / "checkpoints").exists():
+            raise ConfigError(f"run directory {self.run_dir} already holds checkpoints; "
+                              f"continue it with --resume or choose another --run-dir")
+        if resume:
+            self._ckpt, self._state = read_checkpoint(self.run_dir, prefer="last")
+        seed_everything(cfg.seed)
+        # Everything that can fail on bad input is built before the run directory is touched.
+        self.splits = check_training_set(splits if splits is not None else build_data(cfg), cfg)
+        self.model = build_model(cfg, load_weights=not resume).to(self.device)
+        self.losses = build_losses(cfg, self.splits.num_classes, self.model.embedding_dim).to(self.device)
+        self.optimizers = build_optimizers(cfg, self.model, self.losses)
+        self.schedule = LRSchedule(cfg.scheduler, list(self.optimizers.values()), cfg.train.max_steps)
+        self.sampler = PKBatchSampler(self.splits.train.labels, cfg.data.classes_per_batch,
+                                      cfg.data.samples_per_class, seed=cfg.seed,
+                                      rank=self.dist.rank, world_size=self.dist.world_size)
+        self.loader_generator = torch.Generator().manual_seed(cfg.seed)
+        self.loader = DataLoader(self.splits.train, batch_sampler=self.sampler, num_workers=cfg.data.num_workers,
+                                 pin_memory=cfg.data.pin_memory and self.device.type == "cuda",
+                                 persistent_workers=False, generator=self.loader_generator)
+        self.evaluator = Evaluator(cfg, self.splits, self.device)
+        amp = cfg.train.amp
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+        if cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.net: torch.nn.Module = self.model
+        if self.dist.is_distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.train.compile:
+            self.net = torch.compile(self.net)
+        self.step = 0
+        self.epoch = 0
+        self.position = 0  # batches consumed in the current epoch
+        self.best_value: Optional[float] = None
+        self.history: list[Dict[str, Any]] = []
+        if resume:
+            self._restore()
+
+    # -- state ---------------------------------------------------------------------------------------
+    def _restore(self) -> None:
+        load_model_weights(self.model, self._ckpt)
+        load_train_state(self._ckpt, self.losses, self.optimizers, self._state)
+        s = self._state
+        self.step, self.epoch, self.position = s["step"], s["epoch"], s["position"]
+        self.best_value = s.get("best_value")
+        self.schedule.load_state_dict(s["scheduler"])
+        self.loader_generator.set_state(torch.tensor(s["loader_generator"], dtype=torch.uint8))
+        log.info("resumed %s at step %d", self._ckpt, self.step)
+
+    def _save(self, name: str, metrics: Dict[str, Any]) -> None:
+        if not self.is_main:
+            barrier()
+            return
+        state = {"step": self.step, "epoch": self.epoch, "position": self.position,
+                 "best_value": self.best_value, "metric": self.cfg.eval.metric, "metrics": metrics,
+                 "scheduler": self.schedule.state_dict(), "sampler": self.sampler.state_dict(),
+                 "loader_generator": self.loader_generator.get_state().tolist()}
+        save_checkpoint(self.run_dir / "checkpoints" / name, cfg=self.cfg, model=self.model,
+                        losses=self.losses, optimizers=self.optimizers, state=state)
+        barrier()
+
+    # -- loop ----------------------------------------------------------------------------------------
+    def _batches(self):
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            self.sampler.skip(self.position)
+            for batch in self.loader:
+                self.position += 1
+                yield batch
+            self.epoch += 1
+            self.position = 0
+
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            local = self.net(images, all_outputs=True)
+            out, all_labels = local, labels
+            if self.dist.is_distributed:  # every rank computes the full loss on the global batch
+                all_labels = all_gather_with_grad(labels)
+                out = {k: all_gather_with_grad(v) for k, v in local.items()}
+            total = images.new_zeros((), dtype=torch.float32)
+            for term, fn in zip(self.cfg.losses, self.losses):
+                if getattr(fn, "gathers_inputs", False):  # Partial FC shards classes and gathers itself
+                    total = total + term.weight * fn(local[term.input], labels)
+                else:
+                    total = total + term.weight * fn(out[term.input], all_labels)
+        return total
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.schedule.apply(self.step)
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        loss = self._loss(images, labels)
+        self.scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip:
+            self.scaler.unscale_(self.optimizers["main"])
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        for key, opt in self.optimizers.items():
+            if key != "main":  # a term's own optimizer sees the unweighted gradient (Centroids-ReID)
+                w = self.cfg.losses[int(key.split(".")[1])].weight
+                for g in opt.param_groups:
+                    for p in g["params"]:
+                        if p.grad is not None and w:
+                            p.grad.div_(w)
+            self.scaler.step(opt)
+        self.scaler.update()
+        self.step += 1
+        return loss.detach()
+
+    def fit(self) -> Dict[str, Any]:
+        cfg, created = self.cfg, not self.run_dir.exists()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        try:
+            return self._fit()
+        except BaseException:
+            # Nothing half-made may pass for a run: remove a fresh run dir that never got a checkpoint.
+            if self.is_main and created and not self.resume and not (self.run_dir / "checkpoints").exists():
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def _fit(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        if not self.resume and self.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+        writer = _tensorboard(self.run_dir) if self.is_main else None
+        log_file = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not cfg.train.progress or not sys.stderr.isatty() or not self.is_main)
+        self.model.train()
+        self.losses.train()
+        running, seen, t0 = None, 0, time.perf_counter()
+        last_metrics: Dict[str, Any] = {}
+        batches = self._batches()
+        try:
+            while self.step < cfg.train.max_steps:
+                images, labels, _ = next(batches)
+                images = images.to(self.device, non_blocking=True)
+                if cfg.train.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                labels = labels.to(self.device, non_blocking=True)
+                loss = self.train_step(images, labels)
+                running = loss if running is None else running + loss
+                seen += images.shape[0]
+                bar.update(1)
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                    dt = time.perf_counter() - t0
+                    n = (self.step - 1) % cfg.train.log_every + 1
+                    value = float(running) / n
+                    if not math.isfinite(value):
+                        raise FloatingPointError(f"loss became {value} at step {self.step}; lower optimizer.lr "
+                                                 f"or enable train.grad_clip")
+                    rec = {"step": self.step, "loss": value, "lr": self.optimizers["main"].param_groups[0]["lr"],
+                           "images_per_s": seen / max(dt, 1e-9), "epoch": self.epoch}
+                    self._record(rec, log_file, writer)
+                    bar.set_postfix(loss=f"{value:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['images_per_s']:.0f}")
+                    running, seen, t0 = None, 0, time.perf_counter()
+                eval_now = cfg.train.eval_every and self.step % cfg.train.eval_every == 0
+                if eval_now or self.step == cfg.train.max_steps:
+                    last_metrics = self._evaluate_and_checkpoint(log_file, writer)
+                elif cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                    self._save("last", {})
+        finally:
+            bar.close()
+            if log_file is not None:
+                log_file.close()
+            if writer is not None:
+                writer.close()
+        return {"run_dir": str(self.run_dir), "step": self.step, "metrics": last_metrics,
+                "best": {cfg.eval.metric: self.best_value}}
+
+    def _evaluate_and_checkpoint(self, log_file, writer) -> Dict[str, Any]:
+        metrics = broadcast_object(self.evaluator.evaluate(self.model))
+        self.model.train()
+        value = metrics.get(self.cfg.eval.metric)
+        if value is None:
+            raise ConfigError(f"eval.metric: '{self.cfg.eval.metric}' is not among the computed metrics "
+                              f"({', '.join(k for k in metrics if isinstance(metrics[k], float))})")
+        self.schedule.observe(value)
+        self._record({"step": self.step, "eval": metrics}, log_file, writer)
+        improved = self.best_value is None or value > self.best_value
+        if improved:
+            self.best_value = value
+        self._save("last", metrics)
+        if improved:
+            self._save("best", metrics)
+        return metrics
+
+    def _record(self, rec: Dict[str, Any], log_file, writer) -> None:
+        self.history.append(rec)
+        if log_file is None:
+            return
+        log_file.write(json.dumps(rec) + "\n")
+        log_file.flush()
+        if writer is not None:
+            flat = rec.get("eval", rec)
+            prefix = "eval/" if "eval" in rec else "train/"
+            for k, v in flat.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    writer.add_scalar(prefix + k, v, rec["step"])
+        if self.on_log is not None:
+            self.on_log(rec)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard missing: metrics.jsonl still has everything
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
