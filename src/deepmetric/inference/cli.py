@@ -1,0 +1,166 @@
+"""``deepmetric embed | index | search | export``: thin handlers over predictor, index and export.
+
+``register(subparsers)`` adds the commands to the main parser (``deepmetric.cli``); each handler
+returns an exit code and raises :class:`~deepmetric.errors.UserError` for bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List
+
+from ..errors import UserError
+
+log = logging.getLogger("deepmetric")
+
+
+def _params(items: List[str]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--param {item!r}: expected KEY=VALUE (e.g. nprobe=32)")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .predictor import Predictor, list_inputs, write_embeddings
+
+    inputs = list_inputs(args.input)
+    predictor = Predictor.load(args.checkpoint, device=args.device, runtime=args.runtime)
+    out = write_embeddings(predictor, inputs, args.output, batch_size=args.batch_size, dtype=args.dtype,
+                           chunk_size=args.chunk_size, num_workers=args.workers,
+                           progress=not (args.no_progress or getattr(args, "quiet", False)))
+    labelled = int((inputs.labels >= 0).sum())
+    print(f"wrote {out}: {len(inputs.paths)} x {predictor.embedding_dim} {args.dtype} embeddings "
+          f"({labelled} labelled, {len(inputs.class_names)} classes)")
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from .index import SearchIndex
+    from .predictor import load_embeddings
+
+    params = _params(args.param)
+    f = load_embeddings(args.embeddings)
+    source = {"embeddings": str(args.embeddings), "model": f.meta.get("model"), "checkpoint": f.meta.get("source")}
+    index = SearchIndex.build(f.embeddings, backend=args.backend, metric=args.metric, centroids=args.centroids,
+                              class_names=f.class_names or None, source=source, **params)
+    index.save(args.output)
+    what = f"{len(index)} centroids of {len(f.embeddings)} vectors" if args.centroids else f"{len(index)} vectors"
+    print(f"wrote {args.output}: {args.backend} {args.metric} index of {what}, params {index.info()['params']}")
+    return 0
+
+
+def cmd_index_info(args: argparse.Namespace) -> int:
+    from .index import SearchIndex
+
+    print(json.dumps(SearchIndex.load(args.index).info(), indent=1))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .index import SearchIndex
+    from .predictor import Predictor
+
+    index = SearchIndex.load(args.index)
+    if args.param:
+        index.set_search_params(**_params(args.param))
+    predictor = Predictor.load(args.checkpoint, device=args.device, runtime=args.runtime)
+    predictor.check_index(index)
+    results = index.search(predictor.embed_images(args.query), k=args.top_k)
+    if args.json:
+        print(json.dumps([{"query": q, "metric": index.metric, "hits": [h.to_dict() for h in hits]}
+                          for q, hits in zip(args.query, results)], indent=1))
+        return 0
+    score = "similarity" if index.metric == "cosine" else "sq. L2 dist"
+    if index.mode == "centroids":
+        print("class centroids: one vector per label; path = the label's first image")
+    for q, hits in zip(args.query, results):
+        print(f"query {q}")
+        print(f"  {'rank':>4}  {score:>11}  {'label':<16} path")
+        for rank, h in enumerate(hits, start=1):
+            label = h.label_name or str(h.label)
+            print(f"  {rank:>4}  {h.score:>11.4f}  {label:<16} {h.path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    report = export_checkpoint(args.checkpoint, args.format, args.output, normalization_in_graph=args.normalize_in_graph,
+                               atol=args.atol, **({"opset": args.opset} if args.format == "onnx" else {}))
+    print(report.summary())
+    meta = report.metadata
+    size = "x".join(map(str, meta["input_size"])) if meta["input_size"] else "HxW"
+    pixels = ("0-255 RGB pixels" if meta["normalization_in_graph"]
+              else f"(pixel/255 - mean {meta['mean']}) / std {meta['std']}")
+    print(f"input '{meta['input_name']}': N x {meta['channels']} x {size} float32, {pixels}; "
+          f"output '{meta['output_name']}': N x {meta['embedding_dim']}")
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or exported .onnx file")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                   help="run a checkpoint with PyTorch or (exported in memory) onnxruntime")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``embed``, ``index build|info``, ``search`` and ``export`` to the ``deepmetric`` parser."""
+    from .index import BACKENDS, METRICS
+
+    e = subparsers.add_parser("embed", help="embed a folder or list of images into features.npz (resumable)")
+    _model_args(e)
+    e.add_argument("--input", required=True, help="image folder (class subfolders give labels) or list file "
+                   "('path[ label]' per line, or CSV with header path,label)")
+    e.add_argument("--output", required=True, help="features .npz to write")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    e.add_argument("--chunk-size", type=int, default=4096, help="images per resumable chunk")
+    e.add_argument("--workers", type=int, default=0, help="image-decoding processes")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_embed)
+
+    ix = subparsers.add_parser("index", help="build or inspect a search index")
+    isub = ix.add_subparsers(dest="index_command", metavar="ACTION")
+    b = isub.add_parser("build", help="index a features.npz for search")
+    b.add_argument("--embeddings", required=True, help="features .npz from 'deepmetric embed'")
+    b.add_argument("--output", required=True, help="index file to write")
+    b.add_argument("--backend", choices=list(BACKENDS), default="exact")
+    b.add_argument("--metric", choices=list(METRICS), default="cosine")
+    b.add_argument("--centroids", action="store_true", help="one vector per label (Centroids-ReID gallery)")
+    b.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="backend parameter: nlist, nprobe (faiss-ivf/ivfpq), m, nbits (faiss-ivfpq), "
+                        "M, ef_construction, ef_search (faiss-hnsw)")
+    b.set_defaults(func=cmd_index_build)
+    inf = isub.add_parser("info", help="print an index's backend, metric, size and parameters")
+    inf.add_argument("index")
+    inf.set_defaults(func=cmd_index_info)
+    ix.set_defaults(func=lambda args: (ix.print_help(), 2)[1])
+
+    s = subparsers.add_parser("search", help="the nearest gallery images of query images")
+    s.add_argument("--index", required=True)
+    _model_args(s)
+    s.add_argument("--query", required=True, nargs="+", help="query image file(s)")
+    s.add_argument("--top-k", type=int, default=10)
+    s.add_argument("--param", action="append", metavar="KEY=VALUE", help="search parameter: nprobe or ef_search")
+    s.add_argument("--json", action="store_true", help="print hits as JSON")
+    s.set_defaults(func=cmd_search)
+
+    x = subparsers.add_parser("export", help="export a checkpoint to ONNX or TorchScript (checks parity)")
+    x.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
+    x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    x.add_argument("--output", required=True, type=Path)
+    x.add_argument("--normalize-in-graph", action="store_true",
+                   help="the graph takes 0-255 RGB pixels and normalises itself (FastReID's convention)")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    x.add_argument("--atol", type=float, default=1e-4, help="largest allowed abs difference vs PyTorch")
+    x.set_defaults(func=cmd_export)

@@ -1,0 +1,285 @@
+"""Export an :class:`~deepmetric.models.Embedder` to ONNX or TorchScript, with its preprocessing written in.
+
+A deployed model must be fed exactly what it was trained on, so the export carries the conventions
+as metadata (ONNX ``metadata_props``; TorchScript extra file ``deepmetric.json``):
+
+| key | example | meaning |
+|---|---|---|
+| ``input_name`` / ``output_name`` | ``images`` / ``embeddings`` | graph input and output |
+| ``input_layout`` | ``NCHW`` | float32, batch axis dynamic |
+| ``input_size`` | ``[224, 224]`` | ``H, W`` after the preset's resize/crop (``null``: any size) |
+| ``channels``, ``color`` | ``3``, ``RGB`` | ``L`` for one-channel models |
+| ``preset`` | ``imagenet`` | the ``deepmetric.data.transforms`` test pipeline (resize, crop) |
+| ``mean``, ``std``, ``pixel_range`` | ImageNet, ``0-1`` | input = ``(pixel/255 - mean) / std`` |
+| ``normalization_in_graph`` | ``false`` | ``true``: feed 0-255 pixels, the graph normalises (FastReID's convention) |
+| ``l2_normalized``, ``embedding_dim`` | ``true``, ``512`` | output rows have unit norm |
+| ``deepmetric_version``, ``source_checkpoint``, ``source_fingerprint`` | | provenance |
+
+Values are strings: lists, numbers and booleans JSON-encoded (:func:`read_onnx_metadata` decodes them).
+After writing, the export is run on random inputs of two batch sizes and compared with PyTorch; a
+maximum absolute difference above ``atol`` (1e-4) raises :class:`ExportParityError` and removes the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
+DEFAULT_ATOL = 1e-4
+FORMATS = ("onnx", "torchscript")
+
+
+class ExportError(UserError):
+    """An export that cannot be done (unknown format, missing dependency)."""
+
+
+class ExportParityError(ExportError):
+    """The exported model's outputs differ from PyTorch's by more than the tolerance."""
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote and how closely it matches PyTorch (max abs difference over test batches)."""
+
+    path: Optional[Path]
+    format: str
+    max_abs_diff: float
+    atol: float
+    batch_sizes: Tuple[int, ...]
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        where = f"wrote {self.path}" if self.path else "exported in memory"
+        return (f"{where} ({self.format}); parity vs PyTorch on batches {list(self.batch_sizes)}: "
+                f"max abs diff {self.max_abs_diff:.3e} (limit {self.atol:.0e})")
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """First 16 hex digits of the file's SHA-256 (identifies the weights an index was built with)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def preprocessing_metadata(cfg, model: nn.Module, ckpt_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """The metadata dict (see module table) for a model trained with ``cfg``."""
+    from .. import __version__
+    from ..data.transforms import describe
+
+    desc = describe(cfg.data.transform, tuple(cfg.data.image_size) if cfg.data.image_size else None)
+    channels = int(cfg.model.in_chans)
+    meta: Dict[str, Any] = {
+        "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "input_layout": "NCHW",
+        "input_size": desc["input_size"], "channels": channels, "color": "L" if channels == 1 else "RGB",
+        "preset": desc["preset"], "pixel_range": desc["pixel_range"],
+        "mean": _per_channel(desc["mean"], channels), "std": _per_channel(desc["std"], channels),
+        "normalization_in_graph": False, "l2_normalized": bool(cfg.model.normalize),
+        "embedding_dim": int(model.embedding_dim), "deepmetric_version": __version__,
+    }
+    if ckpt_dir is not None:
+        meta["source_checkpoint"] = str(ckpt_dir)
+        weights = Path(ckpt_dir) / "model.safetensors"
+        if weights.is_file():
+            meta["source_fingerprint"] = file_fingerprint(weights)
+    return meta
+
+
+def _per_channel(values: Sequence[float], channels: int) -> list:
+    values = [float(v) for v in values]
+    return values * channels if len(values) == 1 else values[:channels]
+
+
+class _NormalizeInside(nn.Module):
+    """``model((x - 255 mean) / (255 std))``: takes 0-255 pixels (FastReID's export convention)."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("shift", torch.tensor(mean).view(1, -1, 1, 1) * 255.0)
+        self.register_buffer("scale", torch.tensor(std).view(1, -1, 1, 1) * 255.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.shift) / self.scale)
+
+
+def _prepare(model: nn.Module, meta: Dict[str, Any], normalization_in_graph: bool) -> Tuple[nn.Module, Dict[str, Any]]:
+    model = model.cpu().eval()
+    meta = dict(meta, normalization_in_graph=bool(normalization_in_graph))
+    if normalization_in_graph:
+        model = _NormalizeInside(model, meta["mean"], meta["std"]).eval()
+    return model, meta
+
+
+def _random_inputs(meta: Dict[str, Any], batch: int, seed: int, fallback_size: Tuple[int, int]) -> torch.Tensor:
+    h, w = meta["input_size"] or fallback_size
+    g = torch.Generator().manual_seed(seed)
+    if meta.get("normalization_in_graph"):
+        return torch.rand(batch, meta["channels"], h, w, generator=g) * 255.0
+    return torch.randn(batch, meta["channels"], h, w, generator=g)
+
+
+def onnx_bytes(model: nn.Module, meta: Dict[str, Any], *, normalization_in_graph: bool = False, opset: int = 17,
+               fallback_size: Tuple[int, int] = (64, 64)) -> Tuple[bytes, Dict[str, Any]]:
+    """The serialised ONNX model (dynamic batch axis; dynamic H, W when ``input_size`` is null) and its
+    metadata dict. Uses the TorchScript-based exporter (``dynamo=False``), which needs no onnxscript."""
+    import onnx
+
+    model, meta = _prepare(model, meta, normalization_in_graph)
+    axes = {0: "batch"} if meta["input_size"] else {0: "batch", 2: "height", 3: "width"}
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (_random_inputs(meta, 2, 0, fallback_size),), buf, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+    proto = onnx.load_from_string(buf.getvalue())
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    proto.producer_name = "deepmetric"
+    return proto.SerializeToString(), meta
+
+
+def read_onnx_metadata(model: str | os.PathLike | bytes) -> Dict[str, Any]:
+    """The ``metadata_props`` of an ONNX file (or bytes) as a dict, JSON values decoded."""
+    import onnx
+
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(os.fspath(model), load_external_data=False)
+    return {p.key: _decode(p.value) for p in proto.metadata_props}
+
+
+def _decode(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def onnx_session(model: str | os.PathLike | bytes, threads: Optional[int] = None):
+    """An onnxruntime CPU ``InferenceSession`` (``threads`` intra-op threads; default: onnxruntime's)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("onnxruntime is not installed: pip install onnxruntime") from None
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    # idle worker threads sleep instead of spinning: a server calls run() from many threads at once
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    source = model if isinstance(model, bytes) else os.fspath(model)
+    return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _parity(run, model: nn.Module, meta: Dict[str, Any], batch_sizes: Sequence[int],
+            fallback_size: Tuple[int, int]) -> float:
+    worst = 0.0
+    with torch.no_grad():
+        for i, b in enumerate(batch_sizes):
+            x = _random_inputs(meta, b, 1000 + i, fallback_size)
+            ref = model(x).float().numpy()
+            got = np.asarray(run(x))
+            if got.shape != ref.shape:
+                raise ExportParityError(f"exported model returned shape {got.shape} for batch {b}, PyTorch {ref.shape}")
+            worst = max(worst, float(np.abs(got - ref).max()))
+    return worst
+
+
+def _check(report: ExportReport, path: Optional[Path]) -> ExportReport:
+    if not report.max_abs_diff <= report.atol:  # also catches NaN
+        if path is not None:
+            path.unlink(missing_ok=True)
+        raise ExportParityError(
+            f"{report.format} export of {path or 'the model'} differs from PyTorch by {report.max_abs_diff:.3e} "
+            f"> {report.atol:.0e} (max abs diff over random inputs); the file was not kept. Try another "
+            "--opset, or report the model's layers as a bug")
+    return report
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_onnx(model: nn.Module, output: str | os.PathLike, meta: Dict[str, Any], *,
+                normalization_in_graph: bool = False, opset: int = 17, atol: float = DEFAULT_ATOL,
+                batch_sizes: Sequence[int] = (1, 3), fallback_size: Tuple[int, int] = (64, 64)) -> ExportReport:
+    """Write ``model`` as ONNX to ``output`` and check it against PyTorch with onnxruntime.
+
+    Raises :class:`ExportParityError` (file removed) when the max abs difference exceeds ``atol``.
+    """
+    data, meta = onnx_bytes(model, meta, normalization_in_graph=normalization_in_graph, opset=opset,
+                            fallback_size=fallback_size)
+    path = Path(output)
+    _atomic_write(path, data)
+    session = onnx_session(path)
+    ref, _ = _prepare(model, meta, normalization_in_graph)
+    diff = _parity(lambda x: session.run(None, {INPUT_NAME: x.numpy()})[0], ref, meta, batch_sizes, fallback_size)
+    return _check(ExportReport(path, "onnx", diff, atol, tuple(batch_sizes), meta), path)
+
+
+def export_torchscript(model: nn.Module, output: str | os.PathLike, meta: Dict[str, Any], *,
+                       normalization_in_graph: bool = False, atol: float = DEFAULT_ATOL,
+                       batch_sizes: Sequence[int] = (1, 3), fallback_size: Tuple[int, int] = (64, 64)) -> ExportReport:
+    """Trace ``model`` with TorchScript, save it (metadata in the extra file ``deepmetric.json``), reload
+    it and compare with eager PyTorch on other batch sizes than the traced one."""
+    ref, meta = _prepare(model, meta, normalization_in_graph)
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated upstream but still the portable C++ format
+        traced = torch.jit.trace(ref, _random_inputs(meta, 2, 0, fallback_size), check_trace=False)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf, _extra_files={"deepmetric.json": json.dumps(meta)})
+        _atomic_write(path, buf.getvalue())
+        loaded = torch.jit.load(str(path), map_location="cpu")
+        diff = _parity(lambda x: loaded(x).numpy(), ref, meta, batch_sizes, fallback_size)
+    return _check(ExportReport(path, "torchscript", diff, atol, tuple(batch_sizes), meta), path)
+
+
+def read_torchscript_metadata(path: str | os.PathLike) -> Dict[str, Any]:
+    """The ``deepmetric.json`` metadata of a TorchScript file written by :func:`export_torchscript`."""
+    extra = {"deepmetric.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.load(os.fspath(path), map_location="cpu", _extra_files=extra)
+    return json.loads(extra["deepmetric.json"] or "{}")
+
+
+_EXPORTERS = {"onnx": export_onnx, "torchscript": export_torchscript}
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.PathLike, *,
+                      normalization_in_graph: bool = False, atol: float = DEFAULT_ATOL, **kwargs: Any) -> ExportReport:
+    """Load a run or checkpoint directory and export its model (``fmt``: ``onnx`` or ``torchscript``)."""
+    from ..engine.checkpoint import load_for_inference
+
+    try:
+        exporter = _EXPORTERS[fmt]
+    except KeyError:
+        raise ExportError(f"unknown export format {fmt!r} (valid: {', '.join(FORMATS)})") from None
+    model, cfg, ckpt = load_for_inference(checkpoint, device="cpu")
+    meta = preprocessing_metadata(cfg, model, ckpt)
+    return exporter(model, output, meta, normalization_in_graph=normalization_in_graph, atol=atol, **kwargs)

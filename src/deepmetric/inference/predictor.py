@@ -1,0 +1,440 @@
+"""Images in, embeddings out: :class:`Predictor` (a model plus the preprocessing it was trained with),
+the inputs it reads (:func:`list_inputs`) and the resumable ``features.npz`` writer.
+
+A predictor runs a checkpoint with PyTorch or an ONNX model with onnxruntime; both apply the same
+test-time pipeline (``deepmetric.data.transforms``), so their embeddings agree to export tolerance.
+
+``features.npz`` (read back with :func:`load_embeddings`)::
+
+    vectors      (N, D) float32 or float16
+    labels       (N,) int64, -1 for unlabelled
+    paths        (N,) str
+    class_names  (C,) str, the name of label i (empty if labels are not from folders)
+    meta         0-d str: JSON (source checkpoint, model fingerprint, dim, dtype, normalised, version)
+
+:func:`write_embeddings` writes ``chunk_size`` images at a time into ``<output>.parts/`` next to a
+manifest; rerun with the same inputs and model, it skips finished chunks, then streams them into
+the ``.npz`` (written under a temporary name and renamed, so a half-written file never appears).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import UserError
+from .extract import EmbeddingSet
+
+log = logging.getLogger("deepmetric")
+
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class InputError(UserError):
+    """An ``--input`` that is neither an image folder nor a list file, or a malformed list file."""
+
+
+class EmbeddingsFileError(UserError):
+    """A features file that is missing, foreign or damaged; the message names the file."""
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+
+@dataclass
+class InputList:
+    """Image ``paths`` with ``labels`` ((N,) int64, -1 unlabelled) and the ``class_names`` labels index."""
+
+    paths: List[str]
+    labels: np.ndarray
+    class_names: List[str]
+
+
+def list_inputs(source: str | os.PathLike) -> InputList:
+    """Images named by a folder or a list file.
+
+    - folder: every image below it (sorted). Images inside a top-level subfolder get that
+      subfolder's index (sorted names, as the ``image_folder`` format) as label; images lying
+      directly in the folder get -1.
+    - ``.csv`` with a header containing ``path`` (and optionally ``label``);
+    - any other file: one ``path[ label]`` per line (``#`` comments, blank lines skipped).
+
+    Paths come back absolute; relative paths in list files are taken relative to the list file's folder.
+    """
+    from ..data.io import IMAGE_EXTENSIONS
+
+    src = Path(os.path.abspath(source))  # absolute: the server finds gallery files from any directory
+    if src.is_dir():
+        paths, labels, names = [], [], sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+        index = {n: i for i, n in enumerate(names)}
+        for dirpath, dirnames, filenames in os.walk(src):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel = Path(dirpath).relative_to(src)
+            for f in sorted(filenames):
+                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(str(Path(dirpath) / f))
+                    labels.append(index[rel.parts[0]] if rel.parts else -1)
+        if not paths:
+            raise InputError(f"{src}: no images found (looked for {' '.join(IMAGE_EXTENSIONS)} in it and below)")
+        used = sorted(set(labels) - {-1})
+        return InputList(paths, np.asarray(labels, np.int64), names if used else [])
+    if not src.is_file():
+        raise InputError(f"input not found: {src} (expected a folder of images or a list file)")
+    rows = _read_csv(src) if src.suffix.lower() == ".csv" else _read_lines(src)
+    if not rows:
+        raise InputError(f"{src}: list file names no images")
+    paths = [p if os.path.isabs(p) else str(src.parent / p) for p, _ in rows]
+    return InputList(paths, np.asarray([lab for _, lab in rows], np.int64), [])
+
+
+def _label(text: str, src: Path, line: int) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"{src} line {line}: label should be an integer, got {text!r}") from None
+
+
+def _read_lines(src: Path) -> List[Tuple[str, int]]:
+    rows = []
+    try:
+        lines = src.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(f"{src}: not a UTF-8 text list file (expected 'path[ label]' per line)") from None
+    for n, text in enumerate(lines, start=1):
+        text = text.strip()
+        if not text or text.startswith("#"):
+            continue
+        parts = text.rsplit(None, 1)
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            rows.append((parts[0], _label(parts[1], src, n)))
+        else:
+            rows.append((text, -1))
+    return rows
+
+
+def _read_csv(src: Path) -> List[Tuple[str, int]]:
+    from ..data.io import read_csv
+
+    return [(r["path"], _label(r["label"], src, n) if r.get("label", "") != "" else -1)
+            for n, r in read_csv(src, ["path"])]
+
+
+# -- the predictor -------------------------------------------------------------------------------------
+
+class _Preprocess:
+    """PIL image -> ``(C, H, W)`` tensor: colour conversion, then the preset's test pipeline."""
+
+    def __init__(self, transform: Callable, color: str) -> None:
+        self.transform, self.color = transform, color
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image.convert(self.color))
+
+
+class Predictor:
+    """A model and its preprocessing: PIL images or paths in, ``(B, D) float32`` embeddings out.
+
+    Build with :meth:`from_checkpoint` (PyTorch, or ``runtime="onnx"`` to run the same weights through
+    onnxruntime) or :meth:`from_onnx`. Thread-safe: preprocessing runs concurrently, forward passes one at
+    a time under a lock (each already spreads over the intra-op threads; concurrent passes only oversubscribe).
+    """
+
+    def __init__(self, run: Callable[[torch.Tensor], np.ndarray], preprocess: _Preprocess,
+                 metadata: Dict[str, Any], runtime: str, source: str, fingerprint: Optional[str]) -> None:
+        self._run, self.preprocess, self.metadata = run, preprocess, metadata
+        self.runtime, self.source, self.fingerprint = runtime, source, fingerprint
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.metadata["embedding_dim"])
+
+    @property
+    def normalized(self) -> bool:
+        return bool(self.metadata.get("l2_normalized", False))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu", runtime: str = "torch",
+             threads: Optional[int] = None) -> "Predictor":
+        """An ``.onnx`` file (:meth:`from_onnx`) or a run/checkpoint directory (:meth:`from_checkpoint`)."""
+        if str(path).lower().endswith(".onnx"):
+            return cls.from_onnx(path, threads=threads)
+        return cls.from_checkpoint(path, device=device, runtime=runtime, threads=threads)
+
+    def check_index(self, index: Any) -> None:
+        """Refuse an index of another vector size; warn when it was built with other weights."""
+        if index.dim != self.embedding_dim:
+            raise UserError(f"the index holds {index.dim}-d vectors but the model {self.source} makes "
+                            f"{self.embedding_dim}-d embeddings; rebuild the index with this model")
+        built_with = index.source.get("model")
+        if built_with and self.fingerprint and built_with != self.fingerprint:
+            log.warning("the index was built from embeddings of another model (%s, this one is %s); "
+                        "scores will not mean much", built_with, self.fingerprint)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", runtime: str = "torch",
+                        prefer: str = "best", threads: Optional[int] = None) -> "Predictor":
+        """A run or checkpoint directory; ``runtime="onnx"`` exports it in memory and runs onnxruntime."""
+        from ..engine.checkpoint import load_for_inference
+        from .export import onnx_bytes, preprocessing_metadata
+
+        if runtime not in ("torch", "onnx"):
+            raise UserError(f"unknown runtime {runtime!r} (valid: torch, onnx)")
+        model, cfg, ckpt = load_for_inference(path, prefer=prefer, device=device if runtime == "torch" else "cpu")
+        meta = preprocessing_metadata(cfg, model, ckpt)
+        if runtime == "onnx":
+            data, meta = onnx_bytes(model, meta)
+            return cls._onnx(data, meta, str(ckpt), meta.get("source_fingerprint"), threads)
+        lock, dev = threading.Lock(), torch.device(device)
+
+        def run(x: torch.Tensor) -> np.ndarray:
+            with lock, torch.inference_mode():
+                return model(x.to(dev)).float().cpu().numpy()
+
+        return cls(run, cls._preprocess_from(meta), meta, "torch", str(ckpt), meta.get("source_fingerprint"))
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, threads: Optional[int] = None) -> "Predictor":
+        """An ONNX file written by ``deepmetric export`` (its metadata gives the preprocessing)."""
+        from .export import file_fingerprint, read_onnx_metadata
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"ONNX model not found: {path}")
+        try:
+            meta = read_onnx_metadata(path)
+        except Exception as e:  # noqa: BLE001 - onnx raises DecodeError and friends
+            raise UserError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+        missing = [k for k in ("mean", "std", "channels", "embedding_dim") if k not in meta]
+        if missing:
+            raise UserError(f"{path}: ONNX metadata lacks {', '.join(missing)}; export it with 'deepmetric export'")
+        return cls._onnx(path.read_bytes(), meta, str(path), meta.get("source_fingerprint") or file_fingerprint(path),
+                         threads)
+
+    @classmethod
+    def _onnx(cls, data: bytes, meta: Dict[str, Any], source: str, fingerprint: Optional[str],
+              threads: Optional[int]) -> "Predictor":
+        from .export import onnx_session
+
+        session = onnx_session(data, threads)
+        name = meta.get("input_name", session.get_inputs()[0].name)
+        lock = threading.Lock()
+
+        def run(x: torch.Tensor) -> np.ndarray:
+            with lock:  # one run at a time: its intra-op threads already use the cores
+                return session.run(None, {name: x.numpy()})[0].astype(np.float32, copy=False)
+
+        return cls(run, cls._preprocess_from(meta), meta, "onnx", source, fingerprint)
+
+    @staticmethod
+    def _preprocess_from(meta: Dict[str, Any]) -> _Preprocess:
+        from ..data.transforms import PRESETS, build_transform
+
+        c = int(meta["channels"])
+        mean, std = meta["mean"], meta["std"]
+        if meta.get("normalization_in_graph"):  # the graph normalises: feed 0-255 pixels
+            mean, std = [0.0] * c, [1 / 255.0] * c
+        size, preset = meta.get("input_size"), meta.get("preset") or "tensor"
+        if preset not in PRESETS:  # e.g. a model exported by a newer deepmetric: resize + normalise only
+            if size is None:
+                raise UserError(f"model metadata names an unknown preprocessing preset {preset!r} and no input size")
+            log.warning("unknown preprocessing preset %r in the model metadata: resizing to %s and normalising",
+                        preset, size)
+            preset = "tensor"
+        return _Preprocess(build_transform(preset, train=False, image_size=size, mean=mean, std=std),
+                           "L" if c == 1 else "RGB")
+
+    # -- embedding -----------------------------------------------------------------------------------
+
+    def embed_batch(self, batch: torch.Tensor) -> np.ndarray:
+        """Preprocessed ``(B, C, H, W)`` float -> ``(B, D) float32``."""
+        return self._run(batch)
+
+    def embed_images(self, images: Sequence[Image.Image | str | os.PathLike], batch_size: int = 64) -> np.ndarray:
+        """PIL images or image paths -> ``(B, D) float32`` (paths that fail raise ``DataError``)."""
+        from ..data.io import load_image
+
+        out = []
+        for start in range(0, len(images), batch_size):
+            tensors = [self.preprocess(im if isinstance(im, Image.Image) else load_image(im))
+                       for im in images[start:start + batch_size]]
+            if len({t.shape for t in tensors}) == 1:
+                out.append(self._run(torch.stack(tensors)))
+            else:  # a size-free preset keeps each image's own size: one forward pass per image
+                out.extend(self._run(t[None]) for t in tensors)
+        return np.concatenate(out) if out else np.zeros((0, self.embedding_dim), np.float32)
+
+    def iter_embeddings(self, paths: Sequence[str], batch_size: int = 64, num_workers: int = 0) -> Iterator[np.ndarray]:
+        """``(b, D) float32`` per batch of ``paths``, in order; images decode in ``num_workers`` processes."""
+        from torch.utils.data import DataLoader
+
+        from ..data.io import ImageListDataset
+
+        ds = ImageListDataset(list(paths), np.zeros(len(paths), np.int64), transform=self.preprocess)
+        same_size = self.metadata.get("input_size") is not None
+        loader = DataLoader(ds, batch_size=batch_size if same_size else 1, shuffle=False, num_workers=num_workers)
+        for images, _, _ in loader:
+            yield self._run(images)
+
+    def embed_list(self, paths: Sequence[str], labels: Optional[Sequence[int]] = None, batch_size: int = 64,
+                   num_workers: int = 0, progress: bool = True) -> EmbeddingSet:
+        """An :class:`EmbeddingSet` of the images ``paths`` (labels default -1)."""
+        from tqdm.auto import tqdm
+
+        labels = np.full(len(paths), -1, np.int64) if labels is None else labels
+        parts = []
+        with tqdm(total=len(paths), desc="embed", unit="img", disable=not progress) as bar:
+            for emb in self.iter_embeddings(paths, batch_size, num_workers):
+                parts.append(emb)
+                bar.update(len(emb))
+        vectors = np.concatenate(parts) if parts else np.zeros((0, self.embedding_dim), np.float32)
+        return EmbeddingSet(torch.from_numpy(vectors), labels, paths=list(paths))
+
+    def embed_folder(self, source: str | os.PathLike, **kwargs: Any) -> EmbeddingSet:
+        """:meth:`embed_list` over :func:`list_inputs` (a folder or a list file)."""
+        inputs = list_inputs(source)
+        return self.embed_list(inputs.paths, inputs.labels, **kwargs)
+
+
+# -- features.npz --------------------------------------------------------------------------------------
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.asarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(_npy_bytes(arr))
+    os.replace(tmp, path)
+
+
+def write_embeddings(predictor: Predictor, inputs: InputList, output: str | os.PathLike, *, batch_size: int = 64,
+                     dtype: str = "float32", chunk_size: int = 4096, num_workers: int = 0,
+                     progress: bool = True) -> Path:
+    """Embed ``inputs`` into ``output`` (``.npz``, layout in the module docstring), resumably.
+
+    Chunks of ``chunk_size`` images go to ``<output>.parts/chunk_NNNNNN.npy``; ``manifest.json`` there
+    records the inputs, model fingerprint, dtype and chunk size, and a rerun with the same four
+    continues after the last finished chunk (anything else starts over, with a warning).
+    """
+    from tqdm.auto import tqdm
+
+    from .. import __version__
+
+    if dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r} (valid: {', '.join(DTYPES)})")
+    if chunk_size < 1 or batch_size < 1:
+        raise UserError("chunk size and batch size must be >= 1")
+    output = Path(output)
+    parts = output.with_name(output.name + ".parts")
+    digest = hashlib.sha256(json.dumps([inputs.paths, inputs.labels.tolist()]).encode()).hexdigest()
+    manifest = {"format": "deepmetric-embedding-parts", "version": 1, "inputs_sha256": digest,
+                "count": len(inputs.paths), "chunk_size": int(chunk_size), "dtype": dtype,
+                "model": predictor.fingerprint or predictor.source, "dim": predictor.embedding_dim}
+    mpath = parts / "manifest.json"
+    if parts.exists():
+        try:
+            old = json.loads(mpath.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != manifest:
+            log.warning("%s: partial embeddings from other inputs, model or settings; starting over", parts)
+            shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    if not mpath.exists():
+        mpath.write_text(json.dumps(manifest))
+    n, np_dtype = len(inputs.paths), DTYPES[dtype]
+    chunks = [(i, s, min(s + chunk_size, n)) for i, s in enumerate(range(0, n, chunk_size))]
+    done = {i for i, s, e in chunks if (parts / f"chunk_{i:06d}.npy").is_file()}
+    if done:
+        log.info("resuming %s: %d of %d chunks already embedded", output, len(done), len(chunks))
+    with tqdm(total=n, initial=sum(e - s for i, s, e in chunks if i in done), desc="embed", unit="img",
+              disable=not progress) as bar:
+        for i, s, e in chunks:
+            if i in done:
+                continue
+            got = []
+            for emb in predictor.iter_embeddings(inputs.paths[s:e], batch_size, num_workers):
+                got.append(emb)
+                bar.update(len(emb))
+            _atomic_save_npy(parts / f"chunk_{i:06d}.npy", np.concatenate(got).astype(np_dtype))
+    meta = {"source": predictor.source, "model": predictor.fingerprint, "runtime": predictor.runtime,
+            "dim": predictor.embedding_dim, "dtype": dtype, "l2_normalized": predictor.normalized,
+            "count": n, "deepmetric_version": __version__}
+    _assemble(output, [parts / f"chunk_{i:06d}.npy" for i, _, _ in chunks], inputs, meta, np_dtype,
+              predictor.embedding_dim)
+    shutil.rmtree(parts)
+    return output
+
+
+def _assemble(output: Path, chunk_files: List[Path], inputs: InputList, meta: Dict[str, Any],
+              dtype: Any, dim: int) -> None:
+    """Stream the chunks into one ``.npz`` (never all vectors in memory), renamed into place at the end."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("vectors.npy", "w", force_zip64=True) as f:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                          "shape": (len(inputs.paths), dim)}
+                np.lib.format.write_array_header_2_0(f, header)
+                for cf in chunk_files:
+                    f.write(np.ascontiguousarray(np.load(cf), dtype=dtype).tobytes())
+            zf.writestr("labels.npy", _npy_bytes(inputs.labels.astype(np.int64)))
+            zf.writestr("paths.npy", _npy_bytes(np.asarray(inputs.paths, dtype=str)))
+            zf.writestr("class_names.npy", _npy_bytes(np.asarray(inputs.class_names, dtype=str)))
+            zf.writestr("meta.npy", _npy_bytes(np.asarray(json.dumps(meta))))
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class EmbeddingsFile:
+    """What :func:`load_embeddings` read: the :class:`EmbeddingSet`, label names and the writer's metadata."""
+
+    embeddings: EmbeddingSet
+    class_names: List[str]
+    meta: Dict[str, Any]
+
+
+def load_embeddings(path: str | os.PathLike) -> EmbeddingsFile:
+    """Read a ``features.npz`` written by ``deepmetric embed`` (vectors come back as float32)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EmbeddingsFileError(f"embeddings file not found: {path}")
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":
+            raise EmbeddingsFileError(f"{path}: not an .npz embeddings file; write one with 'deepmetric embed'")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("vectors", "labels", "paths") if k not in z.files]
+            if missing:
+                raise EmbeddingsFileError(f"{path}: no {', '.join(missing)} array; write it with 'deepmetric embed'")
+            vectors = z["vectors"].astype(np.float32)
+            labels, paths = z["labels"], [str(p) for p in z["paths"]]
+            names = [str(c) for c in z["class_names"]] if "class_names" in z.files else []
+            meta = json.loads(str(z["meta"].reshape(-1)[0])) if "meta" in z.files else {}
+        es = EmbeddingSet(torch.from_numpy(vectors), labels, paths=paths)
+    except EmbeddingsFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zipfile.BadZipFile, ValueError, truncated data ...
+        raise EmbeddingsFileError(f"{path}: not a readable embeddings file ({type(e).__name__}: {e})".splitlines()[0]) from None
+    return EmbeddingsFile(es, names, meta)
