@@ -1,16 +1,54 @@
 """Shared fixtures. Everything is generated; nothing is downloaded."""
-import os
-
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+from deepmetric.config import load_config
+from deepmetric.data.synthetic import make_image_folder
+from deepmetric.engine.build import build_model
+from deepmetric.engine.checkpoint import save_checkpoint
 
 # A digits recipe small enough for a CPU test: 5 classes x 4 images, a few steps.
 TINY = ["data.classes_per_batch=5", "data.samples_per_class=4", "model.embedding_dim=16",
         "model.backbone_options={width: 16}", "train.log_every=1", "train.progress=false"]
+# A tiny RGB model for the shipping tests: small CNN, 16-d, ImageNet preprocessing at 32x32.
+TINY_RGB = ["model.backbone=small_cnn", "model.in_chans=3", "model.embedding_dim=16",
+            "data.transform=imagenet", "data.image_size=[32,32]"]
 
 
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    """A real checkpoint directory of a tiny RGB model, with non-trivial BatchNorm statistics so that
+    eval-mode behaviour (export, serving) is really exercised."""
+    torch.manual_seed(0)
+    cfg = load_config(None, TINY_RGB)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "best", cfg=cfg, model=model,
+                           losses=torch.nn.ModuleList(), optimizers={}, state={"step": 0})
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images") / "gallery", n_classes=4, per_class=5, size=40)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny workloads on 2 shared cores: extra intra-op/OpenMP threads only spin. Restored per module."""
+    import faiss
+
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(torch_threads)
+    faiss.omp_set_num_threads(faiss_threads)

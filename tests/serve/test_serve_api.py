@@ -26,8 +26,8 @@ def client(predictor_and_index):
 
 
 @pytest.fixture(scope="module")
-def query(gallery):
-    path = sorted(gallery.glob("class_01/*.jpg"))[0]
+def query(image_folder):
+    path = sorted(image_folder.glob("class_01/*.jpg"))[0]
     return path, path.read_bytes()
 
 
@@ -196,10 +196,10 @@ def test_wrong_method_and_route(client):
 
 # -- a real server, concurrent clients -------------------------------------------------------------------
 
-def test_concurrent_requests_on_a_real_server(live_server, gallery):
+def test_concurrent_requests_on_a_real_server(live_server, image_folder):
     import httpx
 
-    files = sorted(gallery.rglob("*.jpg"))[::3]  # 7 images over the 4 classes
+    files = sorted(image_folder.rglob("*.jpg"))[::3]  # 7 images over the 4 classes
     with httpx.Client(base_url=live_server, timeout=60) as http:
         expected = {str(f): http.post("/search?top_k=3", files=upload(f.read_bytes())).json()["hits"] for f in files}
 

@@ -35,7 +35,7 @@ def browser(tmp_path, monkeypatch):
         driver.quit()  # ends chromium and chromedriver
 
 
-def test_upload_in_the_page_shows_result_cards(browser, live_server, gallery, tmp_path):
+def test_upload_in_the_page_shows_result_cards(browser, live_server, image_folder, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -45,7 +45,7 @@ def test_upload_in_the_page_shows_result_cards(browser, live_server, gallery, tm
     assert "20 images" in browser.find_element(By.ID, "index-info").text
 
     Select(browser.find_element(By.ID, "topk")).select_by_visible_text("5")
-    query = sorted(gallery.glob("class_02/*.jpg"))[1]
+    query = sorted(image_folder.glob("class_02/*.jpg"))[1]
     browser.find_element(By.ID, "file").send_keys(str(query))
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result-card")) == 5)
     cards = browser.find_elements(By.CSS_SELECTOR, ".result-card")
