@@ -1,0 +1,15 @@
+"""Every worked example in the evaluation docstrings runs and gives what it says."""
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["neighbors", "retrieval", "reid", "rerank", "verification", "centroids"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(f"deepmetric.evaluation.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, raise_on_error=False)
+    assert result.attempted > 0 or name == "neighbors"
+    assert result.failed == 0
