@@ -53,7 +53,7 @@ class ArrayToTensor:
                 arr = arr[:, :, None]
             if arr.ndim != 3:
                 raise ValueError(f"tensor preset: expected an (H, W) or (H, W, C) array, got shape {arr.shape}")
-            t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+            t = torch.from_numpy(np.array(arr.transpose(2, 0, 1), copy=True))  # own, writable memory
         if t.dtype == torch.uint8:
             return t.float().div_(255.0)
         return t.float()
