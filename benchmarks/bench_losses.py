@@ -6,7 +6,7 @@ Run by hand, not a test:
 
 Each case times ``loss(x, y).backward()`` on the same random inputs (P x K batches, K=4 images per
 class; classification losses with --classes classes) for ours and for PML, in the same process,
-alternating the two, and reports the median of ``--repeats`` runs after warm-up (fewer runs for
+in alternating blocks, and reports the median of ``--repeats`` runs after warm-up (fewer runs for
 an implementation slower than ``--budget`` seconds). ``--clock cpu`` (the default on CPU) measures
 the process CPU time of each run, which other jobs on a shared machine barely disturb; with
 ``--threads 1`` it is the single-core compute time. ``--clock wall`` (the default on CUDA, after a
@@ -151,17 +151,23 @@ def time_pair(case: str, n: int, d: int, c: int, device: str, repeats: int, budg
     impls = ["ours"] + (["pml"] if CASES[case][1] is not None else [])
     built = {impl: build(case, impl, n, d, c, device) for impl in impls}
     times: dict[str, list[float]] = {impl: [] for impl in impls}
-    reps = {}
+    reps, fast = {}, {}
     for impl in impls:  # warm-up; a slow implementation gets fewer repeats (time budget per case)
         t0 = clock()
         step(*built[impl], device)
         first = clock() - t0
-        if first < 1.0:
+        fast[impl] = first < 1.0
+        if fast[impl]:
             step(*built[impl], device)
         reps[impl] = max(1, min(repeats, int(budget_s / max(first, 1e-9))))
-    for r in range(max(reps.values())):  # interleave, so background load hits both alike
+    # two blocks, A..A B..B A..A B..B: load drifts hit both alike, and one library's big
+    # allocations (PML's NT-Xent) do not land between the other's runs
+    halves = {impl: [(reps[impl] + 1) // 2, reps[impl] // 2] for impl in impls}
+    for block in range(2):
         for impl in impls:
-            if r < reps[impl]:
+            if halves[impl][block] and fast[impl] and block:
+                step(*built[impl], device)  # re-warm after the other implementation
+            for _ in range(halves[impl][block]):
                 t0 = clock()
                 step(*built[impl], device)
                 times[impl].append(clock() - t0)

@@ -366,10 +366,6 @@ class PairBatch:
             return self.labels.shape[0] >= 2
         return bool((self.pos | self.neg).any())
 
-    def cosine(self) -> Tensor:
-        """``(N, M)`` cosine similarities of the L2-normalised embeddings."""
-        return dot_matrix(*self.normalized())
-
     def cosine_loss(self, fn: GradFn) -> Tensor:
         """:func:`similarity_loss` of the batch against the reference: ``fn`` sees cosines."""
         return similarity_loss(self.query, self.ref, fn)
