@@ -78,9 +78,11 @@ def main() -> None:
 
             model = copy.deepcopy(trainer.model)
             loss_fn = copy.deepcopy(trainer.losses[0])
-            opt = type(trainer.optimizers["main"])(list(model.parameters()) + list(loss_fn.parameters()),
-                                                   **{k: v for k, v in trainer.optimizers["main"].defaults.items()
-                                                      if k not in ("differentiable", "fused", "foreach", "capturable", "maximize") or v})
+            o = cfg.optimizer  # the same optimizer a user would write by hand
+            params = list(model.parameters()) + list(loss_fn.parameters())
+            opt = {"sgd": lambda: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
+                   "adam": lambda: torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay),
+                   "adamw": lambda: torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)}[o.name]()
             tb = bare_loop(model, loss_fn, opt, loader, sampler, args.steps, device)
             # time the trainer's loop only (evaluation and checkpointing happen after the last step)
             t0 = time.perf_counter()
