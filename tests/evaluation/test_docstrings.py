@@ -8,6 +8,7 @@ MODULES = ["neighbors", "retrieval", "reid", "rerank", "verification", "centroid
 
 
 @pytest.mark.parametrize("name", MODULES)
+@pytest.mark.filterwarnings("ignore:retrieval_metrics")  # an example shows a skipped singleton query
 def test_docstring_examples(name):
     module = importlib.import_module(f"deepmetric.evaluation.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, raise_on_error=False)

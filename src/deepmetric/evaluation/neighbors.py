@@ -23,7 +23,8 @@ Tie rule (pinned, used by every function of :mod:`deepmetric.evaluation`)
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+import time
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator, Optional, Tuple, Union
 
 import numpy as np
@@ -371,10 +372,11 @@ def chunked_member_ranks(key_fn: KeyFn, num_queries: int, num_items: int, query_
     valid)`` returns the members to remove from each row's ranking (None: remove nothing).
     """
     codes = torch.as_tensor(query_codes, dtype=torch.long, device=device)
+    threads = _ThreadChoice(device)
     for r0 in range(0, num_queries, chunk_size):
         r1 = min(num_queries, r0 + chunk_size)
         keys = key_fn(r0, r1)
-        with serial_on_cpu(keys.device):
+        with threads.section():
             members, valid = groups.members(codes[r0:r1])
             ignored = ignore_fn(r0, r1, members, valid) if ignore_fn is not None else torch.zeros_like(valid)
             relevant = valid & ~ignored
@@ -382,14 +384,48 @@ def chunked_member_ranks(key_fn: KeyFn, num_queries: int, num_items: int, query_
         yield r0, r1, ranks, relevant
 
 
+class _ThreadChoice:
+    """Whether the work after each key matrix runs on all intra-op CPU threads or on one, chosen by timing.
+
+    On an idle machine the threads help (~1.0× vs ~1.3× the bare product at SOP size, 2 cores); on a busy
+    one every parallel region waits for descheduled workers and the same work ran 17× slower. So the first
+    two chunks try both, later chunks take the faster (by time per row over the last tries), and every
+    16th chunk re-tries the other. Results do not depend on the choice.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.active = device.type == "cpu" and torch.get_num_threads() > 1
+        self.device = device
+        self.times: dict = {True: [], False: []}  # serial? -> seconds of recent sections
+        self.count = 0
+
+    def _serial(self) -> bool:
+        if self.count < 2:
+            return self.count == 0
+        best = min((True, False), key=lambda k: sum(self.times[k][-3:]) / len(self.times[k][-3:]))
+        return best if self.count % 16 else not best
+
+    @contextmanager
+    def section(self) -> Iterator[None]:
+        if not self.active:
+            yield
+            return
+        serial = self._serial()
+        start = time.perf_counter()
+        with serial_on_cpu(self.device) if serial else nullcontext():
+            yield
+        self.times[serial].append(time.perf_counter() - start)
+        self.count += 1
+
+
 @contextmanager
 def serial_on_cpu(device: torch.device) -> Iterator[None]:
     """Run the block with one intra-op CPU thread, restoring the caller's setting after.
 
-    The work after each key matrix is a few dozen medium-size ops. Each parallel region waits for every
-    worker thread, and on a busy machine a descheduled worker costs milliseconds per op: on the shared
-    2-core machine they ran 17× slower with 2 threads than with 1 (58 ms → 990 ms per chunk), while the key
-    matrix product (one large op, left multi-threaded) loses little. On CUDA nothing changes.
+    For work made of many medium-size ops: each parallel region waits for every worker thread, and on a
+    busy machine a descheduled worker costs milliseconds per op (on the shared 2-core machine the work
+    after a key matrix ran 17× slower with 2 threads than with 1: 58 ms → 990 ms per chunk). Large single
+    ops (the key matrix product) are left multi-threaded. On CUDA nothing changes.
     """
     if device.type != "cpu":
         yield
