@@ -64,7 +64,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     _print_metrics(f"{cfg.name}: step {result['step']}", result["metrics"])
     from .viz.report import write_report
 
-    report = write_report(run_dir, trainer.history, trainer.evaluator.run(trainer.model), cfg=cfg,
+    if not trainer.is_main:  # under torchrun, rank 0 alone writes
+        return 0
+    final = trainer.last_result or trainer.evaluator.run(trainer.model)  # None when resumed at max_steps
+    report = write_report(run_dir, trainer.history, final, cfg=cfg,
                           dataset=trainer.splits.query, gallery_dataset=trainer.splits.gallery)
     print(f"run directory: {run_dir}  (report: {report})")
     return 0

@@ -38,7 +38,7 @@ def run_quickstart(run_dir: str = "runs/quickstart", overrides: Sequence[str] = 
     print(f"digits: {len(trainer.splits.train)} training images (classes 0-4), "
           f"{len(trainer.splits.query)} test images of unseen classes 5-9")
     trainer.fit()
-    result = trainer.evaluator.run(trainer.model)
+    result = trainer.last_result  # the evaluation of the final step
     after = result.metrics
     report = write_report(run_dir, trainer.history, result, cfg=cfg, dataset=trainer.splits.query, before=before)
     print(format_table(before, after))

@@ -79,17 +79,19 @@ class Evaluator:
         return EmbeddingSet(vectors.cpu(), dataset.labels, dataset.camids, dataset.paths)
 
     def evaluate(self, model: torch.nn.Module) -> Dict[str, Any]:
-        return self.run(model).metrics
+        return self.run(model, neighbours=False).metrics
 
-    def run(self, model: torch.nn.Module) -> EvalResult:
+    def run(self, model: torch.nn.Module, neighbours: bool = True) -> EvalResult:
+        """Metrics, embeddings and (with ``neighbours``) each query's top-5 for the report's grids."""
         p = self.cfg.eval.protocol
         if p == "verification":
             return self._verification(model)
         query = self._embed(model, self.splits.query, flip=self.cfg.eval.flip)
         gallery = None if self.splits.gallery is None else self._embed(model, self.splits.gallery, flip=self.cfg.eval.flip)
-        if p == "reid":
-            return self._reid(query, gallery)
-        return self._retrieval(query, gallery)
+        result = self._reid(query, gallery) if p == "reid" else self._retrieval(query, gallery)
+        if neighbours:
+            result.extras["neighbours"] = top_neighbours(query, gallery, self.cfg.eval.distance)
+        return result
 
     def _retrieval(self, query: EmbeddingSet, gallery: Optional[EmbeddingSet]) -> EvalResult:
         from ..evaluation import retrieval_metrics
@@ -101,7 +103,7 @@ class Evaluator:
                                     None if gallery is None else gallery.vectors,
                                     None if gallery is None else gallery.labels,
                                     ks=ks, distance=c.distance)
-        return EvalResult(metrics, query, gallery, {"neighbours": top_neighbours(query, gallery, c.distance)})
+        return EvalResult(metrics, query, gallery)
 
     def _reid(self, query: EmbeddingSet, gallery: EmbeddingSet) -> EvalResult:
         from ..evaluation import reid_metrics_from_embeddings
@@ -117,7 +119,7 @@ class Evaluator:
             gallery_c = centroid_gallery(gallery, cameras, camera_aware=cameras is not None)
             cen = reid_metrics_centroids(query, gallery_c, distance=c.distance, max_rank=c.max_rank)
             metrics.update({f"centroid_{k}": v for k, v in cen.items()})
-        return EvalResult(metrics, query, gallery, {"neighbours": top_neighbours(query, gallery, c.distance)})
+        return EvalResult(metrics, query, gallery)
 
     def _verification(self, model) -> EvalResult:
         from ..evaluation import verification_metrics

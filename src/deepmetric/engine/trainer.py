@@ -133,6 +133,7 @@ class Trainer:
         self.position = 0  # batches consumed in the current epoch
         self.best_value: Optional[float] = None
         self.history: list[Dict[str, Any]] = []
+        self.last_result = None  # EvalResult of the latest evaluation
         if resume:
             self._restore()
 
@@ -272,7 +273,10 @@ class Trainer:
                 "best": {cfg.eval.metric: self.best_value}}
 
     def _evaluate_and_checkpoint(self, log_file, writer) -> Dict[str, Any]:
-        metrics = broadcast_object(self.evaluator.evaluate(self.model))
+        # the final evaluation keeps its embeddings and neighbours: the report draws them
+        final = self.step == self.cfg.train.max_steps
+        self.last_result = self.evaluator.run(self.model, neighbours=final)
+        metrics = broadcast_object(self.last_result.metrics)
         self.model.train()
         value = metrics.get(self.cfg.eval.metric)
         if value is None:
