@@ -13,6 +13,10 @@ images of 1600x1200 (phone-photo sized, where DCT-domain downscaling can pay). C
 * ``RRC224``: decode + RandomResizedCrop(224, scale=(0.08, 1)) + horizontal flip, uint8 out.
 * ``resize256``: decode + resize of the short side to 256 (the evaluation path).
 
+The ``deepmetric decoder=...`` rows run our own reader and ``imagenet`` preset (RandomResizedCrop +
+flip / Resize 256 + CenterCrop 224, then float32 + normalisation), i.e. exactly what a training or
+evaluation worker does per image with ``data.decoder`` set to ``pil`` or ``torchvision``.
+
 Each cell is the best of 3 passes over the images (page cache warm).
 
 ``pil+draft`` asks libjpeg for a 1/2, 1/4 or 1/8 scale decode (``Image.draft``) whenever the
@@ -132,11 +136,25 @@ def tv_resize_short(path: str, short: int = 256) -> torch.Tensor:
     return TF.resize(tv_decode(path), short, antialias=True)
 
 
+def deepmetric_fns(decoder: str) -> Tuple[Callable, Callable, Callable]:
+    """Our own dataset + ``imagenet`` preset (what the trainer and evaluator run), uint8 -> float."""
+    from deepmetric.data.io import load_image, read_image_tensor
+    from deepmetric.data.transforms import build_transform
+
+    read = read_image_tensor if decoder == "torchvision" else load_image
+    train = build_transform("imagenet", train=True, decoder=decoder)
+    test = build_transform("imagenet", train=False, decoder=decoder)
+    return read, lambda p: train(read(p)), lambda p: test(read(p))
+
+
 METHODS = {
     "pil": (pil_decode, lambda p: pil_rrc(p), lambda p: pil_resize_short(p)),
     "pil+draft": (None, lambda p: pil_rrc(p, use_draft=True), lambda p: pil_resize_short(p, use_draft=True)),
     "torchvision.io": (tv_decode, tv_rrc, tv_resize_short),
 }
+#: rows measuring deepmetric's own pipeline (``data.decoder``): the third column there is the test
+#: transform (Resize 256 + CenterCrop 224), and both end in normalised float32
+OURS = {"deepmetric decoder=pil": "pil", "deepmetric decoder=torchvision": "torchvision"}
 
 
 def images_per_s(fn: Callable[[str], object], paths: Sequence[str], rounds: int = 3) -> float:
@@ -160,7 +178,8 @@ def run(sets: Sequence[Tuple[str, List[str]]]) -> str:
         "|---|---|---|---|---|",
     ]
     for name, paths in sets:
-        for method, fns in METHODS.items():
+        rows = list(METHODS.items()) + [(label, deepmetric_fns(dec)) for label, dec in OURS.items()]
+        for method, fns in rows:
             cells = ["-" if fn is None else f"{images_per_s(fn, paths):.0f}" for fn in fns]
             lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -61,11 +62,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir or cfg.run_dir or f"runs/{cfg.name}")
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
     result = trainer.fit()
+    if not trainer.is_main:  # under torchrun, rank 0 alone prints and writes
+        return 0
     _print_metrics(f"{cfg.name}: step {result['step']}", result["metrics"])
     from .viz.report import write_report
 
-    if not trainer.is_main:  # under torchrun, rank 0 alone writes
-        return 0
     final = trainer.last_result or trainer.evaluator.run(trainer.model)  # None when resumed at max_steps
     report = write_report(run_dir, trainer.history, final, cfg=cfg,
                           dataset=trainer.splits.query, gallery_dataset=trainer.splits.gallery)
@@ -222,7 +223,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    level = logging.WARNING if args.quiet else logging.INFO
+    if int(os.environ.get("RANK", "0") or 0) > 0:  # under torchrun, rank 0 speaks for all ranks
+        level = logging.ERROR
+    logging.basicConfig(level=level, format="%(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -11,7 +11,7 @@ import difflib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -35,10 +35,37 @@ class DataConfig(_Section):
     image_size: Optional[Tuple[int, int]] = None
     classes_per_batch: int = Field(8, ge=1)
     samples_per_class: int = Field(4, ge=1)
-    num_workers: int = Field(0, ge=0)
-    pin_memory: bool = False
+    #: loader processes: a number, or ``auto`` (CUDA: the CPUs this rank may use, less one for the
+    #: training process, at most 16; CPU: 0, decoding in the training process)
+    num_workers: Union[int, str] = "auto"
+    #: page-locked batches for faster host-to-GPU copies; ``auto`` = on CUDA
+    pin_memory: Union[bool, str] = "auto"
+    #: image files decode into: ``torchvision`` uint8 tensors (faster), ``pil`` images, or ``auto``
+    #: (torchvision unless the transform preset needs PIL, e.g. ``paddle_sop``'s Lanczos resizing)
+    decoder: Literal["auto", "pil", "torchvision"] = "auto"
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, v):
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError("expected a number of processes >= 0 or 'auto'")
+        return v
+
+    @field_validator("pin_memory", mode="before")
+    @classmethod
+    def _pin(cls, v):
+        if v == "auto" or isinstance(v, bool):
+            return v
+        raise ValueError("expected true, false or 'auto'")
     eval_batch_size: int = Field(256, ge=1)
     drop_singletons: bool = False
+    #: training batches: ``pk`` (classes_per_batch x samples_per_class, class by class) or ``random``
+    #: (a shuffled pass over the images in chunks of ``batch_size``, the last partial chunk dropped)
+    sampler: Literal["pk", "random"] = "pk"
+    #: images per batch and process for ``sampler: random``; null = classes_per_batch x samples_per_class
+    batch_size: Optional[int] = Field(None, ge=1)
 
 
 class ModelConfig(_Section):
@@ -48,9 +75,14 @@ class ModelConfig(_Section):
     pretrained: Optional[str] = None
     init_from: Optional[str] = None
     embedding_dim: int = Field(0, ge=0)
-    pooling: Literal["avg", "max", "gem"] = "avg"
+    #: global pooling of the backbone's map; ``avgmax`` = average + max, summed (Proxy-Anchor)
+    pooling: Literal["avg", "max", "gem", "avgmax"] = "avg"
     bnneck: bool = False
     normalize: bool = True
+    #: keep every BatchNorm of the backbone in eval mode (running statistics frozen) during training
+    freeze_bn: bool = False
+    #: with ``freeze_bn``, also freeze the BatchNorm weight and bias (False: they keep training)
+    freeze_bn_affine: bool = True
 
 
 class MemoryConfig(_Section):
@@ -106,6 +138,10 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(0, ge=0)
     amp: Literal["off", "bf16", "fp16"] = "off"
     grad_clip: float = Field(0.0, ge=0)
+    #: clip every gradient entry to [-v, v] (``clip_grad_value_``) on model and loss parameters; 0 = off
+    grad_clip_value: float = Field(0.0, ge=0)
+    #: for the first N steps only the head and the losses' parameters are updated, not the backbone
+    freeze_backbone_steps: int = Field(0, ge=0)
     device: str = "auto"
     channels_last: bool = False
     compile: bool = False
@@ -237,7 +273,8 @@ def _format_error(err: Dict[str, Any]) -> str:
     if err["type"] == "missing":
         return f"config key '{key}' is required"
     got = err.get("input")
-    return f"config key '{key}': {err['msg'].lower()} (got {got!r})"
+    msg = err["msg"].lower().removeprefix("value error, ")  # our own validators' words, unprefixed
+    return f"config key '{key}': {msg} (got {got!r})"
 
 
 def validate(raw: Any, source: str = "config") -> Config:

@@ -1,8 +1,8 @@
-"""PKBatchSampler: coverage, balance, determinism, sharding and the small-class rule."""
+"""PKBatchSampler and RandomBatchSampler: coverage, balance, determinism, sharding, resume and errors."""
 import numpy as np
 import pytest
 
-from deepmetric.data import PKBatchSampler
+from deepmetric.data import PKBatchSampler, RandomBatchSampler
 
 
 def _labels(counts):
@@ -74,3 +74,56 @@ def test_skip_resumes_inside_an_epoch():
 def test_too_few_classes_is_a_clear_error():
     with pytest.raises(ValueError, match="classes_per_batch=5 but the training set has only 3 classes"):
         PKBatchSampler(_labels([4, 4, 4]), 5, 2)
+
+
+# -- RandomBatchSampler ---------------------------------------------------------------------------------
+
+def test_random_batches_are_one_shuffled_pass_with_drop_last():
+    s = RandomBatchSampler(50, batch_size=8, seed=0)
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        batches = list(s)
+        assert len(batches) == len(s) == 6 and all(len(b) == 8 for b in batches)
+        flat = np.concatenate(batches)
+        assert len(set(flat.tolist())) == 48, "no image twice in an epoch"
+    assert s.stats["dropped"] == 2
+
+
+def test_random_batches_deterministic_in_seed_and_epoch():
+    a = list(RandomBatchSampler(40, 4, seed=5))
+    assert a == list(RandomBatchSampler(40, 4, seed=5))
+    assert a != list(RandomBatchSampler(40, 4, seed=6))
+    s = RandomBatchSampler(40, 4, seed=5)
+    s.set_epoch(1)
+    assert list(s) != a
+    s.set_epoch(0)
+    assert list(s) == a
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_random_shards_are_disjoint_slices_of_the_one_process_batches(world):
+    n, bs = 61, 4
+    shards = [list(RandomBatchSampler(n, bs, seed=3, rank=r, world_size=world)) for r in range(world)]
+    assert len({len(x) for x in shards}) == 1 and len(shards[0]) == n // (bs * world)
+    flat = [i for shard in shards for b in shard for i in b]
+    assert len(flat) == len(set(flat)), "ranks never share an image"
+    # global step t (rank 0's batch, then rank 1's, ...) is one process's step t at batch world * bs
+    single = list(RandomBatchSampler(n, bs * world, seed=3))
+    assert len(single) == len(shards[0])
+    for t, batch in enumerate(single):
+        assert batch == [i for r in range(world) for i in shards[r][t]]
+
+
+def test_random_skip_resumes_inside_an_epoch():
+    s = RandomBatchSampler(30, 4, seed=2, rank=1, world_size=2)
+    s.set_epoch(3)
+    full = list(s)
+    s.skip(2)
+    assert list(s) == full[2:]
+    assert list(s) == full, "skip applies to one iteration only"
+    assert s.state_dict() == {"seed": 2, "epoch": 3, "batch_size": 4}
+
+
+def test_random_batch_larger_than_the_data_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"data.batch_size=8 x 2 process\(es\) but the training set has only 12"):
+        RandomBatchSampler(12, 8, world_size=2)

@@ -89,3 +89,117 @@ def test_single_image_class_is_refused_by_name(tmp_path, tiny_overrides):
     splits.train = splits.train.subset(keep)
     with pytest.raises(DataError, match="training class 4 has only one image"):
         Trainer(_cfg(tiny_overrides), tmp_path / "r", splits=splits)
+
+
+# -- training switches: frozen BatchNorm, backbone warm-up, gradient value clipping, random batches ---
+
+def _train_steps(trainer, n):
+    """``n`` optimizer steps as ``fit`` runs them, without evaluation or checkpoints."""
+    trainer.model.train()
+    trainer.losses.train()
+    batches = trainer._batches()
+    for _ in range(n):
+        images, labels = next(batches)[:2]
+        trainer.train_step(images.to(trainer.device), labels.to(trainer.device))
+
+
+def _clone(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_freeze_bn_keeps_backbone_statistics_and_affine(tmp_path, tiny_overrides, affine):
+    t = Trainer(_cfg(tiny_overrides, "model.freeze_bn=true", f"model.freeze_bn_affine={str(affine).lower()}",
+                     "optimizer.lr=0.01"), tmp_path / "run")
+    bns = t.model.backbone_batchnorms()
+    bn_params = {id(p) for bn in bns for p in bn.parameters()}
+    in_optimizer = {id(p) for g in t.optimizers["main"].param_groups for p in g["params"]}
+    assert bool(bn_params & in_optimizer) is not affine, "frozen affine parameters are left out of the optimizer"
+    before = _clone(t.model)
+    _train_steps(t, 3)
+    after = t.model.state_dict()
+    for name in before:
+        is_bn = any(name.startswith(f"backbone.{n}.") for n, m in t.model.backbone.named_modules() if m in bns)
+        if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(before[name], after[name]), f"{name}: running statistics must stay frozen"
+        elif is_bn:
+            assert torch.equal(before[name], after[name]) is affine, name
+        elif name.endswith("weight"):
+            assert not torch.equal(before[name], after[name]), f"{name} should train"
+
+
+def test_backbone_warmup_freezes_the_backbone_bit_for_bit(tmp_path, tiny_overrides):
+    # AdamW with weight decay and SGD with momentum: a frozen parameter must not drift either way
+    for name, extra in (("adamw", []), ("sgd", ["optimizer.momentum=0.9"])):
+        t = Trainer(_cfg(tiny_overrides, f"optimizer.name={name}", *extra, "optimizer.weight_decay=0.1",
+                         "optimizer.lr=0.01", "train.freeze_backbone_steps=3", "losses=[{name: proxy_anchor}]"),
+                    tmp_path / name)
+        params = lambda m: {k: v.detach().clone() for k, v in m.named_parameters()}  # noqa: E731
+        backbone, head, proxies = params(t.model.backbone), params(t.model.head), params(t.losses)
+        _train_steps(t, 3)
+        now = dict(t.model.backbone.named_parameters())
+        assert all(torch.equal(v, now[k]) for k, v in backbone.items()), f"{name}: the backbone moved"
+        assert not torch.equal(head["proj.weight"], t.model.head.proj.weight), "the head trains during the warm-up"
+        assert not torch.equal(proxies["0.weight"], t.losses[0].weight), "the proxies train during the warm-up"
+        _train_steps(t, 1)
+        assert not torch.equal(backbone["body.0.weight"], now["body.0.weight"]), "then the backbone trains"
+
+
+def test_resume_inside_the_warmup_with_random_batches(tmp_path, tiny_overrides):
+    extra = ["data.sampler=random", "data.batch_size=12", "train.freeze_backbone_steps=4",
+             "optimizer.name=sgd", "optimizer.lr=0.05", "train.eval_every=2"]
+    straight = Trainer(_cfg(tiny_overrides, *extra, "train.max_steps=6"), tmp_path / "a")
+    assert type(straight.sampler).__name__ == "RandomBatchSampler"
+    straight.fit()
+    Trainer(_cfg(tiny_overrides, *extra, "train.max_steps=2"), tmp_path / "b").fit()
+    first = _weights(tmp_path / "b")
+    resumed = Trainer(_cfg(tiny_overrides, *extra, "train.max_steps=6"), tmp_path / "b", resume=True)
+    assert resumed.step == 2
+    resumed.fit()
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(first["backbone.body.0.weight"], b["backbone.body.0.weight"])
+
+
+def test_grad_clip_value_bounds_every_gradient_at_the_step(tmp_path, tiny_overrides):
+    """Clipping sees true gradients: with a loss scaler (as fp16 uses), it runs after unscaling, so
+    the largest entry at the optimizer step is the clip value itself, not value / scale."""
+    value = 1e-3
+    losses = "losses=[{name: proxy_anchor}, {name: center, weight: 0.01, optimizer: sgd, lr: 0.1}]"
+    t = Trainer(_cfg(tiny_overrides, losses, f"train.grad_clip_value={value}"), tmp_path / "run")
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    seen = {}
+
+    def record(key):
+        def hook(opt, args, kwargs):
+            grads = [p.grad.abs().max() for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            seen.setdefault(key, []).append(float(torch.stack(grads).max()))
+        return hook
+
+    for key, opt in t.optimizers.items():
+        opt.register_step_pre_hook(record(key))
+    _train_steps(t, 2)
+    assert set(seen) == {"main", "losses.1"}
+    for key, maxima in seen.items():
+        assert all(m == pytest.approx(value, rel=1e-6) for m in maxima), (key, maxima)
+
+
+def test_random_sampler_keeps_single_image_classes(tmp_path, tiny_overrides):
+    from deepmetric.data.formats.arrays import digits
+
+    splits = digits()
+    keep = np.concatenate([np.flatnonzero(splits.train.labels != 4), np.flatnonzero(splits.train.labels == 4)[:1]])
+    splits.train = splits.train.subset(keep)
+    t = Trainer(_cfg(tiny_overrides, "data.sampler=random"), tmp_path / "r", splits=splits)
+    assert len(t.splits.train) == len(keep) and t.sampler.batch_size == 20  # 5 classes x 4
+
+
+def test_sampler_settings_are_checked(tmp_path, tiny_overrides):
+    with pytest.raises(ConfigError, match="data.batch_size=12 but data.sampler=pk draws .* = 20 images"):
+        Trainer(_cfg(tiny_overrides, "data.batch_size=12"), tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"data.sampler=random: data.batch_size=100000 x 1 process\(es\)"):
+        Trainer(_cfg(tiny_overrides, "data.sampler=random", "data.batch_size=100000"), tmp_path / "b")
+    with pytest.raises(ConfigError, match="model.freeze_bn: backbone 'small_cnn' has no BatchNorm"):
+        Trainer(_cfg(tiny_overrides, "model.freeze_bn=true", "model.backbone_options={width: 16, norm: group}"),
+                tmp_path / "c")

@@ -88,3 +88,19 @@ def test_unknown_format(checkpoint_dir, tmp_path):
 
     with pytest.raises(ExportError, match="unknown export format 'tflite'"):
         export_checkpoint(checkpoint_dir, "tflite", tmp_path / "m")
+
+
+@pytest.mark.parametrize("pooling", ["max", "gem", "avgmax"])
+def test_onnx_export_of_every_pooling(pooling, tmp_path):
+    """The default checkpoint pools by average; the other poolings export with the same parity."""
+    from deepmetric.config import load_config
+    from deepmetric.engine.build import build_model
+    from deepmetric.engine.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.backbone=small_cnn", "model.in_chans=3", "model.embedding_dim=16",
+                             "data.transform=imagenet", "data.image_size=[32,32]", f"model.pooling={pooling}"])
+    ckpt = save_checkpoint(tmp_path / "best", cfg=cfg, model=build_model(cfg), losses=torch.nn.ModuleList(),
+                           optimizers={}, state={"step": 0})
+    report = export_checkpoint(ckpt, "onnx", tmp_path / "model.onnx")
+    assert report.max_abs_diff <= 1e-4

@@ -263,3 +263,103 @@ def test_triplet_all_with_reference_and_exclusion_matches_naive():
 
     loss = build_loss("triplet", margin=margin)
     check(lambda x, y: loss(x, y, ref_embeddings=ref, ref_labels=ref_y, ref_exclude=exclude), ref_fn, x, y)
+
+
+# ---------------------------------------------------------------- triplet reductions (nonzero / mean)
+def _reduce(terms, reduction):
+    if reduction == "mean":
+        return sum(terms) / len(terms)
+    nonzero = [t for t in terms if t > 0]
+    return sum(nonzero) / len(nonzero) if nonzero else sum(terms) * 0.0
+
+
+def _dist(x, normalize):
+    z = F.normalize(x, dim=1) if normalize else x
+    return lambda i, j: sqdist(z[i], z[j]).clamp(min=1e-12).sqrt()
+
+
+def naive_triplet(x, y, margin, mining, reduction, normalize=True, terms=None):
+    """Euclidean triplet terms by a loop over anchors: ``hard`` one term per anchor that has a
+    positive and a negative; ``all`` / ``semihard`` one per (a, p, n) (semihard: d_ap < d_an < d_ap + m).
+    The terms are appended to ``terms`` when given."""
+    d, n, terms = _dist(x, normalize), len(y), [] if terms is None else terms
+    for a in range(n):
+        ps = [p for p in range(n) if p != a and y[p] == y[a]]
+        ns = [j for j in range(n) if y[j] != y[a]]
+        if not ps or not ns:
+            continue
+        if mining == "hard":
+            terms.append(torch.relu(max(d(a, p) for p in ps) - min(d(a, j) for j in ns) + margin))
+            continue
+        for p in ps:
+            for j in ns:
+                if mining == "semihard" and not d(a, p) < d(a, j) < d(a, p) + margin:
+                    continue
+                terms.append(torch.relu(d(a, p) - d(a, j) + margin))
+    return _reduce(terms, reduction)
+
+
+# a singleton class (label 9): an anchor without a positive, counted by neither reduction
+LABELS_WITH_SINGLETON = torch.tensor([0, 1, 0, 2, 1, 0, 2, 9, 1, 2, 0, 1])
+
+
+@pytest.mark.parametrize("reduction", ["nonzero", "mean"])
+@pytest.mark.parametrize("mining, normalize", [("hard", True), ("hard", False), ("all", True), ("semihard", True)])
+def test_triplet_reductions_match_naive(mining, normalize, reduction):
+    y = LABELS_WITH_SINGLETON
+    g = torch.Generator().manual_seed(0)  # clustered by class: some triplets satisfied, some not
+    centres = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    x = (centres[y] + 0.6 * torch.randn(12, 6, generator=g, dtype=torch.float64)).requires_grad_(True)
+    margin = 0.5 if normalize else 1.0
+    terms: list = []
+    naive_triplet(x, y, margin, mining, "mean", normalize, terms)
+    if mining != "semihard":  # the case that tells the reductions apart: zero and non-zero terms
+        assert 0 < sum(int(t > 0) for t in terms) < len(terms)
+    loss = build_loss("triplet", margin=margin, mining=mining, normalize=normalize, reduction=reduction)
+    check(loss, lambda x, y: naive_triplet(x, y, margin, mining, reduction, normalize), x, y)
+
+
+def test_triplet_random_reductions_match_naive_on_the_same_draws():
+    from deepmetric.losses.miners import gather_positives, random_negatives
+
+    x, y = emb(12, 6), LABELS_WITH_SINGLETON
+    same = y[:, None] == y[None, :]
+    pos, neg = same & ~torch.eye(12, dtype=torch.bool), ~same
+    torch.manual_seed(7)
+    p_idx, p_valid = gather_positives(pos)
+    n_idx, n_valid = random_negatives(p_idx, neg)
+
+    def ref_fn(x, reduction):
+        d = _dist(x, True)
+        terms = [torch.relu(d(a, int(p_idx[a, k])) - d(a, int(n_idx[a, k])) + 0.3)
+                 for a in range(12) for k in range(p_idx.shape[1]) if p_valid[a, k] and n_valid[a, k]]
+        return _reduce(terms, reduction)
+
+    for reduction in ("nonzero", "mean"):
+        loss = build_loss("triplet", margin=0.3, mining="random", reduction=reduction)
+
+        def ours(x, y):
+            torch.manual_seed(7)  # the loss draws its negatives with the same single torch.rand call
+            return loss(x, y)
+
+        check(ours, lambda x, y: ref_fn(x, reduction), x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triplet_hard_mean_is_the_centroids_reid_form(dtype):
+    """reduction=mean on raw features equals open-reid/Centroids-ReID's TripletLoss (MarginRankingLoss,
+    mean over all anchors) on a P x K batch, including batches where most terms are zero."""
+    for spread, margin in ((1.0, 0.5), (0.6, 0.5)):  # the second: clustered, 3 of 12 terms > 0
+        y = pk_labels(12, 3)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(4, 6, generator=g, dtype=dtype)[y] + spread * torch.randn(12, 6, generator=g, dtype=dtype)
+        x.requires_grad_(True)
+        loss = build_loss("triplet", margin=margin, mining="hard", distance="euclidean", normalize=False,
+                          reduction="mean")
+        tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+        check(loss, lambda x, y: batch_hard_original(x, y, margin), x, y, **tol)
+
+
+def test_triplet_rejects_an_unknown_reduction():
+    with pytest.raises(ValueError, match="reduction='sum' is not one of nonzero, mean"):
+        build_loss("triplet", reduction="sum")

@@ -5,7 +5,7 @@ import torch
 from deepmetric.models import WeightsError, build_embedder, load_pretrained, read_state_dict
 
 
-@pytest.mark.parametrize("pooling", ["avg", "max", "gem"])
+@pytest.mark.parametrize("pooling", ["avg", "max", "gem", "avgmax"])
 @pytest.mark.parametrize("dim, bnneck", [(0, False), (32, True)])
 def test_small_cnn_shapes_and_normalisation(pooling, dim, bnneck):
     m = build_embedder("small_cnn", embedding_dim=dim, pooling=pooling, bnneck=bnneck, in_chans=1).eval()
@@ -16,6 +16,32 @@ def test_small_cnn_shapes_and_normalisation(pooling, dim, bnneck):
     assert m(torch.randn(2, 1, 28, 28)).shape == (2, d)
     if bnneck:
         assert not m.head.bnneck.bias.requires_grad
+
+
+def test_avgmax_pooling_is_average_plus_max():
+    from deepmetric.models.heads import EmbeddingHead
+
+    fmap = torch.randn(3, 5, 4, 6)
+    head = EmbeddingHead(5, pooling="avgmax", normalize=False)
+    by_hand = torch.stack([torch.stack([c.mean() + c.max() for c in sample]) for sample in fmap])
+    torch.testing.assert_close(head(fmap)["features"], by_hand)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_freeze_batchnorm_keeps_backbone_statistics_across_train_calls(affine):
+    m = build_embedder("small_cnn", embedding_dim=8, bnneck=True, in_chans=1)
+    bns = m.backbone_batchnorms()
+    assert m.freeze_batchnorm(affine=affine) == len(bns) == 4
+    before = [bn.running_mean.clone() for bn in bns]
+    m.train()  # what the trainer calls: the backbone's BatchNorms stay in eval mode
+    assert m.training and m.head.bnneck.training and not any(bn.training for bn in bns)
+    m.forward_train(torch.randn(6, 1, 8, 8) * 3 + 1)
+    assert all(torch.equal(b, bn.running_mean) for b, bn in zip(before, bns))
+    assert all(p.requires_grad is not affine for bn in bns for p in bn.parameters())
+    assert m.head.bnneck.weight.requires_grad, "the head's BNNeck is not the backbone's"
+    assert m.head.bnneck.num_batches_tracked.item() == 1
+    m.eval().train()
+    assert not any(bn.training for bn in bns)
 
 
 def test_unnormalised_embedding_keeps_the_neck():

@@ -36,6 +36,7 @@ KEEP_BACKBONE = "reid/ctl_resnet50_market"
 SMOKE = [
     "train.max_steps=2", "train.eval_every=2", "train.log_every=1", "train.progress=false",
     'train.amp="off"', "train.device=cpu", "data.classes_per_batch=2", "data.samples_per_class=2",
+    "data.batch_size=4",  # random-batch recipes; equal to 2 x 2, so P x K recipes accept it too
     "data.eval_batch_size=16", "data.num_workers=0", "data.pin_memory=false",
 ]
 IMAGE_SIZE = {"reid": "[64,32]"}  # by eval.protocol; everything else 32 x 32

@@ -59,8 +59,14 @@ class MetricDataset(Dataset):
     def load(self, i: int) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def read(self, i: int, decoder: str = "pil") -> Any:
+        """What :meth:`__getitem__` feeds the transform: :meth:`load`, unless the transform takes
+        tensors (its ``decoder`` is ``"torchvision"``) and the format can decode straight into one
+        (image files: a uint8 ``(3, H, W)`` tensor, see :func:`~deepmetric.data.io.read_image_tensor`)."""
+        return self.load(i)
+
     def __getitem__(self, i: int):
-        x = self.load(int(i))
+        x = self.read(int(i), getattr(self.transform, "decoder", "pil"))
         if self.transform is not None:
             x = self.transform(x)
         return x, int(self.labels[i]), int(i)
@@ -97,6 +103,9 @@ class SubsetDataset(MetricDataset):
 
     def load(self, i: int) -> Any:
         return self.base.load(int(self.indices[i]))
+
+    def read(self, i: int, decoder: str = "pil") -> Any:
+        return self.base.read(int(self.indices[i]), decoder)
 
 
 @dataclass

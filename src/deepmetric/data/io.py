@@ -13,11 +13,13 @@ Truncated files are errors, never silently padded (``ImageFile.LOAD_TRUNCATED_IM
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from .base import DataError, MetricDataset
@@ -65,6 +67,44 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = None) -> Ima
         raise DataError(f"image {path}: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated data, bad headers, decoder errors
         raise DataError(f"image {path}: cannot decode ({e})") from None
+
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def read_image_tensor(path: str | os.PathLike, max_pixels: Optional[int] = None) -> torch.Tensor:
+    """Decode ``path`` into a ``(3, H, W) uint8`` tensor, the fast way where it is safe.
+
+    JPEG and 8-bit PNG files are decoded by ``torchvision.io`` (libjpeg-turbo / libpng into a
+    tensor, no PIL image in between: with tensor transforms, 1.5-2x Pillow per core, see
+    ``benchmarks/bench_decode.py``). The pixels are the ones :func:`load_image` gives (the same
+    libjpeg-turbo decode; CMYK and grey JPEGs and RGBA PNGs become RGB alike, pinned by tests).
+    The file is read once; its header is checked against ``max_pixels`` before decoding. Any other
+    format, 16-bit PNGs, and any file torchvision refuses go through :func:`load_image`, so errors
+    (truncated, corrupt, missing, bombs) are the same one-line :class:`DataError` naming the file.
+    """
+    from torchvision.io import ImageReadMode, decode_image
+
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        data = b""  # missing file, directory, permissions: load_image words the error
+    if data.startswith(_JPEG_MAGIC) or data.startswith(_PNG_MAGIC):
+        try:
+            with Image.open(io.BytesIO(data)) as header:  # header only: the size, before any pixel
+                w, h = header.size
+            limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+            if w * h <= limit:
+                out = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                if out.dtype == torch.uint8:
+                    return out
+        except (RuntimeError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            pass  # load_image re-reads it and says exactly what is wrong
+    img = load_image(path, max_pixels)
+    return torch.from_numpy(np.array(img, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,3 +301,8 @@ class ImageListDataset(MetricDataset):
 
     def load(self, i: int) -> Image.Image:
         return load_image(self.paths[i], self.max_pixels)
+
+    def read(self, i: int, decoder: str = "pil") -> Image.Image | torch.Tensor:
+        if decoder == "torchvision":
+            return read_image_tensor(self.paths[i], self.max_pixels)
+        return self.load(i)

@@ -1,5 +1,8 @@
-"""``PKBatchSampler``: batches of P classes x K samples that cover every sample each epoch.
+"""Batch samplers for training: ``PKBatchSampler`` (P classes x K samples) and ``RandomBatchSampler``
+(plain shuffled batches). Both are deterministic in ``(seed, epoch)``, shard whole batches across
+ranks, and resume inside an epoch with :meth:`skip`.
 
+``PKBatchSampler``: batches of P classes x K samples that cover every sample each epoch.
 The rule, per epoch (all randomness from ``seed`` and the epoch number, so every rank draws the same
 plan):
 
@@ -27,7 +30,33 @@ import numpy as np
 from torch.utils.data import Sampler
 
 
-class PKBatchSampler(Sampler[List[int]]):
+class _EpochBatches(Sampler[List[int]]):
+    """Shared protocol: this rank's share (every W-th) of the epoch's global batches, ``set_epoch``
+    and ``skip`` (resume inside an epoch). Subclasses give ``_global_batches(epoch)``."""
+
+    epoch: int
+    rank: int
+    world_size: int
+    _skip: int
+
+    def _global_batches(self, epoch: int) -> Sequence[np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[List[int]]:
+        mine = self._global_batches(self.epoch)[self.rank::self.world_size]
+        start, self._skip = self._skip, 0
+        for batch in mine[start:]:
+            yield batch.tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def skip(self, batches: int) -> None:
+        """Start the next iteration ``batches`` batches into the current epoch (resume)."""
+        self._skip = int(batches)
+
+
+class PKBatchSampler(_EpochBatches):
     def __init__(self, labels: Sequence[int] | np.ndarray, classes_per_batch: int, samples_per_class: int,
                  seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -102,18 +131,52 @@ class PKBatchSampler(Sampler[List[int]]):
     def __len__(self) -> int:
         return len(self._plan(self.epoch)) // self.world_size
 
-    def __iter__(self) -> Iterator[List[int]]:
-        mine = self._plan(self.epoch)[self.rank::self.world_size]
-        start, self._skip = self._skip, 0
-        for batch in mine[start:]:
-            yield batch.tolist()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def skip(self, batches: int) -> None:
-        """Start the next iteration ``batches`` batches into the current epoch (resume)."""
-        self._skip = int(batches)
+    def _global_batches(self, epoch: int) -> List[np.ndarray]:
+        return self._plan(epoch)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "P": self.P, "K": self.K}
+
+
+class RandomBatchSampler(_EpochBatches):
+    """Plain random batches: each epoch one permutation of all ``num_samples`` indices, cut into
+    consecutive chunks of ``batch_size`` (what ``DataLoader(shuffle=True, drop_last=True)`` draws,
+    as Proxy-Anchor and Paddle's stage-one reader do). Classes are not balanced, so a batch may hold
+    no positive pair; pair losses then warn and return zero.
+
+    The epoch keeps ``num_chunks // world_size * world_size`` chunks (drop_last; the dropped count is
+    ``stats["dropped"]``) and rank r takes chunks r, r + W, r + 2W, ...: global step t is chunks
+    ``tW .. tW + W - 1``, i.e. the same images, in the same order, as one process drawing batches of
+    ``W * batch_size``. Ranks never share an image within an epoch.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if batch_size < 1:
+            raise ValueError("data.batch_size must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if num_samples < batch_size * world_size:
+            raise ValueError(
+                f"data.batch_size={batch_size} x {world_size} process(es) but the training set has only "
+                f"{num_samples} images; lower data.batch_size")
+        self.num_samples, self.batch_size = int(num_samples), int(batch_size)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.epoch = 0
+        self._skip = 0
+        per_step = self.batch_size * self.world_size
+        self.stats: Dict[str, int] = {"dropped": self.num_samples - self.num_samples // per_step * per_step}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """The kept part of this epoch's permutation, ``(steps * W * batch_size,)`` int64."""
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        return perm[: len(self) * self.world_size * self.batch_size]
+
+    def __len__(self) -> int:
+        return self.num_samples // (self.batch_size * self.world_size)
+
+    def _global_batches(self, epoch: int) -> np.ndarray:
+        return self._order(epoch).reshape(-1, self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "batch_size": self.batch_size}

@@ -30,10 +30,11 @@ def build_transforms(cfg: Config):
 
     size = tuple(cfg.data.image_size) if cfg.data.image_size else None
     try:
-        return (build_transform(cfg.data.transform, train=True, image_size=size),
-                build_transform(cfg.data.transform, train=False, image_size=size))
+        return (build_transform(cfg.data.transform, train=True, image_size=size, decoder=cfg.data.decoder),
+                build_transform(cfg.data.transform, train=False, image_size=size, decoder=cfg.data.decoder))
     except ValueError as e:
-        raise ConfigError(f"data.transform: {e}") from None
+        key = "data.decoder" if "decoder" in str(e) else "data.transform"
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def build_data(cfg: Config) -> DataSplits:
@@ -66,7 +67,33 @@ def build_model(cfg: Config, load_weights: bool = True) -> Embedder:
         load_pretrained(model, m.pretrained, m.backbone)
     if load_weights and m.init_from:
         init_from_run(model, m.init_from)
+    if m.freeze_bn and not model.freeze_batchnorm(affine=m.freeze_bn_affine):
+        raise ConfigError(f"model.freeze_bn: backbone '{m.backbone}' has no BatchNorm layer to freeze; "
+                          f"set model.freeze_bn=false")
     return model
+
+
+def build_sampler(cfg: Config, labels, rank: int = 0, world_size: int = 1):
+    """The training batch sampler named by ``data.sampler`` (``pk`` or ``random``), sharded for
+    ``rank`` of ``world_size``. ``data.batch_size`` is per process, as P x K is."""
+    from ..data.samplers import PKBatchSampler, RandomBatchSampler
+
+    d = cfg.data
+    pk_size = d.classes_per_batch * d.samples_per_class
+    if d.sampler == "pk" and d.batch_size is not None and d.batch_size != pk_size:
+        raise ConfigError(f"data.batch_size={d.batch_size} but data.sampler=pk draws classes_per_batch x "
+                          f"samples_per_class = {pk_size} images; set data.batch_size=null or "
+                          f"data.sampler=random")
+    makers = {
+        "pk": lambda: PKBatchSampler(labels, d.classes_per_batch, d.samples_per_class, seed=cfg.seed,
+                                     rank=rank, world_size=world_size),
+        "random": lambda: RandomBatchSampler(len(labels), d.batch_size or pk_size, seed=cfg.seed,
+                                             rank=rank, world_size=world_size),
+    }
+    try:
+        return makers[d.sampler]()
+    except ValueError as e:
+        raise ConfigError(f"data.sampler={d.sampler}: {e}") from None
 
 
 def init_from_run(model: Embedder, path: str) -> None:

@@ -75,6 +75,11 @@ class DistInfo:
         return self.rank == 0
 
     @property
+    def local_world_size(self) -> int:
+        """Processes on this node (torchrun's ``LOCAL_WORLD_SIZE``; 1 outside torchrun)."""
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if self.is_distributed else 1
+
+    @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
 

@@ -68,7 +68,8 @@ class Evaluator:
 
         info = dist_info()
         kw = dict(batch_size=self.cfg.data.eval_batch_size, device=self.device, flip=flip,
-                  num_workers=self.cfg.data.num_workers, amp=self.cfg.train.amp)
+                  num_workers=self.cfg.data.num_workers, pin_memory=self.cfg.data.pin_memory,
+                  amp=self.cfg.train.amp)
         if not info.is_distributed:
             return extract(model, dataset, **kw)
         mine = np.arange(info.rank, len(dataset), info.world_size)

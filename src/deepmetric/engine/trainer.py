@@ -4,16 +4,16 @@
 ``train.eval_every`` steps (and at the end) with the same :class:`~deepmetric.engine.evaluator.Evaluator`
 that ``deepmetric eval`` uses, writes ``metrics.jsonl`` and TensorBoard events, and keeps ``best``
 and ``last`` checkpoints. ``Trainer(cfg, run_dir, resume=True)`` continues from ``last`` exactly: the
-same batches, the same random numbers (with ``data.num_workers=0``; with workers the batches are the
-same but augmentation draws differ).
+same batches, the same random numbers, the same augmented pixels (each sample is augmented under a
+seed of its own, whatever ``data.num_workers`` is: see :mod:`deepmetric.data.loading`).
 
-Under ``torchrun`` the same code runs DistributedDataParallel (NCCL on GPUs, gloo on CPU): the PK
-sampler shards batches by rank; every loss sees all ranks' embeddings through a gradient-preserving
-all-gather and every rank computes the same full loss, so (with DDP's gradient averaging and the
-gather's gradient sum, see :mod:`deepmetric.engine.distributed`) the update equals one process
-training on the global batch. Cross-batch memories therefore enqueue the same global batch in the
-same order on every rank. Rank 0 alone writes logs and checkpoints; evaluation embeds a shard per
-rank, gathers the embeddings and computes exact metrics once.
+Under ``torchrun`` the same code runs DistributedDataParallel (NCCL on GPUs, gloo on CPU): the batch
+sampler (``data.sampler``: P x K or random) shards batches by rank; every loss sees all ranks'
+embeddings through a gradient-preserving all-gather and every rank computes the same full loss, so
+(with DDP's gradient averaging and the gather's gradient sum, see :mod:`deepmetric.engine.distributed`)
+the update equals one process training on the global batch. Cross-batch memories therefore enqueue
+the same global batch in the same order on every rank. Rank 0 alone writes logs and checkpoints;
+evaluation embeds a shard per rank, gathers the embeddings and computes exact metrics once.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader
 
 from ..config import Config, ConfigError, save_config
 from ..data.base import DataError, DataSplits
-from ..data.samplers import PKBatchSampler
-from .build import build_data, build_losses, build_model, build_optimizers
+from ..data.loading import SeededBatchSampler, SeededDataset, loader_settings
+from .build import build_data, build_losses, build_model, build_optimizers, build_sampler
 from .checkpoint import load_model_weights, load_train_state, read_checkpoint, save_checkpoint
 from .distributed import all_gather_with_grad, barrier, broadcast_object, init_distributed
 from .evaluator import Evaluator
@@ -57,12 +57,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_training_set(splits: DataSplits, cfg: Config) -> DataSplits:
-    """Refuse training sets that cannot train a metric: empty, or classes with a single image."""
+    """Refuse training sets that cannot train a metric: empty, or (for the P x K sampler, which would
+    repeat them K times) classes with a single image. Random batches keep such classes, as the seeds
+    that sample at random do: there they are negatives for the others and samples for proxy losses."""
     train = splits.train
     if train is None or len(train) == 0:
         raise DataError(f"data: the training set of format '{cfg.data.format}' (root {cfg.data.root}) is empty")
     classes, counts = np.unique(train.labels, return_counts=True)
     single = classes[counts == 1]
+    if len(single) and cfg.data.sampler == "random" and not cfg.data.drop_singletons:
+        log.warning("%d training classes have a single image and never form a positive pair "
+                    "(kept by data.sampler=random; data.drop_singletons=true removes them)", len(single))
+        return splits
     if len(single):
         if not cfg.data.drop_singletons:
             where = ""
@@ -107,13 +113,14 @@ class Trainer:
         self.optimizers = build_optimizers(cfg, self.model, self.losses)
         # a loss term's own optimizer (Centroids-ReID's centre loss) keeps its fixed lr, as in the seed
         self.schedule = LRSchedule(cfg.scheduler, [self.optimizers["main"]], cfg.train.max_steps)
-        self.sampler = PKBatchSampler(self.splits.train.labels, cfg.data.classes_per_batch,
-                                      cfg.data.samples_per_class, seed=cfg.seed,
-                                      rank=self.dist.rank, world_size=self.dist.world_size)
+        self.sampler = build_sampler(cfg, self.splits.train.labels, self.dist.rank, self.dist.world_size)
         self.loader_generator = torch.Generator().manual_seed(cfg.seed)
-        self.loader = DataLoader(self.splits.train, batch_sampler=self.sampler, num_workers=cfg.data.num_workers,
-                                 pin_memory=cfg.data.pin_memory and self.device.type == "cuda",
-                                 persistent_workers=False, generator=self.loader_generator)
+        # every sample is augmented under its own seed: the same pixels with any number of workers
+        self.batch_plan = SeededBatchSampler(self.sampler, cfg.seed, self.dist.rank, self.dist.world_size)
+        self.loader_settings = loader_settings(cfg.data.num_workers, cfg.data.pin_memory, self.device,
+                                               local_world_size=self.dist.local_world_size)
+        self.loader = DataLoader(SeededDataset(self.splits.train), batch_sampler=self.batch_plan,
+                                 generator=self.loader_generator, **self.loader_settings.kwargs())
         self.evaluator = Evaluator(cfg, self.splits, self.device)
         amp = cfg.train.amp
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
@@ -163,8 +170,8 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------------------
     def _batches(self):
         while True:
-            self.sampler.set_epoch(self.epoch)
-            self.sampler.skip(self.position)
+            self.batch_plan.set_epoch(self.epoch)
+            self.batch_plan.skip(self.position)
             for batch in self.loader:
                 self.position += 1
                 yield batch
@@ -187,14 +194,20 @@ class Trainer:
         return total
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimizer step. Order: backward; drop the backbone's gradients while
+        ``train.freeze_backbone_steps`` lasts (a parameter without a gradient is skipped by every
+        optimizer: no update, no weight decay, no momentum); unweight the gradients of a loss term's
+        own optimizer; unscale (fp16) and clip (``grad_clip`` by norm on the model,
+        ``grad_clip_value`` entrywise on every trained parameter); step."""
+        train = self.cfg.train
         self.schedule.apply(self.step)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         loss = self._loss(images, labels)
         self.scaler.scale(loss).backward()
-        if self.cfg.train.grad_clip:
-            self.scaler.unscale_(self.optimizers["main"])
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        if self.step < train.freeze_backbone_steps:
+            for p in self.model.backbone.parameters():
+                p.grad = None
         for key, opt in self.optimizers.items():
             if key != "main":  # a term's own optimizer sees the unweighted gradient (Centroids-ReID)
                 w = self.cfg.losses[int(key.split(".")[1])].weight
@@ -202,9 +215,21 @@ class Trainer:
                     for p in g["params"]:
                         if p.grad is not None and w:
                             p.grad.div_(w)
+        if train.grad_clip or train.grad_clip_value:
+            for key, opt in self.optimizers.items():  # clip true gradients, not fp16-scaled ones
+                if key == "main" or train.grad_clip_value:
+                    self.scaler.unscale_(opt)
+            if train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
+            if train.grad_clip_value:
+                trained = [p for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_value_(trained, train.grad_clip_value)
+        for opt in self.optimizers.values():
             self.scaler.step(opt)
         self.scaler.update()
         self.step += 1
+        if self.step == train.freeze_backbone_steps:
+            log.info("step %d: the backbone trains from now on (train.freeze_backbone_steps)", self.step)
         return loss.detach()
 
     def fit(self) -> Dict[str, Any]:

@@ -50,19 +50,23 @@ class EmbeddingSet:
 
 @torch.no_grad()
 def extract(model: torch.nn.Module, dataset, batch_size: int = 256, device: str | torch.device = "cpu",
-            flip: bool = False, num_workers: int = 0, progress: bool = False, amp: str = "off") -> EmbeddingSet:
+            flip: bool = False, num_workers: int | str = 0, progress: bool = False, amp: str = "off",
+            pin_memory: bool | str = "auto") -> EmbeddingSet:
     """Embed every item of a :class:`~deepmetric.data.MetricDataset` (in order) into an :class:`EmbeddingSet`.
 
     ``flip=True`` adds the embedding of the horizontally flipped image before normalising (the face
-    verification protocol: embed both, sum, L2-normalise).
+    verification protocol: embed both, sum, L2-normalise). ``num_workers``/``pin_memory`` take
+    numbers/booleans or ``"auto"`` (see :func:`deepmetric.data.loading.loader_settings`).
     """
     from torch.utils.data import DataLoader
+
+    from ..data.loading import loader_settings
 
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    settings = loader_settings(num_workers, pin_memory, device, persistent=False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **settings.kwargs())
     chunks = []
     it = loader
     if progress:

@@ -315,6 +315,20 @@ def avg_nonzero(terms: Tensor) -> tuple[Tensor, Tensor]:
     return terms.sum() / count, active.to(terms.dtype).div_(count)
 
 
+REDUCTIONS = ("nonzero", "mean")
+
+
+def reduce_terms(terms: Tensor, counted: Tensor, reduction: str) -> tuple[Tensor, Tensor]:
+    """Reduce hinge terms ``[v]_+`` (zero where not ``counted``) to a scalar: ``nonzero`` = the mean
+    over the terms > 0 (:func:`avg_nonzero`); ``mean`` = the mean over every counted entry, zero terms
+    included (0 if none). Also returns the gradient with respect to the hinge inputs ``v``:
+    ``[term > 0] / count`` (a zero term passes no gradient, whatever the reduction). Sync-free."""
+    if reduction == "nonzero":
+        return avg_nonzero(terms)
+    count = counted.sum().clamp_min(1).to(terms.dtype)
+    return terms.sum() / count, (terms > 0).to(terms.dtype).div_(count)
+
+
 class PairBatch:
     """One call of a pair loss, checked and cast: what every pair loss computes from.
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import avg_nonzero
+from .functional import reduce_terms
 
 
 def multi_similarity_mine(sim: Tensor, pos: Tensor, neg: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
@@ -59,32 +59,39 @@ def _pairs_grad(dist: Tensor, p_idx: Tensor, n_idx: Tensor, weight: Tensor) -> T
     return grad.scatter_add_(1, n_idx, -weight)
 
 
-def batch_hard_terms(dist: Tensor, pos: Tensor, neg: Tensor, margin: float, need_grad: bool) -> Terms:
+def batch_hard_terms(dist: Tensor, pos: Tensor, neg: Tensor, margin: float, need_grad: bool,
+                     reduction: str = "nonzero") -> Terms:
     """Batch-hard triplet (Hermans et al. 2017; PML ``BatchHardMiner``): per anchor with both, the
-    farthest positive and the closest negative; ``[d_ap - d_an + margin]_+``, AvgNonZero."""
+    farthest positive and the closest negative; ``[d_ap - d_an + margin]_+``. ``reduction``
+    ``nonzero``: AvgNonZero (PML); ``mean``: over every anchor with both (open-reid, Centroids-ReID)."""
     valid = pos.any(1) & neg.any(1)
     big = torch.finfo(dist.dtype).max
     d_ap, p_idx = dist.masked_fill(~pos, -big).max(1, keepdim=True)
     d_an, n_idx = dist.masked_fill(~neg, big).min(1, keepdim=True)
     terms = torch.where(valid[:, None], (d_ap - d_an + margin).clamp_min_(0.0), 0.0)
-    value, weight = avg_nonzero(terms)
+    value, weight = reduce_terms(terms, valid[:, None], reduction)
     return value, _pairs_grad(dist, p_idx, n_idx, weight) if need_grad else None
 
 
-def random_triplet_terms(dist: Tensor, pos: Tensor, neg: Tensor, margin: float, need_grad: bool) -> Terms:
-    """One random negative per (anchor, positive) pair; ``[d_ap - d_an + margin]_+``, AvgNonZero."""
+def random_triplet_terms(dist: Tensor, pos: Tensor, neg: Tensor, margin: float, need_grad: bool,
+                         reduction: str = "nonzero") -> Terms:
+    """One random negative per (anchor, positive) pair; ``[d_ap - d_an + margin]_+``. ``reduction``
+    ``nonzero``: AvgNonZero; ``mean``: over every (anchor, positive, negative) drawn (Paddle)."""
     p_idx, p_valid = gather_positives(pos)
     n_idx, n_valid = random_negatives(p_idx, neg)
+    counted = p_valid & n_valid
     terms = (dist.gather(1, p_idx) - dist.gather(1, n_idx) + margin).clamp_min_(0.0)
-    value, weight = avg_nonzero(terms.mul_(p_valid & n_valid))
+    value, weight = reduce_terms(terms.mul_(counted), counted, reduction)
     return value, _pairs_grad(dist, p_idx, n_idx, weight) if need_grad else None
 
 
 def triplet_margin_terms(dist: Tensor, pos: Tensor, neg: Tensor, margin: float, semihard: bool,
-                         need_grad: bool) -> Terms:
-    """AvgNonZero of ``[d_ap - d_an + margin]_+`` over all triplets (a, p, n) with ``p`` a positive
-    and ``n`` a negative of ``a``; ``semihard`` keeps only ``d_an > d_ap`` (PML
-    ``TripletMarginMiner(margin, type_of_triplets="semihard")`` with the loss's own margin).
+                         need_grad: bool, reduction: str = "nonzero") -> Terms:
+    """``[d_ap - d_an + margin]_+`` over all triplets (a, p, n) with ``p`` a positive and ``n`` a
+    negative of ``a``, reduced by AvgNonZero (``nonzero``, PML) or over every triplet (``mean``);
+    ``semihard`` keeps only ``d_an > d_ap`` (PML
+    ``TripletMarginMiner(margin, type_of_triplets="semihard")`` with the loss's own margin), whose
+    mined triplets all have a term > 0, so both reductions agree there.
 
     Never materialises the triplets: each anchor's negative distances are sorted once; for a positive
     with threshold ``t = d_ap + margin`` the violating negatives are a contiguous run of the sorted
@@ -108,7 +115,10 @@ def triplet_margin_terms(dist: Tensor, pos: Tensor, neg: Tensor, margin: float, 
     finite = torch.where(torch.isinf(neg_sorted), 0.0, neg_sorted).double()
     csum = F.pad(finite.cumsum(1), (1, 0))  # csum[:, c] = sum of the c smallest
     total = (counts * thresh.double() - (csum.gather(1, hi) - csum.gather(1, lo))).sum()
-    n_terms = counts.sum().clamp_min(1)
+    if reduction == "mean" and not semihard:
+        n_terms = (valid * neg.sum(1, keepdim=True)).sum().clamp_min(1)
+    else:
+        n_terms = counts.sum().clamp_min(1)
     value = (total / n_terms).to(dist.dtype)
     if not need_grad:
         return value, None

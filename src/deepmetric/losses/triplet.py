@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import LOSSES
-from .functional import DISTANCES, PairBatch, chain_unit_distance_, check_choice, eager_loss, unit_distances
+from .functional import (DISTANCES, REDUCTIONS, PairBatch, chain_unit_distance_, check_choice, eager_loss,
+                         unit_distances)
 from .miners import batch_hard_terms, random_triplet_terms, triplet_margin_terms
 from .pairwise import PairLoss
 
@@ -19,7 +20,11 @@ MININGS = ("all", "hard", "semihard", "random")
 @LOSSES.register("triplet")
 class TripletLoss(PairLoss):
     """Triplet margin loss (Weinberger & Saul 2009; Schroff et al., FaceNet, CVPR 2015):
-    ``[d_ap - d_an + margin]_+`` averaged over the non-zero terms (AvgNonZero, as PML).
+    ``[d_ap - d_an + margin]_+`` over the mined triplets, reduced by ``reduction``:
+
+    - ``nonzero`` (default): the mean over the terms > 0 (PML's AvgNonZero);
+    - ``mean``: the mean over every mined triplet, zero terms included (``MarginRankingLoss``'s mean
+      in open-reid and Centroids-ReID; Paddle's mean over its triplets).
 
     ``distance``: ``euclidean`` (not squared, PML's default), ``squared_euclidean`` (Paddle), ``cosine``
     (``1 - cos``, PML's ``CosineSimilarity``), on L2-normalised embeddings unless ``normalize=False``.
@@ -29,10 +34,11 @@ class TripletLoss(PairLoss):
     - ``all``: every (a, p, n); PML ``TripletMarginLoss(margin)``. Computed without materialising
       triplets (sorted negatives + prefix sums), O(N M) memory where PML builds N^3 index lists.
     - ``hard``: per anchor the farthest positive and closest negative (Hermans et al. 2017); PML
-      ``BatchHardMiner`` + ``TripletMarginLoss``; the mean is over non-zero anchors like PML (the
-      Centroids-ReID/open-reid form averages over all anchors instead).
+      ``BatchHardMiner`` + ``TripletMarginLoss``. One term per anchor with a positive and a negative,
+      so ``mean`` averages over those anchors (the Centroids-ReID/open-reid form).
     - ``semihard``: triplets with ``d_ap < d_an < d_ap + margin``; PML
-      ``TripletMarginMiner(margin, type_of_triplets="semihard")`` + ``TripletMarginLoss(margin)``.
+      ``TripletMarginMiner(margin, type_of_triplets="semihard")`` + ``TripletMarginLoss(margin)``
+      (every mined term is > 0: both reductions agree).
     - ``random``: one random negative per (anchor, positive) pair (like Paddle's triplet reader).
 
     Warns and returns zero when no (anchor, positive, negative) exists; a batch whose triplets all
@@ -42,10 +48,11 @@ class TripletLoss(PairLoss):
     name = "triplet"
 
     def __init__(self, margin: float = 0.05, mining: str = "all", distance: str = "euclidean",
-                 normalize: bool = True):
+                 normalize: bool = True, reduction: str = "nonzero"):
         super().__init__()
         self.margin = float(margin)
         self.mining = check_choice(self.name, "mining", mining, MININGS)
+        self.reduction = check_choice(self.name, "reduction", reduction, REDUCTIONS)
         self.distance = check_choice(self.name, "distance", distance, DISTANCES)
         if self.distance == "cosine" and not normalize:
             raise ValueError("loss 'triplet': distance='cosine' needs normalize=True")
@@ -54,16 +61,16 @@ class TripletLoss(PairLoss):
     def compute(self, batch: PairBatch) -> Tensor:
         if not bool((batch.pos.any(1) & batch.neg.any(1)).any()):
             return self.zero(batch, "no anchor has both a positive and a negative")
-        pos, neg, m = batch.pos, batch.neg, self.margin
+        pos, neg, m, r = batch.pos, batch.neg, self.margin, self.reduction
 
         def value_and_grad(mat: Tensor, need_grad: bool):
             d = unit_distances(mat, self.distance) if self.normalize else mat
             if self.mining == "hard":
-                value, grad = batch_hard_terms(d, pos, neg, m, need_grad)
+                value, grad = batch_hard_terms(d, pos, neg, m, need_grad, r)
             elif self.mining == "random":
-                value, grad = random_triplet_terms(d, pos, neg, m, need_grad)
+                value, grad = random_triplet_terms(d, pos, neg, m, need_grad, r)
             else:
-                value, grad = triplet_margin_terms(d, pos, neg, m, self.mining == "semihard", need_grad)
+                value, grad = triplet_margin_terms(d, pos, neg, m, self.mining == "semihard", need_grad, r)
             if grad is not None and self.normalize:
                 chain_unit_distance_(grad, d, self.distance)
             return value, grad
@@ -73,7 +80,8 @@ class TripletLoss(PairLoss):
         return eager_loss(batch.distances(self.distance, normalize=False), value_and_grad)
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}, mining={self.mining!r}, distance={self.distance!r}"
+        return (f"margin={self.margin}, mining={self.mining!r}, distance={self.distance!r}, "
+                f"reduction={self.reduction!r}")
 
 
 @LOSSES.register("quadruplet", "msml")

@@ -23,16 +23,43 @@ class Embedder(nn.Module):
     ``forward(x, all_outputs=True)`` (or ``forward_train``) returns the head's dict (``features``,
     ``neck``, ``embedding``) for losses; going through ``forward`` keeps DistributedDataParallel's
     hooks in the path.
+
+    After :meth:`freeze_batchnorm`, ``train()`` leaves the backbone's BatchNorm layers in eval mode.
     """
 
     def __init__(self, backbone: nn.Module, head: EmbeddingHead) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.frozen_bn = False
 
     @property
     def embedding_dim(self) -> int:
         return self.head.dim
+
+    def backbone_batchnorms(self) -> List[nn.Module]:
+        return [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def freeze_batchnorm(self, affine: bool = True) -> int:
+        """Keep every BatchNorm of the backbone in eval mode from now on: its running mean and
+        variance stay as loaded (pretrained statistics), also across ``train()`` calls. With
+        ``affine`` its weight and bias stop requiring gradients too (so optimizers built afterwards
+        leave them out). The head's BNNeck is not touched. Returns the number of layers frozen."""
+        layers = self.backbone_batchnorms()
+        self.frozen_bn = True
+        for m in layers:
+            m.eval()
+            if affine:
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(False)
+        return len(layers)
+
+    def train(self, mode: bool = True) -> "Embedder":
+        super().train(mode)
+        if mode and self.frozen_bn:
+            for m in self.backbone_batchnorms():
+                m.eval()
+        return self
 
     def forward_train(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self.head(self.backbone(x))

@@ -20,7 +20,15 @@ class GeM(nn.Module):
         return x.clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
 
 
-POOLINGS = ("avg", "max", "gem")
+class AvgMaxPool(nn.Module):
+    """Global average plus global max pooling, summed: ``mean_hw x + max_hw x``, ``(B, C, h, w) ->
+    (B, C, 1, 1)``; the pooling of Proxy-Anchor's ``net/resnet.py`` (``gap(x) + gmp(x)``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1)
+
+
+POOLINGS = ("avg", "max", "gem", "avgmax")
 
 
 class EmbeddingHead(nn.Module):
@@ -40,7 +48,8 @@ class EmbeddingHead(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"model.pooling must be one of {', '.join(POOLINGS)}, got '{pooling}'")
-        self.pool = {"avg": nn.AdaptiveAvgPool2d(1), "max": nn.AdaptiveMaxPool2d(1), "gem": GeM()}[pooling]
+        self.pool = {"avg": nn.AdaptiveAvgPool2d(1), "max": nn.AdaptiveMaxPool2d(1), "gem": GeM(),
+                     "avgmax": AvgMaxPool()}[pooling]
         self.pooling = pooling
         self.proj = None
         dim = in_channels
