@@ -73,8 +73,7 @@ def main() -> None:
 
             sampler = PKBatchSampler(trainer.splits.train.labels, cfg.data.classes_per_batch,
                                      cfg.data.samples_per_class, seed=cfg.seed)
-            loader = DataLoader(trainer.splits.train, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                                pin_memory=cfg.data.pin_memory and device.type == "cuda")
+            loader = DataLoader(trainer.splits.train, batch_sampler=sampler, **trainer.loader_settings.kwargs())
 
             model = copy.deepcopy(trainer.model)
             loss_fn = copy.deepcopy(trainer.losses[0])
