@@ -20,7 +20,9 @@ horizontal flip, batches moved to the GPU and normalised there. Variants:
 * ``pil-uint8``: PIL decode + crop/flip on the workers, uint8 to the GPU, normalised there;
 * ``tv-uint8``: torchvision.io.decode_jpeg (libjpeg-turbo) on uint8 tensors, same otherwise;
 * ``nvjpeg``: workers only read file bytes; the main process decodes on the GPU
-  (``decode_jpeg(device='cuda')``, batched) and crops/resizes there.
+  (``decode_jpeg(device='cuda')``, batched) and crops/resizes there;
+* ``deepmetric``: the trainer's own loader (image list, ``imagenet`` preset with
+  ``data.decoder=auto``, seeded per-sample augmentation, ``loader_settings``), float32 batches.
 
 ``--e2e`` adds training (bf16 + channels_last) fed by the ``tv-uint8`` loader with the largest
 worker count, to see whether the pipeline keeps the GPU busy.
@@ -216,10 +218,32 @@ class GpuInput:
         return self.normalise(out)
 
 
-def loader_for(paths: Sequence[str], variant: str, workers: int, args: argparse.Namespace):
+def deepmetric_loader(paths: Sequence[str], workers: int, args: argparse.Namespace, device: torch.device):
+    """deepmetric's own training loader: image list + ``imagenet`` preset (data.decoder auto) +
+    per-sample seeded augmentation + ``loader_settings`` (pinned on CUDA, prefetch 4, persistent
+    workers); float32 normalised batches, as the trainer gets them."""
+    import numpy as np
+
+    from deepmetric.data.io import ImageListDataset
+    from deepmetric.data.loading import SeededBatchSampler, SeededDataset, loader_settings
+    from deepmetric.data.samplers import RandomBatchSampler
+    from deepmetric.data.transforms import build_transform
+
+    n = args.pipeline_batches * args.batch
+    files = (list(paths) * (n // len(paths) + 1))[:n]
+    ds = ImageListDataset(files, np.arange(n) % 1000, transform=build_transform("imagenet", train=True))
+    batches = SeededBatchSampler(RandomBatchSampler(n, args.batch, seed=0), seed=0)
+    settings = loader_settings(workers, "auto", device, persistent=False)
+    return torch.utils.data.DataLoader(SeededDataset(ds), batch_sampler=batches, **settings.kwargs())
+
+
+def loader_for(paths: Sequence[str], variant: str, workers: int, args: argparse.Namespace,
+               device: torch.device = torch.device("cuda")):
+    if variant == "deepmetric":
+        return ((x, y) for x, y, _ in deepmetric_loader(paths, workers, args, device))
     ds = JpegSet(paths, args.pipeline_batches * args.batch, variant)
     return torch.utils.data.DataLoader(
-        ds, batch_size=args.batch, shuffle=True, num_workers=workers, pin_memory=True, drop_last=True,
+        ds, batch_size=args.batch, shuffle=True, num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=True,
         prefetch_factor=4 if workers else None, persistent_workers=False, timeout=300 if workers else 0,
         collate_fn=_collate_bytes if variant == "nvjpeg" else None,
     )
@@ -229,11 +253,16 @@ def pipeline_rate(paths, variant: str, workers: int, args, device, gpu: GpuInput
                   step: Optional[Callable] = None) -> float:
     """Images/s after the first ``skip`` batches (worker start-up and the first fill excluded)."""
     skip, seen, t0 = 3, 0, 0.0
-    for i, (x, y) in enumerate(loader_for(paths, variant, workers, args)):
+    for i, (x, y) in enumerate(loader_for(paths, variant, workers, args, device)):
         if i == skip:
             sync(device)
             t0 = time.perf_counter()
-        x = gpu.nvjpeg(x) if variant == "nvjpeg" else (x.to(device, non_blocking=True) if variant == "pil-float" else gpu.normalise(x))
+        if variant == "nvjpeg":
+            x = gpu.nvjpeg(x)
+        elif variant in ("pil-float", "deepmetric"):  # already normalised float32
+            x = x.to(device, non_blocking=True)
+        else:
+            x = gpu.normalise(x)
         if step is not None:
             step(x, y.to(device, non_blocking=True))
         if i >= skip:
@@ -288,7 +317,7 @@ def main() -> None:
     ap.add_argument("--pipeline", action="store_true", help="measure the input pipeline instead")
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--workers", default="4,8,16")
-    ap.add_argument("--variants", default="pil-float,pil-uint8,tv-uint8,nvjpeg")
+    ap.add_argument("--variants", default="pil-float,pil-uint8,tv-uint8,nvjpeg,deepmetric")
     ap.add_argument("--pipeline-batches", type=int, default=30)
     ap.add_argument("--e2e", action="store_true")
     args = ap.parse_args()
