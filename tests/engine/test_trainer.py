@@ -203,3 +203,46 @@ def test_sampler_settings_are_checked(tmp_path, tiny_overrides):
     with pytest.raises(ConfigError, match="model.freeze_bn: backbone 'small_cnn' has no BatchNorm"):
         Trainer(_cfg(tiny_overrides, "model.freeze_bn=true", "model.backbone_options={width: 16, norm: group}"),
                 tmp_path / "c")
+
+
+def test_fp16_resume_restores_the_loss_scale(tmp_path, tiny_overrides):
+    """fp16 with a GradScaler: the scale it reached (and its growth counter) survive --resume, so
+    6 straight steps == 3 + resume + 3, bitwise. growth_interval is cut via a hook to make it move."""
+    extra = ["train.amp=fp16", "train.channels_last=true", "optimizer.name=sgd", "optimizer.lr=0.05"]
+
+    def trainer(steps, run, resume=False):
+        t = Trainer(_cfg(tiny_overrides, *extra, f"train.max_steps={steps}"), run, resume=resume)
+        t.scaler.set_growth_factor(2.0)
+        t.scaler._growth_interval = 2  # grows every 2 clean steps: 65536 -> 2^17 at step 2, ...
+        if resume:
+            t._restore()  # the loaded state wins over the values set above
+        return t
+
+    straight = trainer(6, tmp_path / "a")
+    straight.fit()
+    first = trainer(3, tmp_path / "b")
+    first.fit()
+    resumed = trainer(6, tmp_path / "b", resume=True)
+    assert resumed.scaler.get_scale() == first.scaler.get_scale() != 65536.0
+    resumed.fit()
+    assert resumed.scaler.state_dict() == straight.scaler.state_dict()
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_trains_close_to_fp32(tmp_path, tiny_overrides, amp):
+    """Autocast runs the model in half precision; losses compute in fp32 (no overflow in the
+    exponentials); a few steps land near the fp32 weights and the loss is finite throughout."""
+    extra = ["optimizer.name=sgd", "optimizer.lr=0.05", "train.max_steps=3", "losses=[{name: multi_similarity}]"]
+    full = Trainer(_cfg(tiny_overrides, *extra), tmp_path / "fp32")
+    full.fit()
+    half = Trainer(_cfg(tiny_overrides, *extra, f"train.amp={amp}", "train.channels_last=true"), tmp_path / amp)
+    half.fit()
+    assert all(np.isfinite(r["loss"]) for r in half.history if "loss" in r)
+    a, b = _weights(tmp_path / "fp32"), _weights(tmp_path / amp)
+    assert any(not torch.equal(a[k], b[k]) for k in a), "autocast really ran in half precision"
+    for k in a:
+        if a[k].is_floating_point():
+            assert torch.allclose(a[k], b[k], atol=0.05, rtol=0.05), k

@@ -153,6 +153,8 @@ class Trainer:
         self.best_value = s.get("best_value")
         self.schedule.load_state_dict(s["scheduler"])
         self.loader_generator.set_state(torch.tensor(s["loader_generator"], dtype=torch.uint8))
+        if self.scaler.is_enabled() and s.get("grad_scaler"):  # fp16: the loss scale it had reached
+            self.scaler.load_state_dict(s["grad_scaler"])
         log.info("resumed %s at step %d", self._ckpt, self.step)
 
     def _save(self, name: str, metrics: Dict[str, Any]) -> None:
@@ -162,7 +164,8 @@ class Trainer:
         state = {"step": self.step, "epoch": self.epoch, "position": self.position,
                  "best_value": self.best_value, "metric": self.cfg.eval.metric, "metrics": metrics,
                  "scheduler": self.schedule.state_dict(), "sampler": self.sampler.state_dict(),
-                 "loader_generator": self.loader_generator.get_state().tolist()}
+                 "loader_generator": self.loader_generator.get_state().tolist(),
+                 "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
         save_checkpoint(self.run_dir / "checkpoints" / name, cfg=self.cfg, model=self.model,
                         losses=self.losses, optimizers=self.optimizers, state=state)
         barrier()
