@@ -246,3 +246,16 @@ def test_mixed_precision_trains_close_to_fp32(tmp_path, tiny_overrides, amp):
     for k in a:
         if a[k].is_floating_point():
             assert torch.allclose(a[k], b[k], atol=0.05, rtol=0.05), k
+
+
+def test_compiled_training_matches_eager(tmp_path, tiny_overrides):
+    """train.compile=true (torch.compile, inductor on CPU) trains the same model as eager mode."""
+    extra = ["optimizer.name=sgd", "optimizer.lr=0.05", "train.max_steps=2"]
+    Trainer(_cfg(tiny_overrides, *extra), tmp_path / "eager").fit()
+    compiled = Trainer(_cfg(tiny_overrides, *extra, "train.compile=true"), tmp_path / "compiled")
+    assert compiled.net is not compiled.model
+    compiled.fit()
+    a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
+    for k in a:
+        if a[k].is_floating_point():
+            assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4), k
