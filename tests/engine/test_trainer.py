@@ -259,3 +259,17 @@ def test_compiled_training_matches_eager(tmp_path, tiny_overrides):
     for k in a:
         if a[k].is_floating_point():
             assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4), k
+
+
+def test_a_loss_terms_own_optimizer_keeps_its_lr(tmp_path, tiny_overrides):
+    """Centroids-ReID: warm-up and steps act on the main optimizer; the centre loss's SGD keeps its lr."""
+    losses = "losses=[{name: triplet}, {name: center, weight: 0.0005, optimizer: sgd, lr: 0.5}]"
+    sched = ["scheduler.name=multistep", "scheduler.milestones=[2]", "scheduler.warmup_steps=2",
+             "scheduler.warmup_factor=0.1", "optimizer.lr=0.01"]
+    t = Trainer(_cfg(tiny_overrides, losses, *sched, "train.max_steps=4"), tmp_path / "run")
+    lrs = {"main": [], "losses.1": []}
+    for key, opt in t.optimizers.items():
+        opt.register_step_pre_hook(lambda o, a, k, key=key: lrs[key].append(o.param_groups[0]["lr"]))
+    t.fit()
+    assert lrs["losses.1"] == [0.5] * 4
+    assert lrs["main"][0] == pytest.approx(0.001) and lrs["main"][-1] == pytest.approx(0.001)
