@@ -242,14 +242,19 @@ class SupConLoss(PairLoss):
         def value_and_grad(s: Tensor, need_grad: bool):
             # logits of the excluded pairs (self, ref_exclude) are -inf: out of the denominator
             logits = batch.fill_excluded_(s.div(t), float("-inf"))
-            denom = logits.logsumexp(1).clamp_min_(torch.finfo(s.dtype).min)  # a row with no other item
+            # log-sum-exp by hand, keeping the exponentials: they are the softmax of the gradient
+            peak = logits.amax(1, keepdim=True)
+            peak = torch.where(torch.isinf(peak), 0.0, peak)  # a row with no other item
+            e = (logits - peak).exp_()
+            total = e.sum(1, keepdim=True)
+            denom = (total.log() + peak).squeeze(1).clamp_min_(torch.finfo(s.dtype).min)
             inv_pos = 1.0 / n_pos.clamp_min(1).to(s.dtype)
             mean_pos = torch.where(batch.pos, logits, 0.0).sum(1) * inv_pos
             value, weight = avg_nonzero(torch.where(n_pos > 0, denom - mean_pos, 0.0).clamp_min_(0.0))
             if not need_grad:
                 return value, None
             # d l_i / d s_ij = (softmax_{j != i}(logits)_ij - [j positive] / n_pos_i) / T
-            grad = logits.sub_(denom[:, None]).exp_()
+            grad = e.mul_(total.clamp_min_(torch.finfo(s.dtype).tiny).reciprocal_())
             grad.sub_(torch.where(batch.pos, inv_pos[:, None], 0.0))
             return value, grad.mul_(weight.div_(t)[:, None])
 
