@@ -22,7 +22,8 @@ horizontal flip, batches moved to the GPU and normalised there. Variants:
 * ``nvjpeg``: workers only read file bytes; the main process decodes on the GPU
   (``decode_jpeg(device='cuda')``, batched) and crops/resizes there;
 * ``deepmetric``: the trainer's own loader (image list, ``imagenet`` preset with
-  ``data.decoder=auto``, seeded per-sample augmentation, ``loader_settings``), float32 batches.
+  ``data.decoder=auto``, seeded per-sample augmentation, ``loader_settings``, uint8 batches
+  normalised on the GPU as ``data.normalize_on_device=auto`` does).
 
 ``--e2e`` adds training (bf16 + channels_last) fed by the ``tv-uint8`` loader with the largest
 worker count, to see whether the pipeline keeps the GPU busy.
@@ -220,18 +221,19 @@ class GpuInput:
 
 def deepmetric_loader(paths: Sequence[str], workers: int, args: argparse.Namespace, device: torch.device):
     """deepmetric's own training loader: image list + ``imagenet`` preset (data.decoder auto) +
-    per-sample seeded augmentation + ``loader_settings`` (pinned on CUDA, prefetch 4, persistent
-    workers); float32 normalised batches, as the trainer gets them."""
+    per-sample seeded augmentation + ``loader_settings`` (pinned on CUDA, prefetch 4) +
+    ``data.normalize_on_device: auto`` (CUDA: uint8 batches normalised on the GPU; CPU: float32)."""
     import numpy as np
 
     from deepmetric.data.io import ImageListDataset
-    from deepmetric.data.loading import SeededBatchSampler, SeededDataset, loader_settings
+    from deepmetric.data.loading import SeededBatchSampler, SeededDataset, loader_settings, normalisation_on_device
     from deepmetric.data.samplers import RandomBatchSampler
     from deepmetric.data.transforms import build_transform
 
     n = args.pipeline_batches * args.batch
     files = (list(paths) * (n // len(paths) + 1))[:n]
     ds = ImageListDataset(files, np.arange(n) % 1000, transform=build_transform("imagenet", train=True))
+    ds, _ = normalisation_on_device(ds, "auto", device)  # CUDA: uint8 batches, normalised on the GPU
     batches = SeededBatchSampler(RandomBatchSampler(n, args.batch, seed=0), seed=0)
     settings = loader_settings(workers, "auto", device, persistent=False)
     return torch.utils.data.DataLoader(SeededDataset(ds), batch_sampler=batches, **settings.kwargs())
@@ -259,7 +261,7 @@ def pipeline_rate(paths, variant: str, workers: int, args, device, gpu: GpuInput
             t0 = time.perf_counter()
         if variant == "nvjpeg":
             x = gpu.nvjpeg(x)
-        elif variant in ("pil-float", "deepmetric"):  # already normalised float32
+        elif variant == "pil-float" or x.dtype != torch.uint8:  # already normalised float32
             x = x.to(device, non_blocking=True)
         else:
             x = gpu.normalise(x)

@@ -187,3 +187,62 @@ def test_augmented_training_is_the_same_with_workers_and_after_resume(tmp_path):
     b = load_file(str(read_checkpoint(tmp_path / "b", "last")[0] / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("preset", ["imagenet", "xbm", "face", "paddle_sop"])
+def test_normalising_on_the_device_gives_the_same_batches(tmp_path, preset):
+    from deepmetric.data.transforms import BatchNormalize
+
+    path = tmp_path / "x.jpg"
+    _photo(150, 200).save(path, quality=95)
+    for train in (False, True):
+        full = build_transform(preset, train=train, image_size=48)
+        head, tail = full.split_normalisation()
+        assert isinstance(tail, BatchNormalize) and head.decoder == full.decoder
+        src = read_image_tensor(path) if full.decoder == "torchvision" else load_image(path)
+        torch.manual_seed(5)
+        expected = full(src)
+        torch.manual_seed(5)
+        img = head(src)
+        assert img.dtype == torch.uint8
+        got = tail(torch.stack([img, img]))
+        assert got.dtype == torch.float32 and got.shape == (2, *expected.shape)
+        torch.testing.assert_close(got[1], expected, atol=1e-5, rtol=0)
+
+
+def test_presets_that_cannot_normalise_on_the_device(tmp_path):
+    from deepmetric.data.loading import normalisation_on_device
+
+    assert build_transform("reid", train=True).split_normalisation() is None  # erasing after normalising
+    assert build_transform("tensor", train=True).split_normalisation() is None
+    ds = ImageListDataset(["a.jpg"], [0], transform=build_transform("reid", train=True))
+    assert normalisation_on_device(ds, "auto", "cuda") == (ds, None)
+    assert normalisation_on_device(ds, "auto", "cpu") == (ds, None)
+    with pytest.raises(ValueError, match="does not end in float conversion"):
+        normalisation_on_device(ds, True, "cpu")
+    root = make_image_folder(tmp_path / "imgs", n_classes=3, per_class=4, size=40)
+    cfg = load_config(None, ["data.format=image_folder", f"data.root={root}", "data.transform=reid",
+                             "data.normalize_on_device=true", "data.classes_per_batch=2"])
+    with pytest.raises(ConfigError, match="^data.normalize_on_device: the transform"):
+        Trainer(cfg, tmp_path / "run")
+
+
+def test_training_with_device_normalisation_matches(tmp_path):
+    root = make_image_folder(tmp_path / "imgs", n_classes=4, per_class=4, size=40)
+    base = ["data.format=image_folder", f"data.root={root}", "data.transform=imagenet", "data.image_size=[24,24]",
+            "model.backbone=small_cnn", "model.backbone_options={width: 8}", "model.embedding_dim=8",
+            "data.classes_per_batch=2", "data.samples_per_class=2", "optimizer.name=sgd", "optimizer.lr=0.1",
+            "train.progress=false", "train.max_steps=3", "eval.ks=[1]"]
+    plain = Trainer(load_config(None, base), tmp_path / "a")
+    assert plain.batch_normalize is None, "auto is off on a CPU"
+    plain.fit()
+    moved = Trainer(load_config(None, [*base, "data.normalize_on_device=true"]), tmp_path / "b")
+    assert moved.batch_normalize is not None
+    moved.fit()
+    a = load_file(str(read_checkpoint(tmp_path / "a", "last")[0] / "model.safetensors"))
+    b = load_file(str(read_checkpoint(tmp_path / "b", "last")[0] / "model.safetensors"))
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    ra, rb = plain.last_result.metrics, moved.last_result.metrics
+    assert ra["recall@1"] == rb["recall@1"]

@@ -150,3 +150,27 @@ def loader_settings(num_workers: int | str, pin_memory: bool | str, device: torc
     pin = device.type == "cuda" if pin_memory == "auto" else bool(pin_memory) and device.type == "cuda"
     return LoaderSettings(workers, pin, persistent and workers > 0, 4 if workers else None)
 
+
+
+def normalisation_on_device(dataset: Any, setting: bool | str, device: torch.device | str):
+    """Resolve ``data.normalize_on_device`` for ``dataset`` (a MetricDataset with a transform Pipeline).
+
+    Returns ``(dataset_view, batch_normalize)``: when on, a view whose transform stops at uint8
+    images and the :class:`~deepmetric.data.transforms.BatchNormalize` to apply to each batch once
+    it is on ``device``; when off, ``(dataset, None)``. ``auto`` is on for CUDA devices where the
+    transform ends in normalisation.
+
+    Raises:
+        ValueError: ``setting`` is True but the transform does not end in normalisation.
+    """
+    want = torch.device(device).type == "cuda" if setting == "auto" else bool(setting)
+    if not want:
+        return dataset, None
+    split = getattr(getattr(dataset, "transform", None), "split_normalisation", None)
+    parts = split() if split is not None else None
+    if parts is None:
+        if setting is True:
+            raise ValueError("the transform does not end in float conversion + normalisation "
+                             "(array presets, reid's random erasing); set it to auto or false")
+        return dataset, None
+    return dataset.with_transform(parts[0]), parts[1]

@@ -69,6 +69,7 @@ class Evaluator:
         info = dist_info()
         kw = dict(batch_size=self.cfg.data.eval_batch_size, device=self.device, flip=flip,
                   num_workers=self.cfg.data.num_workers, pin_memory=self.cfg.data.pin_memory,
+                  normalize_on_device=self.cfg.data.normalize_on_device,
                   amp=self.cfg.train.amp)
         if not info.is_distributed:
             return extract(model, dataset, **kw)

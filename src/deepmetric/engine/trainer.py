@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from ..config import Config, ConfigError, save_config
 from ..data.base import DataError, DataSplits
-from ..data.loading import SeededBatchSampler, SeededDataset, loader_settings
+from ..data.loading import SeededBatchSampler, SeededDataset, loader_settings, normalisation_on_device
 from .build import build_data, build_losses, build_model, build_optimizers, build_sampler
 from .checkpoint import load_model_weights, load_train_state, read_checkpoint, save_checkpoint
 from .distributed import all_gather_with_grad, barrier, broadcast_object, init_distributed
@@ -119,7 +119,12 @@ class Trainer:
         self.batch_plan = SeededBatchSampler(self.sampler, cfg.seed, self.dist.rank, self.dist.world_size)
         self.loader_settings = loader_settings(cfg.data.num_workers, cfg.data.pin_memory, self.device,
                                                local_world_size=self.dist.local_world_size)
-        self.loader = DataLoader(SeededDataset(self.splits.train), batch_sampler=self.batch_plan,
+        try:  # uint8 images from the workers, normalised on the device (CUDA by default)
+            train_view, self.batch_normalize = normalisation_on_device(
+                self.splits.train, cfg.data.normalize_on_device, self.device)
+        except ValueError as e:
+            raise ConfigError(f"data.normalize_on_device: {e}") from None
+        self.loader = DataLoader(SeededDataset(train_view), batch_sampler=self.batch_plan,
                                  generator=self.loader_generator, **self.loader_settings.kwargs())
         self.evaluator = Evaluator(cfg, self.splits, self.device)
         amp = cfg.train.amp
@@ -267,6 +272,8 @@ class Trainer:
             while self.step < cfg.train.max_steps:
                 images, labels, _ = next(batches)
                 images = images.to(self.device, non_blocking=True)
+                if self.batch_normalize is not None:
+                    images = self.batch_normalize(images)
                 if cfg.train.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 labels = labels.to(self.device, non_blocking=True)

@@ -51,21 +51,24 @@ class EmbeddingSet:
 @torch.no_grad()
 def extract(model: torch.nn.Module, dataset, batch_size: int = 256, device: str | torch.device = "cpu",
             flip: bool = False, num_workers: int | str = 0, progress: bool = False, amp: str = "off",
-            pin_memory: bool | str = "auto") -> EmbeddingSet:
+            pin_memory: bool | str = "auto", normalize_on_device: bool | str = "auto") -> EmbeddingSet:
     """Embed every item of a :class:`~deepmetric.data.MetricDataset` (in order) into an :class:`EmbeddingSet`.
 
     ``flip=True`` adds the embedding of the horizontally flipped image before normalising (the face
     verification protocol: embed both, sum, L2-normalise). ``num_workers``/``pin_memory`` take
-    numbers/booleans or ``"auto"`` (see :func:`deepmetric.data.loading.loader_settings`).
+    numbers/booleans or ``"auto"`` (see :func:`deepmetric.data.loading.loader_settings`), and
+    ``normalize_on_device`` moves the final normalisation to ``device`` (see
+    :func:`deepmetric.data.loading.normalisation_on_device`; ``auto`` = on CUDA).
     """
     from torch.utils.data import DataLoader
 
-    from ..data.loading import loader_settings
+    from ..data.loading import loader_settings, normalisation_on_device
 
     device = torch.device(device)
     was_training = model.training
     model.eval()
     settings = loader_settings(num_workers, pin_memory, device, persistent=False)
+    dataset, batch_normalize = normalisation_on_device(dataset, normalize_on_device, device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **settings.kwargs())
     chunks = []
     it = loader
@@ -76,6 +79,8 @@ def extract(model: torch.nn.Module, dataset, batch_size: int = 256, device: str 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     for images, _, _ in it:
         images = images.to(device, non_blocking=True)
+        if batch_normalize is not None:
+            images = batch_normalize(images)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             emb = model(images).float()
             if flip:
