@@ -170,13 +170,18 @@ def test_loader_settings():
     assert loader_settings(2, False, gpu, persistent=False).kwargs()["persistent_workers"] is False
 
 
-def test_augmented_training_is_the_same_with_workers_and_after_resume(tmp_path):
-    """Six steps with no workers == three steps with two workers + resume + three more."""
+def _augmented_folder_recipe(tmp_path):
+    """Overrides for a tiny augmented (imagenet preset) run on a generated image folder."""
     root = make_image_folder(tmp_path / "imgs", n_classes=4, per_class=4, size=40)
-    base = ["data.format=image_folder", f"data.root={root}", "data.transform=imagenet", "data.image_size=[24,24]",
+    return ["data.format=image_folder", f"data.root={root}", "data.transform=imagenet", "data.image_size=[24,24]",
             "model.backbone=small_cnn", "model.backbone_options={width: 8}", "model.embedding_dim=8",
             "data.classes_per_batch=2", "data.samples_per_class=2", "optimizer.name=sgd", "optimizer.lr=0.1",
             "train.progress=false", "train.log_every=1", "eval.ks=[1]"]
+
+
+def test_augmented_training_is_the_same_with_workers_and_after_resume(tmp_path):
+    """Six steps with no workers == three steps with two workers + resume + three more."""
+    base = _augmented_folder_recipe(tmp_path)
     Trainer(load_config(None, [*base, "train.max_steps=6", "data.num_workers=0"]), tmp_path / "a").fit()
     Trainer(load_config(None, [*base, "train.max_steps=3", "data.num_workers=2"]), tmp_path / "b").fit()
     resumed = Trainer(load_config(None, [*base, "train.max_steps=6", "data.num_workers=2"]), tmp_path / "b",
@@ -228,11 +233,7 @@ def test_presets_that_cannot_normalise_on_the_device(tmp_path):
 
 
 def test_training_with_device_normalisation_matches(tmp_path):
-    root = make_image_folder(tmp_path / "imgs", n_classes=4, per_class=4, size=40)
-    base = ["data.format=image_folder", f"data.root={root}", "data.transform=imagenet", "data.image_size=[24,24]",
-            "model.backbone=small_cnn", "model.backbone_options={width: 8}", "model.embedding_dim=8",
-            "data.classes_per_batch=2", "data.samples_per_class=2", "optimizer.name=sgd", "optimizer.lr=0.1",
-            "train.progress=false", "train.max_steps=3", "eval.ks=[1]"]
+    base = [*_augmented_folder_recipe(tmp_path), "train.max_steps=3"]
     plain = Trainer(load_config(None, base), tmp_path / "a")
     assert plain.batch_normalize is None, "auto is off on a CPU"
     plain.fit()
