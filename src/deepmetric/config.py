@@ -157,12 +157,22 @@ class TrainConfig(_Section):
         return "off" if v is False else v
 
 
+class QueryExpansionConfig(_Section):
+    """Average query expansion (FastReID ``TEST.AQE``): see :mod:`deepmetric.evaluation.query_expansion`."""
+
+    k: int = Field(5, ge=1)
+    alpha: float = 3.0
+    times: int = Field(1, ge=1)
+
+
 class EvalConfig(_Section):
     protocol: Literal["retrieval", "reid", "verification"] = "retrieval"
     metric: str = "recall@1"
     ks: List[int] = Field(default_factory=lambda: [1, 2, 4, 8])
     distance: Literal["cosine", "euclidean", "squared_euclidean"] = "cosine"
     rerank: bool = False
+    #: alpha-weighted average query expansion before ranking (queries and gallery), e.g. ``{k: 5}``
+    query_expansion: Optional[QueryExpansionConfig] = None
     centroids: bool = False
     flip: bool = False
     lfw_root: Optional[str] = None

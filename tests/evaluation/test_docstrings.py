@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ["neighbors", "retrieval", "reid", "rerank", "verification", "centroids"]
+MODULES = ["neighbors", "retrieval", "reid", "rerank", "verification", "centroids", "query_expansion"]
 
 
 @pytest.mark.parametrize("name", MODULES)

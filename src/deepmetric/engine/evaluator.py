@@ -90,6 +90,8 @@ class Evaluator:
             return self._verification(model)
         query = self._embed(model, self.splits.query, flip=self.cfg.eval.flip)
         gallery = None if self.splits.gallery is None else self._embed(model, self.splits.gallery, flip=self.cfg.eval.flip)
+        if self.cfg.eval.query_expansion is not None:
+            query, gallery = expand_queries(query, gallery, self.cfg.eval.query_expansion)
         result = self._reid(query, gallery) if p == "reid" else self._retrieval(query, gallery)
         if neighbours:
             result.extras["neighbours"] = top_neighbours(query, gallery, self.cfg.eval.distance)
@@ -132,6 +134,19 @@ class Evaluator:
         dist = ((v[pairs.left] - v[pairs.right]) ** 2).sum(1).numpy()
         metrics = verification_metrics(dist, np.asarray(pairs.is_same, dtype=bool))
         return EvalResult(metrics, emb, None, {"distances": dist, "is_same": np.asarray(pairs.is_same)})
+
+
+def expand_queries(query: EmbeddingSet, gallery: Optional[EmbeddingSet], qe) -> tuple:
+    """``eval.query_expansion``: the same sets with expanded vectors (queries and gallery together)."""
+    from dataclasses import replace
+
+    from ..evaluation import average_query_expansion
+
+    out = average_query_expansion(query.vectors, None if gallery is None else gallery.vectors,
+                                  k=qe.k, alpha=qe.alpha, times=qe.times)
+    if gallery is None:
+        return replace(query, vectors=out), None
+    return replace(query, vectors=out[0]), replace(gallery, vectors=out[1])
 
 
 def top_neighbours(query: EmbeddingSet, gallery: Optional[EmbeddingSet], distance: str, k: int = 5,

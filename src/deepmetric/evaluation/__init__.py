@@ -6,6 +6,7 @@ are broken by gallery index, lower first (a stable sort), everywhere.
 """
 from .centroids import CentroidGallery, centroid_gallery, reid_metrics_centroids
 from .neighbors import DISTANCES, pairwise_distances, topk_neighbors
+from .query_expansion import average_query_expansion
 from .reid import reid_metrics, reid_metrics_from_embeddings
 from .rerank import k_reciprocal_rerank
 from .retrieval import rank_statistics, retrieval_metrics
@@ -14,5 +15,5 @@ from .verification import verification_metrics
 __all__ = [
     "retrieval_metrics", "reid_metrics", "reid_metrics_from_embeddings", "verification_metrics",
     "k_reciprocal_rerank", "centroid_gallery", "reid_metrics_centroids", "CentroidGallery",
-    "pairwise_distances", "topk_neighbors", "rank_statistics", "DISTANCES",
+    "pairwise_distances", "topk_neighbors", "rank_statistics", "DISTANCES", "average_query_expansion",
 ]
