@@ -113,6 +113,7 @@ def retrieval_metrics(query: ArrayLike, query_labels: ArrayLike, gallery: Option
     - ``map``        = mean of (1/R) Σ_i i/(r_i+1)               (AP over the full ranking = PML MAP with k=None)
     - ``map@r``      = mean of (1/R) Σ_{r_i<R} i/(r_i+1)        (PML ``mean_average_precision_at_r``)
     - ``r_precision`` = mean of #{r_i < R} / R
+    - ``mrr``        = mean of 1 / (r_1 + 1)                    (mean reciprocal rank, PML's with k=None)
     - ``nmi`` (``nmi=True``): NMI (sklearn) of the query labels vs k-means clusters of the query embeddings,
       k = number of distinct query labels, seeded by ``nmi_seed`` (:func:`kmeans_assign`); with
       ``distance="cosine"`` the clustering runs on L2-normalised embeddings.
@@ -178,6 +179,7 @@ def retrieval_metrics(query: ArrayLike, query_labels: ArrayLike, gallery: Option
     out["map"] = mean(stats["ap"][ok])
     out["map@r"] = mean(stats["map@r"][ok])
     out["r_precision"] = mean(stats["r_precision"][ok])
+    out["mrr"] = mean(1.0 / (first + 1.0))
     if nmi:
         x = torch.nn.functional.normalize(q, dim=1) if distance == "cosine" else q
         clusters = kmeans_assign(x, int(len(np.unique(qc))), seed=nmi_seed, chunk_size=chunk_size)
