@@ -95,6 +95,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError("eval: a recipe needs --checkpoint PATH (or pass a run directory)")
         ckpt_path = args.checkpoint
         out_dir = Path(args.output or Path(ckpt_path).parent)
+    if args.neighbours < 0 or (args.neighbours and cfg.eval.protocol == "verification"):
+        from .errors import UserError
+
+        raise UserError(f"eval --neighbours {args.neighbours}: give K >= 1 for a retrieval or re-ID protocol "
+                        f"(this recipe's protocol is {cfg.eval.protocol})")
     ckpt, _ = read_checkpoint(ckpt_path)
     device = resolve_device(cfg.train.device)
     splits = build_data(cfg)
@@ -109,7 +114,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     plots = write_eval_plots(out_dir, result, cfg=cfg, dataset=splits.query, gallery_dataset=splits.gallery)
     _print_metrics(f"eval {ckpt}", result.metrics)
     print(f"wrote {out_dir / 'metrics.json'} and {len(plots)} plots")
+    if args.neighbours:
+        path = _write_neighbours(out_dir / "neighbours.jsonl", result, args.neighbours, cfg.eval.distance)
+        print(f"wrote {path}: the top {args.neighbours} of each query")
     return 0
+
+
+def _write_neighbours(path: Path, result, k: int, distance: str) -> Path:
+    """``neighbours.jsonl``: one line per query with its top-``k`` (see evaluation.results)."""
+    from .config import atomic_write_text
+    from .evaluation.results import retrieval_results
+
+    q, g = result.query, result.gallery
+    ref = q if g is None else g
+    res = retrieval_results(q.vectors, q.labels, None if g is None else g.vectors, None if g is None else g.labels,
+                            k=k, distance=distance, query_camids=q.camids,
+                            gallery_camids=None if g is None else g.camids)
+    lines = (json.dumps(r) for r in res.records(q.labels, ref.labels, q.paths, ref.paths))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -191,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="key=value overrides (e.g. eval.rerank=true)")
     e.add_argument("--checkpoint", help="checkpoint directory (default: the run's best)")
     e.add_argument("--output", help="where to write metrics.json and plots")
+    e.add_argument("--neighbours", type=int, default=0, metavar="K",
+                   help="also write neighbours.jsonl: each query's top K, with distances and relevance")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("data", help="inspect a recipe's data")

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ["neighbors", "retrieval", "reid", "rerank", "verification", "centroids", "query_expansion"]
+MODULES = ["neighbors", "retrieval", "reid", "rerank", "verification", "centroids", "query_expansion", "results"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -9,6 +9,7 @@ from .neighbors import DISTANCES, pairwise_distances, topk_neighbors
 from .query_expansion import average_query_expansion
 from .reid import reid_metrics, reid_metrics_from_embeddings
 from .rerank import k_reciprocal_rerank
+from .results import RetrievalResults, retrieval_results
 from .retrieval import rank_statistics, retrieval_metrics
 from .verification import verification_metrics
 
@@ -16,4 +17,5 @@ __all__ = [
     "retrieval_metrics", "reid_metrics", "reid_metrics_from_embeddings", "verification_metrics",
     "k_reciprocal_rerank", "centroid_gallery", "reid_metrics_centroids", "CentroidGallery",
     "pairwise_distances", "topk_neighbors", "rank_statistics", "DISTANCES", "average_query_expansion",
+    "retrieval_results", "RetrievalResults",
 ]
