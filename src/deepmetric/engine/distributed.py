@@ -305,3 +305,13 @@ def broadcast_object(obj: Any, src: int = 0, group: Group = None) -> Any:
     box: Sequence[Any] = [obj]
     dist.broadcast_object_list(box, src=src, group=group)  # type: ignore[arg-type]
     return box[0]
+
+
+def any_rank(flag: bool, group: Group = None) -> bool:
+    """True on every rank when ``flag`` is True on at least one (a MAX all-reduce; plain ``flag``
+    outside a process group). Synchronises the ranks: call it at points they all reach."""
+    if not is_dist_initialized():
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], device=_comm_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())

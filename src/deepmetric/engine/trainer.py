@@ -35,8 +35,9 @@ from ..data.base import DataError, DataSplits
 from ..data.loading import SeededBatchSampler, SeededDataset, loader_settings, normalisation_on_device
 from .build import build_data, build_losses, build_model, build_optimizers, build_sampler
 from .checkpoint import load_model_weights, load_train_state, read_checkpoint, save_checkpoint
-from .distributed import all_gather_with_grad, barrier, broadcast_object, init_distributed
+from .distributed import all_gather_with_grad, any_rank, barrier, broadcast_object, init_distributed
 from .evaluator import Evaluator
+from .interrupt import StopRequest
 from .schedule import LRSchedule
 
 log = logging.getLogger("deepmetric")
@@ -268,9 +269,17 @@ class Trainer:
         running, seen, t0 = None, 0, time.perf_counter()
         last_metrics: Dict[str, Any] = {}
         batches = self._batches()
+        stop = StopRequest().__enter__()  # Ctrl-C / SIGTERM: finish the step, save, stop
         try:
             while self.step < cfg.train.max_steps:
-                images, labels, _ = next(batches)
+                if self._should_stop(stop):
+                    self._stop_here()
+                try:
+                    images, labels, _ = next(batches)
+                except Exception:
+                    if stop.requested:  # Ctrl-C also reaches loader workers, which then die
+                        self._stop_here()
+                    raise
                 images = images.to(self.device, non_blocking=True)
                 if self.batch_normalize is not None:
                     images = self.batch_normalize(images)
@@ -299,6 +308,7 @@ class Trainer:
                 elif cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                     self._save("last", {})
         finally:
+            stop.__exit__()
             bar.close()
             if log_file is not None:
                 log_file.close()
@@ -306,6 +316,20 @@ class Trainer:
                 writer.close()
         return {"run_dir": str(self.run_dir), "step": self.step, "metrics": last_metrics,
                 "best": {cfg.eval.metric: self.best_value}}
+
+    def _should_stop(self, stop: StopRequest) -> bool:
+        """A stop was requested (see :mod:`deepmetric.engine.interrupt`). Under DDP the ranks agree
+        at logging steps only (an all-reduce forces a device sync: not worth it every step)."""
+        if not self.dist.is_distributed:
+            return stop.requested
+        return self.step % self.cfg.train.log_every == 0 and any_rank(stop.requested)
+
+    def _stop_here(self) -> None:
+        """Save ``last`` at this step boundary and leave as an interrupt (the CLI exits with 130)."""
+        self._save("last", {})
+        log.warning("stopped at step %d; saved %s: continue with `deepmetric train --resume %s`",
+                    self.step, self.run_dir / "checkpoints" / "last", self.run_dir)
+        raise KeyboardInterrupt
 
     def _evaluate_and_checkpoint(self, log_file, writer) -> Dict[str, Any]:
         # the final evaluation keeps its embeddings and neighbours: the report draws them
