@@ -221,7 +221,7 @@ class GpuInput:
 
 def deepmetric_loader(paths: Sequence[str], workers: int, args: argparse.Namespace, device: torch.device):
     """deepmetric's own training loader: image list + ``imagenet`` preset (data.decoder auto) +
-    per-sample seeded augmentation + ``loader_settings`` (pinned on CUDA, prefetch 4) +
+    per-sample seeded augmentation + ``loader_settings`` (pinned on CUDA, 2 batches in flight per worker) +
     ``data.normalize_on_device: auto`` (CUDA: uint8 batches normalised on the GPU; CPU: float32)."""
     import numpy as np
 

@@ -162,11 +162,11 @@ def test_loader_settings():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert loader_settings("auto", "auto", cpu).kwargs() == {"num_workers": 0, "pin_memory": False}
     s = loader_settings("auto", "auto", gpu, cpus=16)
-    assert (s.num_workers, s.pin_memory, s.persistent_workers, s.prefetch_factor) == (15, True, True, 4)
+    assert (s.num_workers, s.pin_memory, s.persistent_workers, s.prefetch_factor) == (15, True, True, 2)
     assert loader_settings("auto", "auto", gpu, local_world_size=8, cpus=16).num_workers == 1
     assert loader_settings("auto", "auto", gpu, cpus=64).num_workers == 16
     assert loader_settings(3, True, cpu).kwargs() == {"num_workers": 3, "pin_memory": False,
-                                                       "persistent_workers": True, "prefetch_factor": 4}
+                                                       "persistent_workers": True, "prefetch_factor": 2}
     assert loader_settings(2, False, gpu, persistent=False).kwargs()["persistent_workers"] is False
 
 
