@@ -9,7 +9,6 @@ crash when a filtered list is shorter than ``max_rank``.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Dict, Optional
 
 import numpy as np
@@ -21,16 +20,14 @@ from .neighbors import (ArrayLike, LabelGroups, RankingKeys, as_labels, as_matri
                         chunked_member_ranks, default_chunk, embedding_key_fn, encode_labels, matrix_key_fn,
                         pairwise_distances)
 from .rerank import k_reciprocal_rerank
-from .retrieval import collect_statistics
+from .retrieval import answered_queries, collect_statistics
 
 
 def summarize_reid(stats: Dict[str, np.ndarray], max_rank: int, caller: str) -> Dict[str, object]:
     """Aggregate per-query :func:`~deepmetric.evaluation.retrieval.rank_statistics` into re-ID metrics."""
-    ok = stats["num_relevant"] > 0
+    ok = answered_queries(stats, caller, "no relevant gallery item after removing same-pid same-camera images",
+                          stacklevel=3)
     skipped = int((~ok).sum())
-    if skipped:
-        warnings.warn(f"{caller}: {skipped} of {len(ok)} queries have no relevant gallery item after removing "
-                      "same-pid same-camera images and are skipped (counted in 'skipped_queries')", stacklevel=3)
     first = stats["first"][ok]
     n_ok = int(ok.sum())
 

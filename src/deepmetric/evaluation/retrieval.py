@@ -55,6 +55,18 @@ def rank_statistics(ranks: torch.Tensor, relevant: torch.Tensor) -> Dict[str, to
     }
 
 
+def answered_queries(stats: Dict[str, np.ndarray], caller: str, why: str = "no relevant gallery item",
+                     stacklevel: int = 3) -> np.ndarray:
+    """Mask of the queries that have a relevant item; the others are skipped, and said so: a warning
+    from ``caller`` (at ``stacklevel`` above this function) and the ``skipped_queries`` count."""
+    ok = stats["num_relevant"] > 0
+    skipped = int((~ok).sum())
+    if skipped:
+        warnings.warn(f"{caller}: {skipped} of {len(ok)} queries have {why} and are skipped (counted in "
+                      "'skipped_queries')", stacklevel=stacklevel + 1)
+    return ok
+
+
 def collect_statistics(chunks) -> Dict[str, np.ndarray]:
     """Concatenate :func:`rank_statistics` over ``(r0, r1, ranks, relevant)`` chunks into numpy arrays."""
     parts: Dict[str, list] = {}
@@ -164,11 +176,8 @@ def retrieval_metrics(query: ArrayLike, query_labels: ArrayLike, gallery: Option
                                   default_chunk(rk.width, chunk_size), q.device)
     stats = collect_statistics(chunks)
 
-    ok = stats["num_relevant"] > 0
+    ok = answered_queries(stats, "retrieval_metrics", stacklevel=2)
     skipped = int((~ok).sum())
-    if skipped:
-        warnings.warn(f"retrieval_metrics: {skipped} of {len(ok)} queries have no relevant gallery item and are "
-                      "skipped (counted in 'skipped_queries')", stacklevel=2)
     first = stats["first"][ok]
 
     def mean(v: np.ndarray) -> float:
