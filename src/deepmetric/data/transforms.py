@@ -103,12 +103,16 @@ class BatchNormalize:
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(v) for v in std)
+        self._constants: dict = {}  # device -> (shift, scale): no host-to-device copy per batch
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.dtype != torch.uint8 or batch.ndim != 4:
             raise TypeError(f"expected a (B, C, H, W) uint8 batch, got {batch.dtype} {tuple(batch.shape)}")
-        shift = torch.tensor(self.mean, device=batch.device).mul_(255.0).view(1, -1, 1, 1)
-        scale = torch.tensor(self.std, device=batch.device).mul_(255.0).reciprocal_().view(1, -1, 1, 1)
+        if batch.device not in self._constants:
+            shift = torch.tensor(self.mean, device=batch.device).mul_(255.0).view(1, -1, 1, 1)
+            scale = torch.tensor(self.std, device=batch.device).mul_(255.0).reciprocal_().view(1, -1, 1, 1)
+            self._constants[batch.device] = (shift, scale)
+        shift, scale = self._constants[batch.device]
         return batch.float().sub_(shift).mul_(scale)
 
     def __repr__(self) -> str:
