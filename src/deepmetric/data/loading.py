@@ -16,7 +16,9 @@ A run therefore sees bit-identical batches with any ``data.num_workers``, on any
 with the same global batches, and after ``--resume``; workers can stay alive across epochs
 (``persistent_workers``) because no per-iterator worker seed matters.
 
-:func:`loader_settings` resolves ``data.num_workers: auto`` and ``data.pin_memory: auto``.
+:func:`loader_settings` resolves ``data.num_workers: auto`` and ``data.pin_memory: auto``;
+:func:`normalisation_on_device` resolves ``data.normalize_on_device`` (uint8 images from the
+workers, normalised on the GPU).
 """
 from __future__ import annotations
 
