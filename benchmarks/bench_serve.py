@@ -163,7 +163,7 @@ def main() -> int:
             rows.append((runtime, r))
             print(f"{runtime}: {r}")
 
-    print(f"\n| runtime | requests | clients | p50 ms | p99 ms | req/s | 5xx | other errors |")
+    print("\n| runtime | requests | clients | p50 ms | p99 ms | req/s | 5xx | other errors |")
     print("|---|---|---|---|---|---|---|---|")
     for runtime, r in rows:
         print(f"| {runtime} | {r['done']}{' (time cap)' if r['capped'] else ''} | {args.clients} | {r['p50']:.1f} | "

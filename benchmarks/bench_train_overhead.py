@@ -99,8 +99,8 @@ def main() -> None:
         bare.append(args.steps / tb)
         print(f"repeat {r}: trainer {args.steps / to:.1f} steps/s, bare loop {args.steps / tb:.1f} steps/s")
     o, b = statistics.median(ours), statistics.median(bare)
-    print(f"\n| recipe | device | steps | trainer steps/s | bare steps/s | overhead |")
-    print(f"|---|---|---|---|---|---|")
+    print("\n| recipe | device | steps | trainer steps/s | bare steps/s | overhead |")
+    print("|---|---|---|---|---|---|")
     print(f"| {args.recipe} | {args.device} | {args.steps} | {o:.1f} | {b:.1f} | {100 * (1 - o / b):+.1f}% |")
 
 

@@ -41,8 +41,6 @@ def test_list_shows_registries(capsys):
 
 
 def test_overrides_may_follow_options(tmp_path):
-    from deepmetric.cli import build_parser
-
     code = main(["train", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "r"), "train.max_step=3"])
     assert code == 2, "the override after --run-dir is read (and this one is rejected by name)"
     with pytest.raises(SystemExit):

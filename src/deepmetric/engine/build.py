@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError, LossTerm
-from ..data.base import DataError, DataSplits
+from ..data.base import DataSplits
 from ..models import Embedder, build_embedder, load_pretrained, load_weights, read_state_dict
 from ..registry import DATASETS, UnknownNameError
 

@@ -242,7 +242,7 @@ class Trainer:
         return loss.detach()
 
     def fit(self) -> Dict[str, Any]:
-        cfg, created = self.cfg, not self.run_dir.exists()
+        created = not self.run_dir.exists()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         barrier()
