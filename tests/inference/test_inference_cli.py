@@ -85,3 +85,20 @@ def test_bad_input_is_one_line_and_exit_2(checkpoint_dir, image_folder, tmp_path
               "missing_checkpoint": "nockpt", "npz_as_index": "f.npz: not a deepmetric index",
               "bad_param": "expected KEY=VALUE", "dim_mismatch": "8-d vectors"}[case]
     assert expect in err
+
+
+def test_embed_with_worker_processes_gives_the_same_vectors(checkpoint_dir, image_folder, tmp_path, capsys):
+    from deepmetric.inference.predictor import load_embeddings
+
+    runs = {}
+    for workers in ("auto", "2"):  # auto on a CPU: decode in this process
+        out = tmp_path / f"w{workers}.npz"
+        assert main(["embed", "--checkpoint", str(checkpoint_dir), "--input", str(image_folder),
+                     "--output", str(out), "--workers", workers, "--no-progress"]) == 0
+        runs[workers] = load_embeddings(out).embeddings
+    np.testing.assert_array_equal(runs["auto"].vectors.numpy(), runs["2"].vectors.numpy())
+    assert list(runs["auto"].paths) == list(runs["2"].paths)
+    with pytest.raises(SystemExit):
+        main(["embed", "--checkpoint", str(checkpoint_dir), "--input", str(image_folder),
+              "--output", str(tmp_path / "x.npz"), "--workers", "-1"])
+    assert "expected a number of processes >= 0 or 'auto'" in capsys.readouterr().err

@@ -32,10 +32,14 @@ def _params(items: List[str]) -> Dict[str, Any]:
 def cmd_embed(args: argparse.Namespace) -> int:
     from .predictor import Predictor, list_inputs, write_embeddings
 
+    from ..data.loading import loader_settings
+
     inputs = list_inputs(args.input)
     predictor = Predictor.load(args.checkpoint, device=args.device, runtime=args.runtime)
+    model_device = args.device if args.runtime == "torch" else "cpu"
+    workers = loader_settings(args.workers, False, model_device).num_workers  # auto: CUDA -> CPUs - 1
     out = write_embeddings(predictor, inputs, args.output, batch_size=args.batch_size, dtype=args.dtype,
-                           chunk_size=args.chunk_size, num_workers=args.workers,
+                           chunk_size=args.chunk_size, num_workers=workers,
                            progress=not (args.no_progress or getattr(args, "quiet", False)))
     labelled = int((inputs.labels >= 0).sum())
     print(f"wrote {out}: {len(inputs.paths)} x {predictor.embedding_dim} {args.dtype} embeddings "
@@ -106,6 +110,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of processes >= 0 or 'auto', got {value!r}")
+    return n
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or exported .onnx file")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
@@ -125,7 +141,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     e.add_argument("--chunk-size", type=int, default=4096, help="images per resumable chunk")
-    e.add_argument("--workers", type=int, default=0, help="image-decoding processes")
+    e.add_argument("--workers", type=_workers, default="auto",
+                   help="image-decoding processes, or auto (on a GPU its CPUs less one, at most 16; on a CPU 0)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_embed)
 
