@@ -79,6 +79,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.build import build_data, build_model
     from .engine.checkpoint import load_model_weights, read_checkpoint
     from .engine.evaluator import Evaluator
+    from torch import device as torch_device
+
     from .engine.trainer import resolve_device
     from .config import atomic_write_text
 
@@ -100,13 +102,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         raise UserError(f"eval --neighbours {args.neighbours}: give K >= 1 for a retrieval or re-ID protocol "
                         f"(this recipe's protocol is {cfg.eval.protocol})")
+    from .engine.distributed import init_distributed
+
     ckpt, _ = read_checkpoint(ckpt_path)
+    dist = init_distributed()  # under torchrun each rank embeds a shard; rank 0 writes
     device = resolve_device(cfg.train.device)
+    if dist.is_distributed and device.type == "cuda":
+        device = torch_device("cuda", dist.local_rank)
     splits = build_data(cfg)
     model = build_model(cfg, load_weights=False)
     load_model_weights(model, ckpt)
     model.to(device).eval()
     result = Evaluator(cfg, splits, device).run(model)
+    if not dist.is_main:
+        return 0
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "metrics.json", json.dumps({"checkpoint": str(ckpt), **result.metrics}, indent=1))
     from .viz.report import write_eval_plots

@@ -29,3 +29,15 @@ def test_torchrun_train_and_resume(tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4], "one writer, no duplicated lines"
     state = read_checkpoint(run, "last")[1]
     assert state["step"] == 4 and (run / "report.html").is_file()
+    # evaluation under torchrun: sharded embedding, metrics once, written by rank 0, same as one process
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "deepmetric", "eval", "runs/ddp", "--output", "eval_ddp"]
+    ddp = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert ddp.stdout.count("wrote ") == 1
+    one = subprocess.run([sys.executable, "-m", "deepmetric", "eval", "runs/ddp", "--output", "eval_one"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert (json.loads((tmp_path / "eval_ddp" / "metrics.json").read_text())
+            == json.loads((tmp_path / "eval_one" / "metrics.json").read_text()))
