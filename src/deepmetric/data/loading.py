@@ -50,8 +50,8 @@ class SeededBatchSampler(Sampler[List[Tuple[int, int]]]):
 
     The global batch number is ``position * world_size + rank`` (the PK sampler deals global batch
     ``b`` to rank ``b % world_size``), so every sample of a global batch gets the seed it would get
-    in a one-process run over the same batches. ``set_epoch``, ``skip`` and ``state_dict`` pass
-    through to the wrapped sampler.
+    in a one-process run over the same batches. ``set_epoch`` and ``skip`` pass through to the
+    wrapped sampler (whose ``state_dict`` the checkpoint keeps).
     """
 
     def __init__(self, batch_sampler: Any, seed: int, rank: int = 0, world_size: int = 1) -> None:
@@ -70,9 +70,6 @@ class SeededBatchSampler(Sampler[List[Tuple[int, int]]]):
     def skip(self, batches: int) -> None:
         self._start = int(batches)
         self.batch_sampler.skip(batches)
-
-    def state_dict(self) -> dict:
-        return self.batch_sampler.state_dict()
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         start, self._start = self._start, 0

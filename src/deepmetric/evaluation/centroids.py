@@ -24,7 +24,7 @@ import torch
 
 from deepmetric.inference.extract import EmbeddingSet
 
-from .neighbors import (ArrayLike, LabelGroups, RankingKeys, as_matrix, check_distance, check_finite,
+from .neighbors import (ArrayLike, LabelGroups, RankingKeys, as_matrix_pair, check_distance, check_finite,
                         chunked_member_ranks, default_chunk, padded_width)
 from .reid import summarize_reid
 from .retrieval import collect_statistics
@@ -125,8 +125,7 @@ def reid_metrics_centroids(query: EmbeddingSet, centroids: CentroidGallery, dist
     [1.0, 1.0]
     """
     check_distance(distance)
-    q = as_matrix(query.vectors, "query.vectors")
-    cg = as_matrix(centroids.vectors, "centroids.vectors", device=q.device).to(q.dtype)
+    q, cg = as_matrix_pair(query.vectors, centroids.vectors, ("query.vectors", "centroids.vectors"))
     if len(query) == 0 or len(centroids) == 0:
         raise ValueError("reid_metrics_centroids: empty query set or centroid gallery")
     check_finite(q, "query.vectors")

@@ -53,6 +53,17 @@ def as_matrix(x: ArrayLike, name: str, device: Optional[torch.device] = None) ->
     return t
 
 
+def as_matrix_pair(a: ArrayLike, b: ArrayLike, names: Tuple[str, str] = ("query", "gallery")
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``b`` as matrices (:func:`as_matrix`), ``b`` on ``a``'s device and in its dtype;
+    raises ``ValueError`` naming both when their dimensions ``D`` differ."""
+    a_t = as_matrix(a, names[0])
+    b_t = as_matrix(b, names[1], device=a_t.device).to(a_t.dtype)
+    if a_t.shape[1] != b_t.shape[1]:
+        raise ValueError(f"dimension mismatch: {names[0]} has D={a_t.shape[1]}, {names[1]} has D={b_t.shape[1]}")
+    return a_t, b_t
+
+
 def check_distance(distance: str) -> None:
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
@@ -118,10 +129,7 @@ def pairwise_distances(a: ArrayLike, b: ArrayLike, distance: str = "euclidean",
     >>> pairwise_distances(np.eye(2), np.array([[1.0, 0.0]]), "squared_euclidean").tolist()
     [[0.0], [2.0]]
     """
-    a_t = as_matrix(a, "a")
-    b_t = as_matrix(b, "b", device=a_t.device).to(a_t.dtype)
-    if a_t.shape[1] != b_t.shape[1]:
-        raise ValueError(f"dimension mismatch: a has D={a_t.shape[1]}, b has D={b_t.shape[1]}")
+    a_t, b_t = as_matrix_pair(a, b, ("a", "b"))
     rk = RankingKeys(b_t, distance)
     out = torch.empty(a_t.shape[0], b_t.shape[0], dtype=a_t.dtype, device=a_t.device)
     step = default_chunk(rk.width, chunk_size)
@@ -200,12 +208,9 @@ def topk_neighbors(query: ArrayLike, gallery: Optional[ArrayLike] = None, k: int
     >>> i.ravel().tolist(), d.ravel().tolist()
     ([1, 0, 1], [1.0, 1.0, 2.0])
     """
-    q = as_matrix(query, "query")
-    g = q if gallery is None else as_matrix(gallery, "gallery", device=q.device).to(q.dtype)
+    q, g = (as_matrix(query, "query"),) * 2 if gallery is None else as_matrix_pair(query, gallery)
     if g.shape[0] == 0 or q.shape[0] == 0:
         raise ValueError("topk_neighbors: empty query or gallery")
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"dimension mismatch: query has D={q.shape[1]}, gallery has D={g.shape[1]}")
     k = min(int(k), g.shape[0] - (gallery is None))
     if k < 1:
         raise ValueError("topk_neighbors: k must be >= 1 and the gallery must hold at least one other item")

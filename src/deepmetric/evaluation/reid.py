@@ -16,7 +16,7 @@ import torch
 
 from deepmetric.inference.extract import EmbeddingSet
 
-from .neighbors import (ArrayLike, LabelGroups, RankingKeys, as_labels, as_matrix, check_distance, check_finite,
+from .neighbors import (ArrayLike, LabelGroups, RankingKeys, as_labels, as_matrix_pair, check_distance, check_finite,
                         chunked_member_ranks, default_chunk, embedding_key_fn, encode_labels, matrix_key_fn,
                         pairwise_distances)
 from .rerank import k_reciprocal_rerank
@@ -119,12 +119,9 @@ def reid_metrics_from_embeddings(query: EmbeddingSet, gallery: EmbeddingSet, dis
     [1.0, 1.0]
     """
     check_distance(distance)
-    q = as_matrix(query.vectors, "query.vectors")
-    g = as_matrix(gallery.vectors, "gallery.vectors", device=q.device).to(q.dtype)
+    q, g = as_matrix_pair(query.vectors, gallery.vectors, ("query.vectors", "gallery.vectors"))
     if len(query) == 0 or len(gallery) == 0:
         raise ValueError("reid_metrics_from_embeddings: empty query set or gallery")
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"dimension mismatch: query has D={q.shape[1]}, gallery has D={g.shape[1]}")
     check_finite(q, "query.vectors")
     check_finite(g, "gallery.vectors")
     cams = (query.camids, gallery.camids) if query.camids is not None and gallery.camids is not None else (None, None)

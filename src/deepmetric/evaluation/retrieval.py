@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from .neighbors import (ArrayLike, LabelGroups, RankingKeys, as_labels, as_matrix, check_distance, check_finite,
-                        chunked_member_ranks, default_chunk, embedding_key_fn, encode_labels)
+from .neighbors import (ArrayLike, LabelGroups, RankingKeys, as_labels, as_matrix, as_matrix_pair, check_distance,
+                        check_finite, chunked_member_ranks, default_chunk, embedding_key_fn, encode_labels)
 
 
 def rank_statistics(ranks: torch.Tensor, relevant: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -149,19 +149,16 @@ def retrieval_metrics(query: ArrayLike, query_labels: ArrayLike, gallery: Option
     ks = tuple(int(k) for k in ks)
     if any(k < 1 for k in ks):
         raise ValueError(f"ks must be positive integers, got {ks}")
-    q = as_matrix(query, "query")
     loo = gallery is None
     if loo and gallery_labels is not None:
         raise ValueError("gallery_labels given without gallery")
     if not loo and gallery_labels is None:
         raise ValueError("gallery given without gallery_labels")
-    g = q if loo else as_matrix(gallery, "gallery", device=q.device).to(q.dtype)
+    q, g = (as_matrix(query, "query"),) * 2 if loo else as_matrix_pair(query, gallery)
     if q.shape[0] == 0:
         raise ValueError("retrieval_metrics: the query set is empty")
     if g.shape[0] == 0 or (loo and q.shape[0] < 2):
         raise ValueError("retrieval_metrics: the gallery is empty (leave-one-out needs at least 2 queries)")
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"dimension mismatch: query has D={q.shape[1]}, gallery has D={g.shape[1]}")
     check_finite(q, "query")
     if not loo:
         check_finite(g, "gallery")
