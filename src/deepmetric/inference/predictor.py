@@ -2,7 +2,9 @@
 the inputs it reads (:func:`list_inputs`) and the resumable ``features.npz`` writer.
 
 A predictor runs a checkpoint with PyTorch or an ONNX model with onnxruntime; both apply the same
-test-time pipeline (``deepmetric.data.transforms``), so their embeddings agree to export tolerance.
+test-time pipeline (:class:`~deepmetric.inference.preprocess.Preprocessing`: the preset's, with numpy
+and Pillow), so their embeddings agree to export tolerance. The ONNX path (:meth:`Predictor.from_onnx`)
+never imports PyTorch.
 
 ``features.npz`` (read back with :func:`load_embeddings`)::
 
@@ -28,14 +30,16 @@ import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..errors import UserError
-from .extract import EmbeddingSet
+from .preprocess import Preprocessing, decode_metadata
+
+if TYPE_CHECKING:
+    from .extract import EmbeddingSet
 
 log = logging.getLogger("deepmetric")
 
@@ -132,25 +136,64 @@ def _read_csv(src: Path) -> List[Tuple[str, int]]:
 
 # -- the predictor -------------------------------------------------------------------------------------
 
-class _Preprocess:
-    """PIL image -> ``(C, H, W)`` tensor: colour conversion, then the preset's test pipeline."""
+class _ImageFiles:
+    """Map-style dataset of image files -> ``(C, H, W) float32`` (for a DataLoader's worker processes)."""
 
-    def __init__(self, transform: Callable, color: str) -> None:
-        self.transform, self.color = transform, color
+    def __init__(self, paths: Sequence[str], preprocess: Preprocessing) -> None:
+        self.paths, self.preprocess = list(paths), preprocess
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image.convert(self.color))
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.preprocess(self.preprocess.decode_file(self.paths[i]))
+
+
+def _input_shape(state: Dict[str, Any], source: Any) -> Optional[List[int]]:
+    """The ``input_shape`` ``[C, H, W]`` a trainer recorded in ``state.json`` (None if absent or malformed)."""
+    shape = state.get("input_shape")
+    if shape is None:
+        return None
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
+        log.warning("%s: state.json input_shape %r is not [C, H, W] of positive ints; ignoring it", source, shape)
+        return None
+    return [int(v) for v in shape]
+
+
+def _onnx_session(model: str | bytes, threads: Optional[int]):
+    """An onnxruntime CPU session (as ``export.onnx_session``, which cannot be imported without torch)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("running an ONNX model needs onnxruntime: pip install 'deepmetric[onnx]'") from None
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    # idle worker threads sleep instead of spinning: a server calls run() from many threads at once
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _file_fingerprint(path: Path) -> str:
+    """First 16 hex digits of the file's SHA-256 (as ``export.file_fingerprint``)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 class Predictor:
-    """A model and its preprocessing: PIL images or paths in, ``(B, D) float32`` embeddings out.
+    """A model and its preprocessing: PIL images, image bytes or paths in, ``(B, D) float32`` embeddings out.
 
     Build with :meth:`from_checkpoint` (PyTorch, or ``runtime="onnx"`` to run the same weights through
-    onnxruntime) or :meth:`from_onnx`. Thread-safe: preprocessing runs concurrently, forward passes one at
-    a time under a lock (each already spreads over the intra-op threads; concurrent passes only oversubscribe).
+    onnxruntime) or :meth:`from_onnx` (onnxruntime, numpy and Pillow only: no PyTorch). Every input
+    is brought to the model's training input size and channels (:class:`Preprocessing`). Thread-safe:
+    decoding and preprocessing run concurrently, forward passes one at a time under a lock (each
+    already spreads over the intra-op threads; concurrent passes only oversubscribe).
     """
 
-    def __init__(self, run: Callable[[torch.Tensor], np.ndarray], preprocess: _Preprocess,
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], preprocess: Preprocessing,
                  metadata: Dict[str, Any], runtime: str, source: str, fingerprint: Optional[str]) -> None:
         self._run, self.preprocess, self.metadata = run, preprocess, metadata
         self.runtime, self.source, self.fingerprint = runtime, source, fingerprint
@@ -162,6 +205,17 @@ class Predictor:
     @property
     def normalized(self) -> bool:
         return bool(self.metadata.get("l2_normalized", False))
+
+    @property
+    def input_shape(self) -> Optional[Tuple[int, int, int]]:
+        """``(C, H, W)`` every input is brought to; ``None`` when the model records no input size."""
+        size = self.preprocess.input_size
+        return None if size is None else (self.preprocess.channels, *size)
+
+    def pixel_limit(self, max_pixels: Optional[int] = None) -> int:
+        """The largest upload (width x height) :meth:`decode` accepts: ``max_pixels``, by default sized to
+        the model's input (:func:`~deepmetric.inference.preprocess.default_max_pixels`)."""
+        return self.preprocess.pixel_limit(max_pixels)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu", runtime: str = "torch",
@@ -184,112 +238,128 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", runtime: str = "torch",
                         prefer: str = "best", threads: Optional[int] = None) -> "Predictor":
-        """A run or checkpoint directory; ``runtime="onnx"`` exports it in memory and runs onnxruntime."""
-        from ..engine.checkpoint import load_for_inference
-        from .export import onnx_bytes, preprocessing_metadata
-
+        """A run or checkpoint directory (needs PyTorch); ``runtime="onnx"`` exports it in memory and
+        runs onnxruntime. The input size is ``data.image_size`` (through the preset), else the
+        ``input_shape`` the trainer recorded in ``state.json``."""
         if runtime not in ("torch", "onnx"):
             raise UserError(f"unknown runtime {runtime!r} (valid: torch, onnx)")
+        try:
+            import torch
+
+            from ..engine.checkpoint import load_for_inference, read_checkpoint
+            from .export import onnx_bytes, preprocessing_metadata
+        except ImportError as e:
+            raise UserError(f"loading a checkpoint needs PyTorch ({e.name} is missing): pip install "
+                            "'deepmetric[serve]', or export the model to ONNX on a machine with PyTorch "
+                            "and load the .onnx file") from None
         model, cfg, ckpt = load_for_inference(path, prefer=prefer, device=device if runtime == "torch" else "cpu")
         meta = preprocessing_metadata(cfg, model, ckpt)
+        shape = _input_shape(read_checkpoint(ckpt)[1], ckpt / "state.json")
+        if shape is not None:
+            meta["input_shape"] = shape
+            if meta["input_size"] is None:  # a size-free preset (tensor): the size it was trained at
+                meta["input_size"] = shape[1:]
         if runtime == "onnx":
             data, meta = onnx_bytes(model, meta)
             return cls._onnx(data, meta, str(ckpt), meta.get("source_fingerprint"), threads)
         lock, dev = threading.Lock(), torch.device(device)
 
-        def run(x: torch.Tensor) -> np.ndarray:
+        def run(x: np.ndarray) -> np.ndarray:
             with lock, torch.inference_mode():
-                return model(x.to(dev)).float().cpu().numpy()
+                return model(torch.from_numpy(x).to(dev)).float().cpu().numpy()
 
-        return cls(run, cls._preprocess_from(meta), meta, "torch", str(ckpt), meta.get("source_fingerprint"))
+        return cls(run, Preprocessing.from_metadata(meta), meta, "torch", str(ckpt), meta.get("source_fingerprint"))
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike, threads: Optional[int] = None) -> "Predictor":
-        """An ONNX file written by ``deepmetric export`` (its metadata gives the preprocessing)."""
-        from .export import file_fingerprint, read_onnx_metadata
+        """An ONNX file written by ``deepmetric export`` (its metadata gives the preprocessing).
 
+        Needs onnxruntime, numpy and Pillow only: PyTorch is never imported."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"ONNX model not found: {path}")
         try:
-            meta = read_onnx_metadata(path)
-        except Exception as e:  # noqa: BLE001 - onnx raises DecodeError and friends
+            session = _onnx_session(str(path), threads)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise UserError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+        meta = decode_metadata(session.get_modelmeta().custom_metadata_map)
         missing = [k for k in ("mean", "std", "channels", "embedding_dim") if k not in meta]
         if missing:
             raise UserError(f"{path}: ONNX metadata lacks {', '.join(missing)}; export it with 'deepmetric export'")
-        return cls._onnx(path.read_bytes(), meta, str(path), meta.get("source_fingerprint") or file_fingerprint(path),
-                         threads)
+        return cls._wrap_session(session, meta, str(path), meta.get("source_fingerprint") or _file_fingerprint(path))
 
     @classmethod
     def _onnx(cls, data: bytes, meta: Dict[str, Any], source: str, fingerprint: Optional[str],
               threads: Optional[int]) -> "Predictor":
-        from .export import onnx_session
+        return cls._wrap_session(_onnx_session(data, threads), meta, source, fingerprint)
 
-        session = onnx_session(data, threads)
-        name = meta.get("input_name", session.get_inputs()[0].name)
+    @classmethod
+    def _wrap_session(cls, session: Any, meta: Dict[str, Any], source: str, fingerprint: Optional[str]) -> "Predictor":
+        graph_input = session.get_inputs()[0]
+        name = meta.get("input_name", graph_input.name)
+        if not meta.get("input_size") and not meta.get("input_shape"):
+            hw = list(graph_input.shape)[2:]  # a graph of fixed height and width says its input size
+            if len(hw) == 2 and all(isinstance(v, int) and v > 0 for v in hw):
+                meta = dict(meta, input_size=hw)
         lock = threading.Lock()
 
-        def run(x: torch.Tensor) -> np.ndarray:
+        def run(x: np.ndarray) -> np.ndarray:
             with lock:  # one run at a time: its intra-op threads already use the cores
-                return session.run(None, {name: x.numpy()})[0].astype(np.float32, copy=False)
+                return session.run(None, {name: x})[0].astype(np.float32, copy=False)
 
-        return cls(run, cls._preprocess_from(meta), meta, "onnx", source, fingerprint)
-
-    @staticmethod
-    def _preprocess_from(meta: Dict[str, Any]) -> _Preprocess:
-        from ..data.transforms import PRESETS, build_transform
-
-        c = int(meta["channels"])
-        mean, std = meta["mean"], meta["std"]
-        if meta.get("normalization_in_graph"):  # the graph normalises: feed 0-255 pixels
-            mean, std = [0.0] * c, [1 / 255.0] * c
-        size, preset = meta.get("input_size"), meta.get("preset") or "tensor"
-        if preset not in PRESETS:  # e.g. a model exported by a newer deepmetric: resize + normalise only
-            if size is None:
-                raise UserError(f"model metadata names an unknown preprocessing preset {preset!r} and no input size")
-            log.warning("unknown preprocessing preset %r in the model metadata: resizing to %s and normalising",
-                        preset, size)
-            preset = "tensor"
-        return _Preprocess(build_transform(preset, train=False, image_size=size, mean=mean, std=std),
-                           "L" if c == 1 else "RGB")
+        return cls(run, Preprocessing.from_metadata(meta), meta, "onnx", source, fingerprint)
 
     # -- embedding -----------------------------------------------------------------------------------
 
-    def embed_batch(self, batch: torch.Tensor) -> np.ndarray:
-        """Preprocessed ``(B, C, H, W)`` float -> ``(B, D) float32``."""
-        return self._run(batch)
+    def decode(self, data: bytes, max_pixels: Optional[int] = None) -> Image.Image:
+        """Uploaded bytes -> PIL image, refusing more than :meth:`pixel_limit` pixels from the header
+        (:class:`~deepmetric.inference.preprocess.ImageError` and subclasses say what is wrong)."""
+        return self.preprocess.decode(data, self.pixel_limit(max_pixels))
+
+    def embed_batch(self, batch: Any) -> np.ndarray:
+        """Preprocessed ``(B, C, H, W)`` float array (or tensor) -> ``(B, D) float32``."""
+        if not isinstance(batch, np.ndarray) and hasattr(batch, "numpy"):
+            batch = batch.detach().cpu().numpy()
+        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
+
+    def _prepare(self, image: Image.Image | str | os.PathLike) -> np.ndarray:
+        if not isinstance(image, Image.Image):
+            image = self.preprocess.decode_file(image)
+        return self.preprocess(image)
 
     def embed_images(self, images: Sequence[Image.Image | str | os.PathLike], batch_size: int = 64) -> np.ndarray:
-        """PIL images or image paths -> ``(B, D) float32`` (paths that fail raise ``DataError``)."""
-        from ..data.io import load_image
-
-        out = []
-        for start in range(0, len(images), batch_size):
-            tensors = [self.preprocess(im if isinstance(im, Image.Image) else load_image(im))
-                       for im in images[start:start + batch_size]]
-            if len({t.shape for t in tensors}) == 1:
-                out.append(self._run(torch.stack(tensors)))
-            else:  # a size-free preset keeps each image's own size: one forward pass per image
-                out.extend(self._run(t[None]) for t in tensors)
+        """PIL images or image paths -> ``(B, D) float32``; each is brought to the model's input size
+        (paths that fail raise :class:`~deepmetric.inference.preprocess.ImageError`, naming the file)."""
+        if self.preprocess.input_size is None:  # each image at its own size: one forward pass per image
+            batch_size = 1
+        out = [self.embed_batch(np.stack([self._prepare(im) for im in images[start:start + batch_size]]))
+               for start in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.embedding_dim), np.float32)
 
     def iter_embeddings(self, paths: Sequence[str], batch_size: int = 64, num_workers: int = 0) -> Iterator[np.ndarray]:
-        """``(b, D) float32`` per batch of ``paths``, in order; images decode in ``num_workers`` processes."""
+        """``(b, D) float32`` per batch of ``paths``, in order; with ``num_workers`` > 0 images decode in
+        that many processes (a PyTorch DataLoader), else in this one."""
+        if self.preprocess.input_size is None:
+            batch_size = 1
+        if num_workers <= 0:
+            for start in range(0, len(paths), batch_size):
+                yield self.embed_batch(np.stack([self._prepare(p) for p in paths[start:start + batch_size]]))
+            return
         from torch.utils.data import DataLoader
 
-        from ..data.io import ImageListDataset
-
-        ds = ImageListDataset(list(paths), np.zeros(len(paths), np.int64), transform=self.preprocess)
-        same_size = self.metadata.get("input_size") is not None
-        loader = DataLoader(ds, batch_size=batch_size if same_size else 1, shuffle=False, num_workers=num_workers)
-        for images, _, _ in loader:
-            yield self._run(images)
+        loader = DataLoader(_ImageFiles(paths, self.preprocess), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers)
+        for images in loader:
+            yield self.embed_batch(images)
 
     def embed_list(self, paths: Sequence[str], labels: Optional[Sequence[int]] = None, batch_size: int = 64,
                    num_workers: int = 0, progress: bool = True) -> EmbeddingSet:
         """An :class:`EmbeddingSet` of the images ``paths`` (labels default -1)."""
         from tqdm.auto import tqdm
+
+        from .extract import EmbeddingSet
 
         labels = np.full(len(paths), -1, np.int64) if labels is None else labels
         parts = []
@@ -298,7 +368,7 @@ class Predictor:
                 parts.append(emb)
                 bar.update(len(emb))
         vectors = np.concatenate(parts) if parts else np.zeros((0, self.embedding_dim), np.float32)
-        return EmbeddingSet(torch.from_numpy(vectors), labels, paths=list(paths))
+        return EmbeddingSet(vectors, labels, paths=list(paths))
 
     def embed_folder(self, source: str | os.PathLike, **kwargs: Any) -> EmbeddingSet:
         """:meth:`embed_list` over :func:`list_inputs` (a folder or a list file)."""
@@ -432,7 +502,9 @@ def load_embeddings(path: str | os.PathLike) -> EmbeddingsFile:
             labels, paths = z["labels"], [str(p) for p in z["paths"]]
             names = [str(c) for c in z["class_names"]] if "class_names" in z.files else []
             meta = json.loads(str(z["meta"].reshape(-1)[0])) if "meta" in z.files else {}
-        es = EmbeddingSet(torch.from_numpy(vectors), labels, paths=paths)
+        from .extract import EmbeddingSet
+
+        es = EmbeddingSet(vectors, labels, paths=paths)
     except EmbeddingsFileError:
         raise
     except Exception as e:  # noqa: BLE001 - zipfile.BadZipFile, ValueError, truncated data ...
