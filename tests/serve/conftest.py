@@ -3,13 +3,16 @@ free loopback port."""
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
+import zlib
 
 import pytest
 
 from deepmetric.inference.index import SearchIndex
 from deepmetric.inference.predictor import Predictor
+
 
 @pytest.fixture(scope="session")
 def predictor_and_index(checkpoint_dir, image_folder):
@@ -20,6 +23,36 @@ def predictor_and_index(checkpoint_dir, image_folder):
     index = SearchIndex.build(es, backend="faiss-flat", class_names=list_inputs(image_folder).class_names,
                               source={"model": predictor.fingerprint})
     return predictor, index
+
+
+@pytest.fixture(scope="session")
+def bomb_png():
+    """Issue 13's decompression bomb: an all-black 9000 x 9000 RGB PNG, about 236 KB."""
+    side = 9000
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    z, row = zlib.compressobj(9), b"\0" * (1 + 3 * side)  # row by row: never 243 MB in memory
+    idat = b"".join([*(z.compress(row) for _ in range(side)), z.flush()])
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="session")
+def onnx_gallery(checkpoint_dir, image_folder, tmp_path_factory):
+    """``(model.onnx, gallery.index)``: the tiny checkpoint exported, and an exact index of its gallery."""
+    from deepmetric.inference.export import export_checkpoint
+    from deepmetric.inference.predictor import list_inputs
+
+    work = tmp_path_factory.mktemp("onnx_gallery")
+    export_checkpoint(checkpoint_dir, "onnx", work / "model.onnx")
+    predictor = Predictor.from_onnx(work / "model.onnx")
+    inputs = list_inputs(image_folder)
+    es = predictor.embed_list(inputs.paths, inputs.labels, progress=False)
+    SearchIndex.build(es, backend="exact", class_names=inputs.class_names,
+                      source={"model": predictor.fingerprint}).save(work / "gallery.index")
+    return work / "model.onnx", work / "gallery.index"
 
 
 @pytest.fixture(scope="module")

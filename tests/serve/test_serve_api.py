@@ -110,7 +110,7 @@ def test_oversize_body_refused_before_reading(client):
 
 
 def test_oversize_file_within_body_allowance(client):
-    assert_error(client.post("/embed", files=upload(b"\xff" * (60 * 1024))), 413, "upload limit")
+    assert_error(client.post("/embed", files=upload(b"\xff" * (60 * 1024))), 413, "above the limit")
 
 
 def test_oversize_chunked_body_without_length(client):

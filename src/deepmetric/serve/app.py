@@ -5,46 +5,58 @@ FastAPI app.
 |---|---|---|
 | ``GET /`` | | the search page (static HTML + JS, no external resources) |
 | ``GET /health`` | | model, index and limits |
-| ``POST /embed`` | multipart ``file`` (an image) | ``{"embedding": [...], "dim", "l2_normalized"}`` |
+| ``POST /embed`` | multipart ``file`` (one image) | ``{"embedding": [...], "dim", "l2_normalized"}`` |
 | ``POST /search?top_k=10`` | multipart ``file`` | ``{"hits": [{"rank", "id", "score", "label", "label_name", "name", "image_url"}], ...}`` |
 | ``GET /images/{id}`` | gallery id | the gallery image file stored in the index (404 for any other id) |
-| ``GET /docs``, ``/openapi.json`` | | FastAPI's OpenAPI schema and its viewer |
+| ``GET /docs``, ``/openapi.json`` | | the OpenAPI schema (every status below is in it) and its viewer |
 
-Bad input is a 4xx with a ``detail`` message, never a 500: a body above the upload limit is refused
-with 413 before it is read, a file that is not an image gets 415, a corrupt one 400, an image with more
-than ``max_pixels`` pixels (a decompression bomb) 413 from its header alone, missing fields 422.
+Every error is JSON ``{"detail": "<message>"}`` (422 adds ``errors``), never a 500:
 
-Concurrency: uploads are read on the event loop; decoding, embedding and search run in worker threads,
-at most ``workers`` at a time and in arrival order, so the event loop is never starved and latency
-grows evenly with load. Within that, the forward pass runs one at a time under the predictor's lock
-(its intra-op threads already use the cores); decoding and index searches overlap.
+| status | when |
+|---|---|
+| 400 | empty, corrupt or truncated image; more than one file; a ``Host`` not in ``allowed_hosts`` |
+| 401 | ``api_key`` is set and a client beyond loopback did not send it (``X-API-Key`` or ``Authorization: Bearer``) |
+| 413 | body above ``max_upload_bytes`` (refused before it is read), image above ``max_pixels`` (from its header) |
+| 415 | not an image |
+| 422 | missing ``file`` field, bad ``top_k`` or id |
+| 503 | ``workers + queue`` image requests already in the server: retry after ``Retry-After`` seconds |
+
+Bounded work per request: an upload is at most ``max_upload_bytes``; its pixels are checked against
+``max_pixels`` (default sized to the model's input, :func:`~deepmetric.inference.preprocess.default_max_pixels`)
+before decoding; JPEGs decode at reduced scale; every image is brought to the model's input size.
+So a request holds at most ``max_upload_bytes + 4 * max_pixels`` bytes (``max_request_bytes`` in
+``/health``), and at most ``workers + queue`` requests are in the server at once: the rest get 503
+before their body is read.
+
+Concurrency: decoding, embedding and search run in worker threads, at most ``workers`` at a time and
+in arrival order, so the event loop is never starved and latency grows evenly with load. The forward
+pass runs one at a time under the predictor's lock (its intra-op threads already use the cores).
 """
 from __future__ import annotations
 
-import io
-import logging
+import hmac
+import ipaddress
 import mimetypes
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import anyio
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
 from ..errors import UserError
 
-log = logging.getLogger("deepmetric.serve")
-
 STATIC = Path(__file__).parent / "static"
 UPLOAD_ROUTES = ("/embed", "/search")
+PUBLIC_PATHS = ("/", "/static/")  # the page shell (no data): served without the API key
 MULTIPART_OVERHEAD = 64 * 1024  # boundary lines and part headers around the file
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+RETRY_AFTER_S = 1
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 class HitOut(BaseModel):
@@ -71,98 +83,219 @@ class EmbedOut(BaseModel):
     embedding: List[float]
 
 
-class UploadLimit:
-    """ASGI middleware: refuse upload bodies above ``limit`` bytes with 413 without reading them
-    (``Content-Length``), or as soon as a chunked body passes the limit."""
+class IndexOut(BaseModel):
+    backend: str
+    metric: str
+    dim: int
+    count: int
+    mode: str
+    params: Dict[str, Any]
 
-    def __init__(self, app: Any, limit: int, routes: tuple = UPLOAD_ROUTES) -> None:
-        self.app, self.limit, self.routes = app, limit, routes
 
-    async def _refuse(self, scope: Dict[str, Any], receive: Any, send: Any, size: str) -> None:
-        await JSONResponse({"detail": f"upload of {size} bytes is above the limit of {self.limit} bytes"},
-                           status_code=413, headers={"Connection": "close"})(scope, receive, send)
+class HealthOut(BaseModel):
+    status: str
+    version: str
+    runtime: str
+    model: Optional[str] = None
+    embedding_dim: int
+    input_shape: Optional[List[int]] = None  # [C, H, W] every upload is brought to; null: unknown
+    index: IndexOut
+    max_upload_bytes: int
+    max_pixels: int
+    max_request_bytes: int
+    max_top_k: int
+    workers: int
+    queue: int
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+class ValidationErrorItem(BaseModel):
+    loc: List[Union[str, int]]
+    msg: str
+    type: str
+
+
+class ValidationErrorOut(BaseModel):
+    detail: str
+    errors: List[ValidationErrorItem]
+
+
+def _error(description: str, **extra: Any) -> Dict[str, Any]:
+    return {"model": ErrorOut, "description": description, **extra}
+
+
+UPLOAD_ERRORS: Dict[Union[int, str], Dict[str, Any]] = {
+    400: _error("empty, corrupt or truncated image, more than one file, or a malformed multipart body"),
+    413: _error("upload above max_upload_bytes, or image above max_pixels (refused from its header)"),
+    415: _error("not an image: JPEG, PNG, WebP, BMP, GIF, TIFF or PPM"),
+    422: {"model": ValidationErrorOut, "description": "missing 'file' field or invalid query parameter"},
+    503: _error("the server holds workers + queue image requests already; retry later",
+                headers={"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}),
+}
+
+
+def _json(status: int, detail: str, headers: Optional[Dict[str, str]] = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _host_name(host: str) -> str:
+    """``Host`` header -> name without port: ``[::1]:8000`` -> ``::1``, ``a.b:80`` -> ``a.b``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_loopback(host: Optional[str]) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class HostGuard:
+    """ASGI middleware: answer 400 to a ``Host`` header outside ``allowed`` (``*.example.com`` matches
+    subdomains), so a DNS-rebinding page cannot read the service through the user's browser."""
+
+    def __init__(self, app: Any, allowed: Sequence[str]) -> None:
+        self.app, self.allowed = app, [h.lower() for h in allowed]
+
+    def _allowed(self, name: str) -> bool:
+        return any(name == h or (h.startswith("*.") and name.endswith(h[1:])) for h in self.allowed)
+
+    async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if not self._allowed(_host_name(host)):
+                return await _json(400, f"Host {host!r} is not served here (allowed: {', '.join(self.allowed)}); "
+                                        "add it with --allowed-hosts")(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class ApiKeyGuard:
+    """ASGI middleware: a client beyond loopback must send ``key`` (``X-API-Key: KEY`` or
+    ``Authorization: Bearer KEY``) for anything but the page shell; loopback clients need not."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    def _sent(self, headers: Dict[bytes, bytes]) -> bytes:
+        auth = headers.get(b"authorization", b"")
+        return headers.get(b"x-api-key") or (auth[7:].strip() if auth[:7].lower() == b"bearer " else b"")
+
+    async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not is_loopback((scope.get("client") or (None,))[0]):
+            path = scope["path"]
+            public = scope["method"] in ("GET", "HEAD") and (path == "/" or path.startswith(PUBLIC_PATHS[1]))
+            if not public and not hmac.compare_digest(self._sent(dict(scope["headers"])), self.key):
+                return await _json(401, "this server needs an API key from clients beyond its own machine: send "
+                                        "it in the X-API-Key header", {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class UploadGate:
+    """ASGI middleware for the upload routes: 413 for a body above ``limit`` bytes (from
+    ``Content-Length`` before reading, or as soon as a chunked body passes it), 503 with
+    ``Retry-After`` when ``capacity`` uploads are already in the server, before their body is read.
+
+    The 413 message quotes ``file_limit`` (``max_upload_bytes`` of ``/health``); the body may exceed it
+    by the multipart framing allowance.
+    """
+
+    def __init__(self, app: Any, file_limit: int, capacity: int, routes: tuple = UPLOAD_ROUTES) -> None:
+        self.app, self.file_limit, self.capacity, self.routes = app, file_limit, capacity, routes
+        self.limit = file_limit + MULTIPART_OVERHEAD
+        self.active = 0  # touched on the event loop only
+
+    async def _too_large(self, scope: Dict[str, Any], receive: Any, send: Any, size: str) -> None:
+        await _json(413, f"upload of {size} bytes is above the limit of {self.file_limit} bytes (max_upload_bytes)",
+                    {"Connection": "close"})(scope, receive, send)
 
     async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.routes:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._refuse(scope, receive, send, length.decode())
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                return await self._refuse(scope, receive, send, f"more than {self.limit}")
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        replayed = False
+            return await self._too_large(scope, receive, send, length.decode())
+        if self.active >= self.capacity:
+            return await _json(503, f"busy: {self.capacity} image requests are in progress; retry in {RETRY_AFTER_S} s",
+                               {"Retry-After": str(RETRY_AFTER_S)})(scope, receive, send)
+        self.active += 1
+        try:
+            chunks, size, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.limit:
+                    return await self._too_large(scope, receive, send, f"more than {self.limit}")
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+            replayed = False
 
-        async def replay() -> Dict[str, Any]:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            async def replay() -> Dict[str, Any]:
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-        return await self.app(scope, replay, send)
-
-
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Upload bytes -> RGB ``PIL.Image``, or an :class:`HTTPException` saying what is wrong (4xx)."""
-    if not data:
-        raise HTTPException(400, "empty upload: send an image file in the 'file' field")
-    try:
-        # a fixed list of decoders: never hand uploads to plugins that shell out (EPS -> Ghostscript)
-        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except UnidentifiedImageError:
-        raise HTTPException(415, "not an image: send a JPEG, PNG, WebP, BMP, GIF or TIFF file") from None
-    except Image.DecompressionBombError as e:
-        raise HTTPException(413, f"image too large: {e}") from None
-    except Exception as e:  # noqa: BLE001 - malformed headers raise many types
-        raise HTTPException(400, f"cannot read the image header ({type(e).__name__})") from None
-    w, h = img.size
-    if w * h > max_pixels:  # checked from the header, before any pixel is decoded
-        raise HTTPException(413, f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} "
-                                 "(decompression-bomb guard); send a smaller image")
-    try:
-        img.load()
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        return img.convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise HTTPException(413, f"image too large: {e}") from None
-    except Exception as e:  # noqa: BLE001 - truncated data, decoder errors
-        raise HTTPException(400, f"corrupt or truncated image ({type(e).__name__}: {e})".splitlines()[0]) from None
+            return await self.app(scope, replay, send)
+        finally:
+            self.active -= 1
 
 
 def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_pixels: Optional[int] = None,
-               max_top_k: int = 100, workers: Optional[int] = None, title: str = "deepmetric search") -> FastAPI:
+               max_top_k: int = 100, workers: Optional[int] = None, queue: int = 16,
+               allowed_hosts: Optional[Sequence[str]] = None, api_key: Optional[str] = None,
+               title: str = "deepmetric search") -> FastAPI:
     """A FastAPI app serving ``index`` with ``predictor``; both are loaded once, by the caller.
 
-    ``workers``: image requests processed at once (default: CPU count, at most 4); the rest queue.
+    ``workers``: image requests processed at once (default: CPU count, at most 4); ``queue``: more
+    that may wait, beyond which uploads get 503. ``max_pixels``: largest accepted image (default sized
+    to the model's input). ``allowed_hosts``: ``Host`` names served (``None``: any; ``deepmetric serve``
+    passes the loopback names when bound to loopback). ``api_key``: required from clients beyond loopback.
     """
     from .. import __version__
 
     predictor.check_index(index)
     upload_limit = int(max_upload_mb * 1024 * 1024)
-    pixel_limit = int(max_pixels or Image.MAX_IMAGE_PIXELS or 89_478_485)
+    pixel_limit = predictor.pixel_limit(max_pixels)
+    workers = int(workers or min(4, os.cpu_count() or 1))
     score_meaning = ("cosine similarity, higher is closer" if index.metric == "cosine"
                      else "squared L2 distance, lower is closer")
+    guarded: Dict[Union[int, str], Dict[str, Any]] = {}
+    if allowed_hosts is not None:
+        guarded[400] = _error("Host header not in the allowed hosts")
+    if api_key:
+        guarded[401] = _error("API key missing or wrong (clients beyond loopback)")
     app = FastAPI(title=title, version=__version__,
                   description="Image similarity search: embed an uploaded image and return the nearest gallery images.")
     app.state.predictor, app.state.index = predictor, index
     # Decoding, embedding and search run in worker threads, at most `workers` at once and served in
     # arrival order (anyio's limiter is FIFO): a bounded queue instead of dozens of threads fighting
     # over the GIL, which starves the event loop and gives long latency tails.
-    limiter = anyio.CapacityLimiter(workers or min(4, os.cpu_count() or 1))
+    limiter = anyio.CapacityLimiter(workers)
 
     async def run_limited(fn, *args):
         return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
-    app.add_middleware(UploadLimit, limit=upload_limit + MULTIPART_OVERHEAD)
+
+    # added last = outermost: Host first, then the key, then the upload gate
+    app.add_middleware(UploadGate, file_limit=upload_limit, capacity=workers + max(0, int(queue)))
+    if api_key:
+        app.add_middleware(ApiKeyGuard, key=api_key)
+    if allowed_hosts is not None:
+        app.add_middleware(HostGuard, allowed=list(allowed_hosts))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -174,27 +307,36 @@ def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_p
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return _json(getattr(exc, "status", 400), str(exc))
 
-    async def read_upload(file: UploadFile) -> bytes:
+    async def read_upload(request: Request, file: UploadFile) -> bytes:
+        if len((await request.form()).getlist("file")) > 1:  # the form FastAPI parsed, cached
+            raise HTTPException(400, "send one image per request: the 'file' field holds several files")
         data = await file.read(upload_limit + 1)
         if len(data) > upload_limit:
-            raise HTTPException(413, f"file is larger than the upload limit of {upload_limit} bytes")
+            raise HTTPException(413, f"upload of more than {upload_limit} bytes is above the limit of "
+                                     f"{upload_limit} bytes (max_upload_bytes)")
+        if not data:
+            raise HTTPException(400, "empty upload: send an image file in the 'file' field")
         return data
 
     def embed_bytes(data: bytes):
-        return predictor.embed_images([decode_image(data, pixel_limit)])
+        return predictor.embed_images([predictor.decode(data, pixel_limit)])
 
-    @app.get("/health", summary="Service status, model and index")
-    def health() -> Dict[str, Any]:
+    @app.get("/health", summary="Service status, model, index and limits", response_model=HealthOut,
+             responses=guarded)
+    def health() -> HealthOut:
         info = {k: v for k, v in index.info().items() if k != "source"}  # no server paths in responses
-        return {"status": "ok", "version": __version__, "runtime": predictor.runtime, "model": predictor.fingerprint,
-                "embedding_dim": predictor.embedding_dim, "index": info,
-                "max_upload_bytes": upload_limit, "max_pixels": pixel_limit, "max_top_k": max_top_k}
+        shape = predictor.input_shape
+        return HealthOut(status="ok", version=__version__, runtime=predictor.runtime, model=predictor.fingerprint,
+                         embedding_dim=predictor.embedding_dim, input_shape=list(shape) if shape else None,
+                         index=IndexOut(**info), max_upload_bytes=upload_limit, max_pixels=pixel_limit,
+                         max_request_bytes=upload_limit + 4 * pixel_limit, max_top_k=max_top_k, workers=workers,
+                         queue=max(0, int(queue)))
 
-    @app.post("/embed", response_model=EmbedOut, summary="Embed one image")
-    async def embed(file: UploadFile = File(..., description="an image file")) -> EmbedOut:
-        vec = (await run_limited(embed_bytes, await read_upload(file)))[0]
+    @app.post("/embed", response_model=EmbedOut, summary="Embed one image", responses={**UPLOAD_ERRORS, **guarded})
+    async def embed(request: Request, file: UploadFile = File(..., description="one image file")) -> EmbedOut:
+        vec = (await run_limited(embed_bytes, await read_upload(request, file)))[0]
         return EmbedOut(dim=len(vec), l2_normalized=predictor.normalized, embedding=vec.tolist())
 
     def search_bytes(data: bytes, top_k: int):
@@ -202,10 +344,11 @@ def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_p
         hits = index.search(embed_bytes(data), k=top_k)[0]
         return hits, (time.perf_counter() - start) * 1000
 
-    @app.post("/search", response_model=SearchOut, summary="Nearest gallery images of an uploaded image")
-    async def search(file: UploadFile = File(..., description="the query image"),
+    @app.post("/search", response_model=SearchOut, summary="Nearest gallery images of an uploaded image",
+              responses={**UPLOAD_ERRORS, **guarded})
+    async def search(request: Request, file: UploadFile = File(..., description="the query image"),
                      top_k: int = Query(10, ge=1, le=max_top_k, description="number of hits")) -> SearchOut:
-        hits, took = await run_limited(search_bytes, await read_upload(file), top_k)
+        hits, took = await run_limited(search_bytes, await read_upload(request, file), top_k)
         out = [HitOut(rank=r, id=h.id, score=h.score, label=h.label, label_name=h.label_name,
                       name=os.path.basename(h.path) if h.path else None,
                       image_url=f"/images/{h.id}" if h.path else None) for r, h in enumerate(hits, start=1)]
@@ -213,7 +356,10 @@ def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_p
                          took_ms=round(took, 3))
 
     @app.get("/images/{item_id}", summary="A gallery image of the index", response_class=FileResponse,
-             responses={404: {"description": "no such gallery item, or its file is gone"}})
+             responses={200: {"description": "the gallery image file",
+                              "content": {"image/*": {}, "application/octet-stream": {}}},
+                        404: _error("no such gallery item, or its file is gone"),
+                        422: {"model": ValidationErrorOut, "description": "the id is not an integer"}, **guarded})
     def image(item_id: int) -> FileResponse:
         # Only paths stored in the index are ever served: the id is the sole input.
         if not 0 <= item_id < len(index):
@@ -232,3 +378,11 @@ def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_p
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def default_allowed_hosts(bind: str) -> Optional[List[str]]:
+    """The ``Host`` names a server bound to ``bind`` answers by default: the loopback names (and the
+    bound address) on loopback, any (``None``) beyond it."""
+    if not is_loopback(bind):
+        return None
+    return list(dict.fromkeys([*LOOPBACK_NAMES, bind.strip("[]").lower()]))

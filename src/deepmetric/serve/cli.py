@@ -1,66 +1,113 @@
-"""``deepmetric serve``: load a model and an index once, then serve the HTTP API and search page."""
+"""``deepmetric serve``: load a model and an index once, then serve the HTTP API and search page.
+
+An ``.onnx`` model is served with onnxruntime, numpy and Pillow only (the ``onnx`` extra): PyTorch
+is not imported. A run or checkpoint directory needs PyTorch (the ``serve`` extra).
+"""
 from __future__ import annotations
 
 import argparse
-import ipaddress
+import importlib
 import logging
+import os
+from typing import Any, List, Optional
 
 from ..errors import UserError
 
 log = logging.getLogger("deepmetric")
 
+API_KEY_ENV = "DEEPMETRIC_API_KEY"
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
 
-        from .app import create_app
-    except ImportError as e:
-        raise UserError(f"serving needs the 'serve' extra ({e.name} is missing): pip install 'deepmetric[serve]'") from None
+def _require_web_stack() -> None:
+    missing = []
+    for package, module in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("python-multipart", "python_multipart")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise UserError(f"serving needs {', '.join(missing)}: pip install 'deepmetric[onnx]' to serve an .onnx "
+                        "model, or 'deepmetric[serve]' for checkpoints (with PyTorch)")
+
+
+def _hosts(value: Optional[str], bind: str) -> Optional[List[str]]:
+    from .app import default_allowed_hosts
+
+    if value is None:
+        return default_allowed_hosts(bind)
+    hosts = [h.strip() for h in value.split(",") if h.strip()]
+    return None if "*" in hosts else hosts
+
+
+def build_app(args: argparse.Namespace) -> Any:
+    """The app ``deepmetric serve`` runs, from its parsed arguments (model and index loaded)."""
+    _require_web_stack()
     from ..inference.index import SearchIndex
     from ..inference.predictor import Predictor
+    from .app import create_app
 
-    if args.threads:
+    onnx = str(args.checkpoint).lower().endswith(".onnx")
+    if args.threads and not onnx and args.runtime == "torch":
         import torch
 
         torch.set_num_threads(args.threads)
     index = SearchIndex.load(args.index)
     predictor = Predictor.load(args.checkpoint, device=args.device, runtime=args.runtime, threads=args.threads)
-    app = create_app(predictor, index, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
-                     max_top_k=args.max_top_k, workers=args.workers)
-    if not _is_loopback(args.host):
-        log.warning("serving on %s: anyone who can reach this address can search and download the gallery images",
-                    args.host)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    allowed = _hosts(args.allowed_hosts, args.host)
+    return create_app(predictor, index, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
+                      max_top_k=args.max_top_k, workers=args.workers, queue=args.queue, allowed_hosts=allowed,
+                      api_key=api_key)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _require_web_stack()
+    import uvicorn
+
+    from .app import is_loopback
+
+    app = build_app(args)
+
+    predictor, index = app.state.predictor, app.state.index
+    if not is_loopback(args.host):
+        if not (args.api_key or os.environ.get(API_KEY_ENV)):
+            log.warning("serving on %s without an API key: anyone who can reach this address can search and "
+                        "download the gallery images (set %s or --api-key)", args.host, API_KEY_ENV)
+        if args.allowed_hosts is None:
+            log.warning("serving on %s for any Host header; name the host names clients use with --allowed-hosts",
+                        args.host)
     print(f"serving {len(index)} {'centroids' if index.mode == 'centroids' else 'images'} "
           f"({index.backend_name}, {index.metric}) with {predictor.runtime} at http://{args.host}:{args.port}/")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``serve`` to the ``deepmetric`` parser."""
     p = subparsers.add_parser("serve", help="HTTP search API and web page for an index")
-    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or exported .onnx file")
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+                   help="exported .onnx file (served without PyTorch), or a run or checkpoint directory")
     p.add_argument("--index", required=True, help="index file from 'deepmetric index build'")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                   help="for a checkpoint: run it with PyTorch or (exported in memory) onnxruntime")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload")
     p.add_argument("--max-pixels", type=int, default=None,
-                   help="largest accepted image (width x height; default PIL's MAX_IMAGE_PIXELS)")
+                   help="largest accepted image, width x height (default: 256 x the model's input pixels, "
+                        "at least 4096 x 4096)")
     p.add_argument("--max-top-k", type=int, default=100)
     p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime intra-op threads")
     p.add_argument("--workers", type=int, default=None,
-                   help="image requests processed at once (default: CPU count, at most 4); the rest queue")
+                   help="image requests processed at once (default: CPU count, at most 4)")
+    p.add_argument("--queue", type=int, default=16,
+                   help="image requests that may wait beyond --workers; more get 503 with Retry-After (default 16)")
+    p.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="comma-separated Host names served ('*' any; '*.example.com' subdomains); default: "
+                        "the loopback names when --host is loopback, else any")
+    p.add_argument("--api-key", default=None,
+                   help=f"key clients beyond this machine must send (X-API-Key header); prefer the {API_KEY_ENV} "
+                        "environment variable, which other users cannot see in the process list")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
