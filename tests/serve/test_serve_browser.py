@@ -64,3 +64,65 @@ def test_upload_in_the_page_shows_result_cards(browser, live_server, image_folde
     wait.until(lambda d: "error" in d.find_element(By.ID, "status").get_attribute("class"))
     assert "415" in browser.find_element(By.ID, "status").text
     assert browser.find_elements(By.CSS_SELECTOR, ".result-card") == []
+
+
+def _non_loopback_address():
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 9))  # no packet is sent: this only picks the outgoing interface
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+@pytest.fixture()
+def keyed_server(predictor_and_index):
+    """A server with an API key on this machine's non-loopback address, so the browser is a remote client."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from deepmetric.serve import create_app
+
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("needs a non-loopback IPv4 address to be a client beyond loopback")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((address, 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(*predictor_and_index, api_key="s3cret"), log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://{address}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
+def test_page_asks_for_the_api_key_beyond_loopback(browser, keyed_server, image_folder):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(keyed_server + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.ID, "key-form").is_displayed())
+    assert "needs an API key" in browser.find_element(By.ID, "index-info").text
+    browser.find_element(By.ID, "key").send_keys("s3cret")
+    browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
+    wait.until(lambda d: "images" in d.find_element(By.ID, "index-info").text)
+    browser.find_element(By.ID, "file").send_keys(str(sorted(image_folder.glob("class_02/*.jpg"))[1]))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result-card")) == 10)
+    assert "#1 class_02" in browser.find_elements(By.CSS_SELECTOR, ".result-card")[0].text
+    # the gallery pictures are fetched with the key too, and load
+    wait.until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('.result-card img')].every(i => i.complete && i.naturalWidth > 0)"))

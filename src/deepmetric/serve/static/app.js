@@ -1,11 +1,44 @@
 // The search page: pick or drop an image, POST it to /search, show the hits as cards.
 // No framework and no external resources, so the page works offline. Server data is inserted
 // with textContent only (never innerHTML).
+// A server started with an API key answers 401 to clients beyond its machine: the page then asks
+// for the key, keeps it for this tab only (sessionStorage) and sends it as X-API-Key, loading the
+// gallery pictures through fetch as well.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 let limits = { max_upload_bytes: Infinity, metric: "cosine" };
 let lastFile = null;
+
+function apiKey() {
+  return sessionStorage.getItem("deepmetric-api-key") || "";
+}
+
+function api(url, options = {}) {
+  const key = apiKey();
+  const headers = key ? { ...(options.headers || {}), "X-API-Key": key } : options.headers;
+  return fetch(url, { ...options, headers });
+}
+
+function askForKey() {
+  const form = $("key-form");
+  form.hidden = false;
+  form.onsubmit = (e) => {
+    e.preventDefault();
+    sessionStorage.setItem("deepmetric-api-key", $("key").value);
+    form.hidden = true;
+    loadHealth();
+  };
+}
+
+async function showImage(img, url) {
+  if (!apiKey()) {
+    img.src = url;
+    return;
+  }
+  const res = await api(url);
+  if (res.ok) img.src = URL.createObjectURL(await res.blob());
+}
 
 function setStatus(text, isError) {
   const el = $("status");
@@ -15,7 +48,12 @@ function setStatus(text, isError) {
 
 async function loadHealth() {
   try {
-    const res = await fetch("/health");
+    const res = await api("/health");
+    if (res.status === 401) {
+      $("index-info").textContent = "this server needs an API key";
+      askForKey();
+      return;
+    }
     const h = await res.json();
     limits = { max_upload_bytes: h.max_upload_bytes, metric: h.index.metric };
     const mode = h.index.mode === "centroids" ? " class centroids" : " images";
@@ -32,7 +70,7 @@ function card(hit, metric) {
   div.dataset.id = hit.id;
   if (hit.image_url) {
     const img = document.createElement("img");
-    img.src = hit.image_url;
+    showImage(img, hit.image_url);
     img.alt = hit.name || `item ${hit.id}`;
     img.loading = "lazy";
     div.appendChild(img);
@@ -69,7 +107,8 @@ async function search(file) {
   const body = new FormData();
   body.append("file", file, file.name);
   try {
-    const res = await fetch(`/search?top_k=${encodeURIComponent($("topk").value)}`, { method: "POST", body });
+    const res = await api(`/search?top_k=${encodeURIComponent($("topk").value)}`, { method: "POST", body });
+    if (res.status === 401) askForKey();
     const data = await res.json().catch(() => ({ detail: res.statusText }));
     if (!res.ok) {
       results.replaceChildren();
