@@ -7,6 +7,7 @@ import struct
 import threading
 import time
 import zlib
+from contextlib import contextmanager
 
 import pytest
 
@@ -55,22 +56,17 @@ def onnx_gallery(checkpoint_dir, image_folder, tmp_path_factory):
     return work / "model.onnx", work / "gallery.index"
 
 
-@pytest.fixture(scope="module")
-def live_server(predictor_and_index):
-    """``http://127.0.0.1:<free port>`` served by uvicorn in a thread; stopped (and joined) afterwards.
+@contextmanager
+def serving(app, address: str = "127.0.0.1"):
+    """``http://<address>:<free port>`` served by uvicorn in a thread; stopped (and joined) afterwards.
 
     The socket is bound before the server starts, so there is no race for the port."""
     import uvicorn
 
-    from deepmetric.serve import create_app
-
-    predictor, index = predictor_and_index
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(predictor, index, max_upload_mb=1), log_level="warning",
-                                           lifespan="off"))
+    sock.bind((address, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -79,8 +75,23 @@ def live_server(predictor_and_index):
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://{address}:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout=15)
         sock.close()
+
+
+@pytest.fixture(scope="session")
+def serve():
+    """:func:`serving`, for tests that start a server of their own."""
+    return serving
+
+
+@pytest.fixture(scope="module")
+def live_server(predictor_and_index):
+    """The tiny gallery's app (1 MB uploads) on a free loopback port."""
+    from deepmetric.serve import create_app
+
+    with serving(create_app(*predictor_and_index, max_upload_mb=1)) as url:
+        yield url

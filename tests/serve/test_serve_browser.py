@@ -79,34 +79,15 @@ def _non_loopback_address():
 
 
 @pytest.fixture()
-def keyed_server(predictor_and_index):
+def keyed_server(predictor_and_index, serve):
     """A server with an API key on this machine's non-loopback address, so the browser is a remote client."""
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
     from deepmetric.serve import create_app
 
     address = _non_loopback_address()
     if address is None:
         pytest.skip("needs a non-loopback IPv4 address to be a client beyond loopback")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((address, 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(*predictor_and_index, api_key="s3cret"), log_level="warning",
-                                           lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://{address}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
+    with serve(create_app(*predictor_and_index, api_key="s3cret"), address) as url:
+        yield url
 
 
 def test_page_asks_for_the_api_key_beyond_loopback(browser, keyed_server, image_folder):
