@@ -15,6 +15,9 @@ size and normalisation a preset uses, for export metadata (a deployed model must
 
 ``image_size`` (int or ``(H, W)``) replaces the default size; resize-then-crop presets scale the
 resize step with it (``xbm`` at 448 resizes to 512).
+
+``channels`` (the model's ``model.in_chans``) makes image files arrive in that many channels: 1 is
+greyscale (PIL's ``L``), 3 is RGB; a preset's RGB mean/std become their average for one channel.
 """
 from __future__ import annotations
 
@@ -57,6 +60,58 @@ class ArrayToTensor:
         if t.dtype == torch.uint8:
             return t.float().div_(255.0)
         return t.float()
+
+
+def channel_stats(values: Sequence[float], channels: int) -> tuple[float, ...]:
+    """Normalisation constants for ``channels`` channels: as given when they fit (one value serves
+    every channel), else for one channel the average of the RGB constants (grey mixes the three).
+
+    >>> channel_stats((0.5,), 3), channel_stats((0.25, 0.5, 0.75), 1)
+    ((0.5,), (0.5,))
+
+    Raises:
+        ValueError: any other count, naming ``model.in_chans``.
+    """
+    values = tuple(float(v) for v in values)
+    if len(values) in (1, channels):
+        return values
+    if channels == 1:
+        return (sum(values) / len(values),)
+    raise ValueError(f"model.in_chans={channels}: the preset normalises {len(values)} channels "
+                     f"(mean {list(values)}); set model.in_chans to 1 or {len(values)}")
+
+
+class ToChannels:
+    """PIL image or ``(C, H, W) uint8`` tensor -> ``channels`` channels (1: greyscale, 3: RGB).
+
+    Greyscale uses PIL's ``L`` conversion, ITU-R 601-2 luma in fixed point,
+    ``L = (19595 R + 38470 G + 7471 B + 32768) >> 16``, also on tensors, so both decoders give the
+    same pixels, and a grey image decoded to RGB comes back unchanged. Anything else (numpy arrays,
+    float tensors) passes as it is: array formats (digits, MNIST) carry their own channels.
+    """
+
+    def __init__(self, channels: int) -> None:
+        self.channels = int(channels)
+
+    def __call__(self, x: Any) -> Any:
+        decoded = isinstance(x, Image.Image) or (torch.is_tensor(x) and x.dtype == torch.uint8 and x.ndim == 3)
+        if not decoded:
+            return x
+        if self.channels not in (1, 3):
+            raise ValueError(f"model.in_chans={self.channels}: image files load as 1 (greyscale) or 3 (RGB) "
+                             "channels; set model.in_chans to 1 or 3, or use an array data.format")
+        if isinstance(x, Image.Image):
+            mode = "L" if self.channels == 1 else "RGB"
+            return x if x.mode == mode else x.convert(mode)
+        if x.shape[0] == self.channels:
+            return x
+        if self.channels == 3:
+            return x.expand(3, *x.shape[1:]).clone()
+        r, g, b = x[:3].to(torch.int32)
+        return ((19595 * r + 38470 * g + 7471 * b + 32768) >> 16).to(torch.uint8)[None]
+
+    def __repr__(self) -> str:
+        return f"ToChannels({self.channels})"
 
 
 class ToFloat:
@@ -320,6 +375,7 @@ def build_transform(
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
     decoder: str = "auto",
+    channels: Optional[int] = None,
 ) -> Pipeline:
     """The train or test pipeline of ``preset``; output ``(C, H, W) float32``.
 
@@ -334,10 +390,13 @@ def build_transform(
             torchvision where every step of the preset takes tensors, else PIL. The two decode
             identical pixels; antialiased bilinear resizing differs from PIL's by rounding
             (about one grey level).
+        channels: the model's input channels (``model.in_chans``): images become greyscale (1) or
+            RGB (3) first (:class:`ToChannels`), and mean/std follow (:func:`channel_stats`).
+            ``None`` leaves the input's channels alone.
 
     Raises:
-        ValueError: unknown preset (the message lists the valid ones), bad size, or a decoder the
-            preset cannot take.
+        ValueError: unknown preset (the message lists the valid ones), bad size, a decoder the
+            preset cannot take, or mean/std that cannot serve ``channels``.
     """
     p = _preset(preset)
     size = _size(image_size, p.size)
@@ -346,5 +405,8 @@ def build_transform(
     if decoder == "torchvision" and not p.tensor_input:
         raise ValueError(f"preset {preset!r} resizes with Lanczos, which only PIL has; use decoder pil or auto")
     chosen = "pil" if decoder == "pil" or not p.tensor_input else "torchvision"
-    norm = T.Normalize(tuple(p.mean if mean is None else mean), tuple(p.std if std is None else std))
-    return Pipeline((p.train if train else p.test)(size, norm), chosen)
+    mean, std = tuple(p.mean if mean is None else mean), tuple(p.std if std is None else std)
+    if channels is not None:
+        mean, std = channel_stats(mean, channels), channel_stats(std, channels)
+    steps = (p.train if train else p.test)(size, T.Normalize(mean, std))
+    return Pipeline(steps if channels is None else [ToChannels(channels), *steps], chosen)

@@ -30,8 +30,9 @@ def build_transforms(cfg: Config):
 
     size = tuple(cfg.data.image_size) if cfg.data.image_size else None
     try:
-        return (build_transform(cfg.data.transform, train=True, image_size=size, decoder=cfg.data.decoder),
-                build_transform(cfg.data.transform, train=False, image_size=size, decoder=cfg.data.decoder))
+        # images arrive in the model's channel count (greyscale for model.in_chans=1)
+        return tuple(build_transform(cfg.data.transform, train=train, image_size=size, decoder=cfg.data.decoder,
+                                     channels=cfg.model.in_chans) for train in (True, False))
     except ValueError as e:
         key = "data.decoder" if "decoder" in str(e) else "data.transform"
         raise ConfigError(f"{key}: {e}") from None

@@ -103,8 +103,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(report.summary())
     meta = report.metadata
     size = "x".join(map(str, meta["input_size"])) if meta["input_size"] else "HxW"
-    pixels = ("0-255 RGB pixels" if meta["normalization_in_graph"]
-              else f"(pixel/255 - mean {meta['mean']}) / std {meta['std']}")
+    pixels = (f"0-255 {meta['color']} pixels" if meta["normalization_in_graph"]
+              else f"(pixel/255 - mean {meta['mean']}) / std {meta['std']}, {meta['color']}")
     print(f"input '{meta['input_name']}': N x {meta['channels']} x {size} float32, {pixels}; "
           f"output '{meta['output_name']}': N x {meta['embedding_dim']}")
     return 0
@@ -177,7 +177,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     x.add_argument("--output", required=True, type=Path)
     x.add_argument("--normalize-in-graph", action="store_true",
-                   help="the graph takes 0-255 RGB pixels and normalises itself (FastReID's convention)")
+                   help="the graph takes 0-255 pixels (RGB, or L for one-channel models) and normalises "
+                        "itself (FastReID's convention)")
     x.add_argument("--opset", type=int, default=17, help="ONNX opset")
     x.add_argument("--atol", type=float, default=1e-4, help="largest allowed abs difference vs PyTorch")
     x.set_defaults(func=cmd_export)

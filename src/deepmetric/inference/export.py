@@ -16,20 +16,27 @@ as metadata (ONNX ``metadata_props``; TorchScript extra file ``deepmetric.json``
 | ``deepmetric_version``, ``source_checkpoint``, ``source_fingerprint`` | | provenance |
 
 Values are strings: lists, numbers and booleans JSON-encoded (:func:`read_onnx_metadata` decodes them).
-After writing, the export is run on random inputs of two batch sizes and compared with PyTorch; a
-maximum absolute difference above ``atol`` (1e-4) raises :class:`ExportParityError` and removes the file.
+After writing, the export is run on random inputs of two batch sizes and compared with PyTorch (a
+model without a fixed ``input_size`` also at several image sizes, odd ones included); a maximum
+absolute difference above ``atol`` (1e-4) raises :class:`ExportParityError` and removes the file.
+
+ONNX export needs the optional ``onnx`` and ``onnxruntime`` packages (the :data:`ONNX_EXTRA` extra);
+without them an :class:`ExportError` says what to install, before anything is loaded. Files are written whole (a temporary sibling,
+fsynced, renamed) with the permissions of any file the user creates (``0o666 & ~umask``).
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import os
-import tempfile
+import secrets
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from types import ModuleType
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,6 +47,12 @@ from ..errors import UserError
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 DEFAULT_ATOL = 1e-4
 FORMATS = ("onnx", "torchscript")
+#: the ``pip install 'deepmetric[...]'`` extra that brings ``onnx`` and ``onnxruntime`` with PyTorch
+ONNX_EXTRA = "serve"
+#: the extra that brings ``onnxruntime`` alone (running an exported model)
+RUNTIME_EXTRA = "onnx"
+#: image sizes a size-free (``input_size: null``) export is checked at, besides ``fallback_size``
+DYNAMIC_CHECK_SIZES = ((8, 8), (32, 32), (29, 37))
 
 
 class ExportError(UserError):
@@ -48,6 +61,15 @@ class ExportError(UserError):
 
 class ExportParityError(ExportError):
     """The exported model's outputs differ from PyTorch's by more than the tolerance."""
+
+
+def optional_module(name: str, purpose: str, extra: str = ONNX_EXTRA) -> ModuleType:
+    """Import ``name`` (``onnx``, ``onnxruntime``) or raise an :class:`ExportError` naming the extra."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ExportError(f"{purpose} needs the '{name}' package, which is not installed: "
+                          f"pip install 'deepmetric[{extra}]'") from None
 
 
 @dataclass
@@ -100,8 +122,10 @@ def preprocessing_metadata(cfg, model: nn.Module, ckpt_dir: Optional[Path] = Non
 
 
 def _per_channel(values: Sequence[float], channels: int) -> list:
-    values = [float(v) for v in values]
-    return values * channels if len(values) == 1 else values[:channels]
+    from ..data.transforms import channel_stats
+
+    values = [float(v) for v in channel_stats(values, channels)]
+    return values * channels if len(values) == 1 else values
 
 
 class _NormalizeInside(nn.Module):
@@ -126,6 +150,7 @@ def _prepare(model: nn.Module, meta: Dict[str, Any], normalization_in_graph: boo
 
 
 def _random_inputs(meta: Dict[str, Any], batch: int, seed: int, fallback_size: Tuple[int, int]) -> torch.Tensor:
+    """Random inputs at the model's ``input_size``, or at ``fallback_size`` for a size-free model."""
     h, w = meta["input_size"] or fallback_size
     g = torch.Generator().manual_seed(seed)
     if meta.get("normalization_in_graph"):
@@ -137,8 +162,7 @@ def onnx_bytes(model: nn.Module, meta: Dict[str, Any], *, normalization_in_graph
                fallback_size: Tuple[int, int] = (64, 64)) -> Tuple[bytes, Dict[str, Any]]:
     """The serialised ONNX model (dynamic batch axis; dynamic H, W when ``input_size`` is null) and its
     metadata dict. Uses the TorchScript-based exporter (``dynamo=False``), which needs no onnxscript."""
-    import onnx
-
+    onnx = optional_module("onnx", "ONNX export")
     model, meta = _prepare(model, meta, normalization_in_graph)
     axes = {0: "batch"} if meta["input_size"] else {0: "batch", 2: "height", 3: "width"}
     buf = io.BytesIO()
@@ -158,8 +182,7 @@ def onnx_bytes(model: nn.Module, meta: Dict[str, Any], *, normalization_in_graph
 
 def read_onnx_metadata(model: str | os.PathLike | bytes) -> Dict[str, Any]:
     """The ``metadata_props`` of an ONNX file (or bytes) as a dict, JSON values decoded."""
-    import onnx
-
+    onnx = optional_module("onnx", "reading ONNX metadata")
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(os.fspath(model), load_external_data=False)
     return {p.key: _decode(p.value) for p in proto.metadata_props}
 
@@ -173,10 +196,7 @@ def _decode(value: str) -> Any:
 
 def onnx_session(model: str | os.PathLike | bytes, threads: Optional[int] = None):
     """An onnxruntime CPU ``InferenceSession`` (``threads`` intra-op threads; default: onnxruntime's)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ExportError("onnxruntime is not installed: pip install onnxruntime") from None
+    ort = optional_module("onnxruntime", "running an ONNX model", RUNTIME_EXTRA)
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
@@ -186,17 +206,27 @@ def onnx_session(model: str | os.PathLike | bytes, threads: Optional[int] = None
     return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def _check_sizes(meta: Dict[str, Any], fallback_size: Tuple[int, int]) -> List[Tuple[int, int]]:
+    """``[input_size]``, or for a size-free model ``fallback_size`` and :data:`DYNAMIC_CHECK_SIZES`: a
+    graph that kept the traced size (or one bin layout of an adaptive pooling) fails at the others."""
+    if meta["input_size"]:
+        return [tuple(meta["input_size"])]
+    return list(dict.fromkeys([tuple(fallback_size), *DYNAMIC_CHECK_SIZES]))
+
+
 def _parity(run, model: nn.Module, meta: Dict[str, Any], batch_sizes: Sequence[int],
             fallback_size: Tuple[int, int]) -> float:
     worst = 0.0
     with torch.no_grad():
-        for i, b in enumerate(batch_sizes):
-            x = _random_inputs(meta, b, 1000 + i, fallback_size)
-            ref = model(x).float().numpy()
-            got = np.asarray(run(x))
-            if got.shape != ref.shape:
-                raise ExportParityError(f"exported model returned shape {got.shape} for batch {b}, PyTorch {ref.shape}")
-            worst = max(worst, float(np.abs(got - ref).max()))
+        for j, size in enumerate(_check_sizes(meta, fallback_size)):
+            for i, b in enumerate(batch_sizes):
+                x = _random_inputs(meta, b, 1000 + 10 * j + i, size)
+                ref = model(x).float().numpy()
+                got = np.asarray(run(x))
+                if got.shape != ref.shape:
+                    raise ExportParityError(f"exported model returned shape {got.shape} for input "
+                                            f"{tuple(x.shape)}, PyTorch {ref.shape}")
+                worst = max(worst, float(np.abs(got - ref).max()))
     return worst
 
 
@@ -212,14 +242,20 @@ def _check(report: ExportReport, path: Optional[Path]) -> ExportReport:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new sibling, fsync it and rename it over ``path``. ``os.open`` with mode
+    0o666 lets the umask decide the permissions, as for any file the user creates (``mkstemp``
+    would make it 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -280,6 +316,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.
         exporter = _EXPORTERS[fmt]
     except KeyError:
         raise ExportError(f"unknown export format {fmt!r} (valid: {', '.join(FORMATS)})") from None
+    if fmt == "onnx":  # before loading anything: a missing package is said in one line
+        optional_module("onnx", "ONNX export")
+        optional_module("onnxruntime", "the ONNX parity check")
     model, cfg, ckpt = load_for_inference(checkpoint, device="cpu")
     meta = preprocessing_metadata(cfg, model, ckpt)
     return exporter(model, output, meta, normalization_in_graph=normalization_in_graph, atol=atol, **kwargs)

@@ -100,8 +100,32 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.body(x)
         if self.grid:
-            x = nn.functional.adaptive_avg_pool2d(x, self.grid).flatten(1)[:, :, None, None]
+            x = grid_pool(x, self.grid).flatten(1)[:, :, None, None]
         return x
+
+
+def grid_pool(x: torch.Tensor, g: int) -> torch.Tensor:
+    """``adaptive_avg_pool2d(x, g)``: ``(B, C, H, W) -> (B, C, g, g)``, cell ``i`` of an axis of length
+    ``n`` averaging rows ``floor(i n / g)`` to ``ceil((i + 1) n / g) - 1`` (PyTorch's bins).
+
+    The ONNX exporter cannot write an adaptive pooling to ``g > 1`` cells over a dynamic ``H, W``, so
+    an export computes the same bins as two averaging matrices built from the traced size:
+    ``P_H x P_W^T`` (equal to PyTorch's within float rounding). Training and eager inference keep
+    PyTorch's kernel.
+    """
+    if not torch.onnx.is_in_onnx_export():
+        return nn.functional.adaptive_avg_pool2d(x, g)
+    return _bin_matrix(x.shape[-2], g, x.dtype) @ x @ _bin_matrix(x.shape[-1], g, x.dtype).transpose(0, 1)
+
+
+def _bin_matrix(n, g: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(g, n)``: row ``i`` averages the entries of adaptive-pooling cell ``i`` (``n`` may be traced)."""
+    i = torch.arange(g)
+    start = torch.div(i * n, g, rounding_mode="floor")
+    end = torch.div((i + 1) * n + g - 1, g, rounding_mode="floor")
+    j = torch.arange(n)
+    inside = ((j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])).to(dtype)
+    return inside / inside.sum(1, keepdim=True)
 
 
 @BACKBONES.register("small_cnn")
