@@ -99,11 +99,13 @@ def build_sampler(cfg: Config, labels, rank: int = 0, world_size: int = 1):
 
 def init_from_run(model: Embedder, path: str) -> None:
     """Stage two: start from a stage-one run's Embedder weights (its classifier lives in the losses,
-    so it is skipped by construction); a changed head (embedding size) keeps its fresh init."""
+    so it is skipped by construction); a changed head (embedding size) keeps its fresh init, another
+    backbone is refused (WeightsError naming the first tensor that differs), as are NaN weights."""
     from .checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
-    report = load_weights(model, read_state_dict(ckpt / "model.safetensors"), f"model.init_from={ckpt}")
+    report = load_weights(model, read_state_dict(ckpt / "model.safetensors"), f"model.init_from={ckpt}",
+                          require=("backbone.",))
     log.info(report.summary())
 
 

@@ -9,28 +9,52 @@ Layout of ``RUN_DIR/checkpoints/{last,best}/``:
   numpy/python RNG states, the metrics at that step;
 - ``config.yaml``: the resolved recipe, so a checkpoint describes itself.
 
-A checkpoint is written into a temporary sibling directory and renamed into place; the previous one
-is moved aside first and deleted last, so a crash leaves either the old or the new checkpoint whole
-(``load`` falls back to the moved-aside copy). ``state.json`` is written last: a directory without it
-is never treated as a checkpoint.
+Crash safety. A save of ``NAME`` writes a new sibling ``.NAME.tmp-XXXXXXXX``: every file is fsynced,
+``state.json`` last, then the folder and its parent; only then is the previous ``NAME`` renamed to
+``.NAME.old``, the new folder renamed to ``NAME`` and the parent fsynced again. Once the new one is
+in place the stale ``.NAME.old`` and ``.NAME.tmp-*`` folders are removed, ``state.json`` first.
+
+A folder with a readable ``state.json`` (a JSON object) and ``model.safetensors`` is *complete*;
+``state.json`` being written last, a kill at any point of any number of saves in a row leaves at
+least one complete folder among ``NAME``, ``.NAME.old`` and the ``.NAME.tmp-*``, and
+:func:`read_checkpoint` takes the newest of them by ``step`` (``NAME`` on a tie). Resolving only
+reads: it never moves a folder another process may be writing.
+
+Loading refuses, as a one-line :class:`CheckpointError`, weights of another shape than the model
+(naming the tensor, its shape in the file and in the model), NaN or infinite weights, and a
+``state.json`` without what resuming needs. New folders and files get the permissions of anything
+the user creates (``0o777`` / ``0o666`` less the umask).
 """
 from __future__ import annotations
 
+import glob
 import json
+import logging
+import os
 import random
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+import yaml
+from safetensors.torch import load_file, save
 
-from ..config import Config, load_config, save_config
+from ..config import Config, load_config
 from ..errors import UserError
+from ..models import WeightsError, first_nonfinite, read_state_dict, weight_mismatches
 
 STATE = "state.json"
+WEIGHTS = "model.safetensors"
+TRAIN_STATE = "train_state.safetensors"
+CONFIG = "config.yaml"
+#: what resuming reads from ``state.json`` (the trainer writes them all)
+RESUME_KEYS = ("step", "epoch", "position", "scheduler", "loader_generator", "optimizers")
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when built in: the same text, faster
+
+log = logging.getLogger("deepmetric")
 
 
 class CheckpointError(UserError):
@@ -81,91 +105,233 @@ def _state_tensors(module: torch.nn.Module, prefix: str) -> Dict[str, torch.Tens
     return {f"{prefix}{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
+# -- filesystem steps ---------------------------------------------------------------------------
+# Every change a save makes to the disk goes through one of these, so that tests can stop the world
+# at each of them in turn (a kill -9 there) and check that a complete checkpoint survives.
+
+def _make_dir(path: Path) -> None:
+    os.mkdir(path, 0o777)  # less the umask, like any folder the user makes (mkdtemp: 0700)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:  # 0o666 less the umask
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _rename(src: Path, dst: Path) -> None:
+    os.rename(src, dst)
+
+
+def _unlink(path: Path) -> None:
+    os.unlink(path)
+
+
+def _rmdir(path: Path) -> None:
+    os.rmdir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the folder's entries (new files, renames) durable; POSIX only (Windows cannot open a folder)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a checkpoint folder, ``state.json`` first: from its first step on it is no longer complete."""
+    for entry in sorted(path.iterdir(), key=lambda e: e.name != STATE):
+        if entry.is_dir() and not entry.is_symlink():
+            _remove_dir(entry)
+        else:
+            _unlink(entry)
+    _rmdir(path)
+
+
+# -- saving --------------------------------------------------------------------------------------
+
+def _serialise(cfg: Config, model: torch.nn.Module, losses: torch.nn.ModuleList,
+               optimizers: Dict[str, torch.optim.Optimizer], state: Dict[str, Any]) -> Dict[str, bytes]:
+    """The checkpoint's files as bytes, ``state.json`` last (the order they are written in)."""
+    tensors = _state_tensors(losses, "losses.")
+    opt_meta = {}
+    for name, opt in optimizers.items():
+        t, m = _flatten_optimizer(opt.state_dict(), f"optim.{name}")
+        tensors.update(t)
+        opt_meta[name] = m
+    rt, rmeta = rng_state()
+    tensors.update(rt)
+    full = dict(state, optimizers=opt_meta, rng=rmeta, format=1)
+    return {WEIGHTS: save(_state_tensors(model, "")), TRAIN_STATE: save(tensors),
+            CONFIG: yaml.dump(cfg.to_dict(), Dumper=_YAML_DUMPER, sort_keys=False).encode(),
+            STATE: json.dumps(full, indent=1).encode()}
+
+
+def _old(final: Path) -> Path:
+    return final.parent / f".{final.name}.old"
+
+
+def _siblings(final: Path) -> List[Path]:
+    """``.NAME.old`` and the ``.NAME.tmp-*`` folders: where interrupted saves of ``NAME`` leave theirs."""
+    if not final.parent.is_dir():
+        return []
+    tmps = sorted(final.parent.glob(f".{glob.escape(final.name)}.tmp-*"))
+    return [p for p in (_old(final), *tmps) if p.is_dir()]
+
+
 def save_checkpoint(directory: str | Path, *, cfg: Config, model: torch.nn.Module,
                     losses: torch.nn.ModuleList, optimizers: Dict[str, torch.optim.Optimizer],
                     state: Dict[str, Any]) -> Path:
     """Write a complete checkpoint to ``directory`` atomically (see module docstring)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    files = _serialise(cfg, model, losses, optimizers, state)
+    tmp = directory.parent / f".{directory.name}.tmp-{secrets.token_hex(4)}"
+    _make_dir(tmp)
     try:
-        save_file(_state_tensors(model, ""), str(tmp / "model.safetensors"))
-        tensors = _state_tensors(losses, "losses.")
-        opt_meta = {}
-        for name, opt in optimizers.items():
-            t, m = _flatten_optimizer(opt.state_dict(), f"optim.{name}")
-            tensors.update(t)
-            opt_meta[name] = m
-        rt, rmeta = rng_state()
-        tensors.update(rt)
-        save_file(tensors, str(tmp / "train_state.safetensors"))
-        save_config(cfg, tmp / "config.yaml")
-        full = dict(state, optimizers=opt_meta, rng=rmeta, format=1)
-        (tmp / STATE).write_text(json.dumps(full, indent=1))
-        old = directory.parent / f".{directory.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if directory.exists():
-            directory.rename(old)
-        tmp.rename(directory)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
+        for name, data in files.items():
+            _write_file(tmp / name, data)
+        _fsync_dir(tmp)
+        _fsync_dir(directory.parent)
+    except Exception:  # an error (disk full), not a kill: leave no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # from here on tmp is complete and the newest: every step below leaves a checkpoint to resume from
+    old = _old(directory)
+    if old.exists():
+        _remove_dir(old)
+    if directory.exists():
+        _rename(directory, old)
+    _rename(tmp, directory)
+    _fsync_dir(directory.parent)
+    for stale in _siblings(directory):
+        try:
+            _remove_dir(stale)
+        except OSError as e:  # the new checkpoint is in place: a leftover that stays is only said
+            log.warning("could not remove the stale %s (%s); it is ignored while %s is newer", stale, e, directory)
     return directory
+
+
+# -- finding -------------------------------------------------------------------------------------
+
+def _complete_state(folder: Path) -> Optional[Dict[str, Any]]:
+    """The ``state.json`` of a complete checkpoint folder, else ``None``."""
+    try:
+        state = json.loads((folder / STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and (folder / WEIGHTS).is_file() else None
+
+
+def _step(state: Dict[str, Any]) -> int:
+    step = state.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else -1
+
+
+def newest_complete(final: str | Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """``(folder, state)`` of the newest complete checkpoint among ``final``, ``.NAME.old`` and
+    ``.NAME.tmp-*`` (highest ``step``; ``final`` on a tie), or ``None``."""
+    final = Path(final)
+    found = []
+    for order, folder in enumerate([final, *_siblings(final)]):
+        state = _complete_state(folder)
+        if state is not None:
+            found.append((_step(state), -order, folder, state))
+    if not found:
+        return None
+    *_, folder, state = max(found, key=lambda f: f[:2])
+    return folder, state
+
+
+def _why_incomplete(folder: Path) -> Optional[str]:
+    f = folder / STATE
+    if not f.is_file():
+        return None
+    try:
+        state = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        return f"{f}: unreadable ({type(e).__name__}: {e})".splitlines()[0]
+    if not isinstance(state, dict):
+        return f"{f}: expected a JSON object, got {type(state).__name__}"
+    return f"{folder}: {WEIGHTS} is missing"
+
+
+def read_checkpoint(path: str | Path, prefer: str = "best") -> Tuple[Path, Dict[str, Any]]:
+    """``(checkpoint folder, state.json)`` from a run directory (its newest complete ``prefer``
+    checkpoint, else ``last``) or a checkpoint folder (see module docstring)."""
+    p = Path(path)
+    finals = [p]
+    if (p / "checkpoints").is_dir():
+        finals = [p / "checkpoints" / name for name in dict.fromkeys((prefer, "last"))]
+    for final in finals:
+        hit = newest_complete(final)
+        if hit is not None:
+            return hit
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    for final in finals:
+        why = _why_incomplete(final)
+        if why:
+            raise CheckpointError(why)
+    raise CheckpointError(f"no complete checkpoint in {p} (expected {STATE} and {WEIGHTS})")
 
 
 def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
     """A checkpoint directory from a run directory (``best``, else ``last``) or a checkpoint path."""
-    p = Path(path)
-    candidates = [p]
-    if (p / "checkpoints").is_dir():
-        order = (prefer, "last") if prefer != "last" else ("last",)
-        candidates = [p / "checkpoints" / name for name in order]
-    for c in candidates:
-        if (c / STATE).is_file():
-            return c
-        old = c.parent / f".{c.name}.old"  # crash between the two renames of save_checkpoint
-        if (old / STATE).is_file():
-            return old
-    if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    raise CheckpointError(f"no complete checkpoint in {p} (expected {STATE} and model.safetensors)")
+    return read_checkpoint(path, prefer)[0]
 
 
-def read_checkpoint(path: str | Path, prefer: str = "best") -> Tuple[Path, Dict[str, Any]]:
-    ckpt = resolve_checkpoint(path, prefer)
-    try:
-        state = json.loads((ckpt / STATE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt / STATE}: unreadable ({e})") from None
-    return ckpt, state
-
+# -- loading -------------------------------------------------------------------------------------
 
 def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    f = ckpt / "model.safetensors"
+    """Load ``ckpt/model.safetensors`` into ``model``; refuses another architecture (naming the first
+    tensor that differs, with both shapes) and NaN or infinite weights, before changing anything."""
+    f = Path(ckpt) / WEIGHTS
     try:
-        tensors = load_file(str(f))
-    except Exception as e:
-        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{f} does not fit the model of its config.yaml "
-                              f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+        tensors = read_state_dict(f)
+    except WeightsError as e:
+        raise CheckpointError(str(e)) from None
+    problems = weight_mismatches(model.state_dict(), tensors)
+    if problems:
+        raise CheckpointError(f"{f} holds another architecture than the model it is loaded into: {problems[0]} "
+                              f"({len(problems)} difference{'s' if len(problems) > 1 else ''}); load it with "
+                              f"the model of its own {Path(ckpt) / CONFIG}")
+    model.load_state_dict(tensors, strict=False)  # only num_batches_tracked may be absent
 
 
 def load_train_state(ckpt: Path, losses: torch.nn.ModuleList,
                      optimizers: Dict[str, torch.optim.Optimizer], meta: Dict[str, Any]) -> None:
-    f = ckpt / "train_state.safetensors"
+    """Restore loss modules, optimizers and RNGs for resuming; ``meta`` is the checkpoint's ``state.json``."""
+    missing = [k for k in RESUME_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{Path(ckpt) / STATE} lacks {', '.join(missing)}: not a training checkpoint "
+                              "(or a damaged one); resume from another run, or train afresh")
+    f = Path(ckpt) / TRAIN_STATE
     try:
         tensors = load_file(str(f))
     except Exception as e:
-        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e})".splitlines()[0]) from None
+    bad = first_nonfinite({k: v for k, v in tensors.items() if k.startswith("losses.")})
+    if bad is not None:
+        raise CheckpointError(f"{f}: tensor {bad[0]} holds {bad[1]} NaN/infinite values (saved after the run "
+                              "diverged?); resume from an earlier checkpoint")
     loss_state = {k[len("losses."):]: v for k, v in tensors.items() if k.startswith("losses.")}
-    losses.load_state_dict(loss_state, strict=True)
+    problems = weight_mismatches(losses.state_dict(), loss_state)
+    if problems:
+        raise CheckpointError(f"{f}: the loss terms differ from this recipe's losses ({problems[0]}); "
+                              f"resume with the losses of {Path(ckpt) / CONFIG}, or train afresh")
+    losses.load_state_dict(loss_state, strict=False)  # only num_batches_tracked may be absent
     for name, opt in optimizers.items():
-        opt.load_state_dict(_unflatten_optimizer(meta["optimizers"][name], tensors))
+        try:
+            opt.load_state_dict(_unflatten_optimizer(meta["optimizers"][name], tensors))
+        except (KeyError, ValueError) as e:  # another set of parameters or optimizers
+            raise CheckpointError(f"{Path(ckpt) / STATE}: optimizer {name!r} does not fit this recipe's "
+                                  f"({type(e).__name__}: {e}); resume with {Path(ckpt) / CONFIG}".splitlines()[0]) from None
     set_rng_state(tensors, meta.get("rng", {}))
 
 
@@ -174,7 +340,7 @@ def load_for_inference(path: str | Path, prefer: str = "best", device: str | tor
     from .build import build_model
 
     ckpt, _ = read_checkpoint(path, prefer)
-    cfg = load_config(ckpt / "config.yaml")
+    cfg = load_config(ckpt / CONFIG)
     model = build_model(cfg, load_weights=False)
     load_model_weights(model, ckpt)
     return model.to(device).eval(), cfg, ckpt

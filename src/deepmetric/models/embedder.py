@@ -109,6 +109,8 @@ def read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
     """Read a torchvision/timm ``.pth``/``.pt``/``.bin`` or a ``.safetensors`` file into a flat state dict.
 
     Accepts checkpoints that wrap the weights under ``state_dict``/``model``/``module.`` prefixes.
+    Refuses (:class:`WeightsError`, naming the file and tensor) a file holding NaN or infinite
+    values: weights saved after a run diverged would only fail later, far from the cause.
     """
     p = Path(path)
     if not p.is_file():
@@ -129,17 +131,63 @@ def read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
         raise WeightsError(f"{p} does not hold a state dict of tensors")
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
+    bad = first_nonfinite(sd)
+    if bad is not None:
+        key, count = bad
+        raise WeightsError(f"{p}: tensor {key} holds {count} NaN/infinite values (saved after the run diverged?); "
+                           "use an earlier checkpoint, or retrain with a lower optimizer.lr or train.grad_clip")
     return sd
 
 
+def first_nonfinite(state: Dict[str, torch.Tensor]) -> Optional[tuple[str, int]]:
+    """``(key, number of NaN/inf entries)`` of the first floating tensor that has any, else ``None``."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                return key, count
+    return None
+
+
+def weight_mismatches(own: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor], prefix: str = "",
+                      only: tuple[str, ...] = ("",)) -> List[str]:
+    """What keeps ``state`` (keys without ``prefix``) from loading into a module whose state dict is
+    ``own``, for the module keys starting with one of ``only``: shape differences first (the telling
+    ones), then tensors missing from the file, then tensors the module lacks. Empty when it fits."""
+    def wanted(k: str) -> bool:
+        return k.startswith(only) and not k.endswith("num_batches_tracked")
+
+    shapes, unexpected = [], []
+    for key, tensor in state.items():
+        k = prefix + key
+        if k not in own:
+            if wanted(k):
+                unexpected.append(f"tensor {key} is in the file but not in the model")
+        elif own[k].shape != tensor.shape and wanted(k):
+            shapes.append(f"tensor {key} has shape {tuple(tensor.shape)} in the file, "
+                          f"{tuple(own[k].shape)} in the model")
+    in_file = {prefix + key for key in state}
+    missing = [f"tensor {k} of the model is not in the file" for k in own if wanted(k) and k not in in_file]
+    return shapes + missing + unexpected
+
+
 def load_weights(module: nn.Module, state: Dict[str, torch.Tensor], source: str,
-                 prefix: str = "", skip: tuple[str, ...] = ()) -> LoadReport:
+                 prefix: str = "", skip: tuple[str, ...] = (), require: tuple[str, ...] = ()) -> LoadReport:
     """Copy every tensor of ``state`` whose (prefixed) key and shape match ``module``'s.
 
-    Keys starting with any of ``skip`` are ignored (e.g. a stage-one run's classifier).
+    Keys starting with any of ``skip`` are ignored (e.g. a stage-one run's classifier). Module keys
+    starting with any of ``require`` (``("backbone.",)``: the same trunk) must all load: any
+    difference there raises :class:`WeightsError` naming the first tensor, before anything is copied.
     Nothing fails silently: the returned report lists loaded, missing, unexpected and mismatched keys.
     """
     own = module.state_dict()
+    if require:
+        kept = {k: v for k, v in state.items() if not any(k.startswith(s) for s in skip)}
+        problems = weight_mismatches(own, kept, prefix, only=require)
+        if problems:
+            raise WeightsError(f"{source}: another architecture than this model ({problems[0]}; "
+                               f"{len(problems)} difference{'s' if len(problems) > 1 else ''} in "
+                               f"{', '.join(r + '*' for r in require)})")
     report = LoadReport(source)
     matched = {}
     for key, tensor in state.items():
