@@ -97,7 +97,7 @@ def test_page_and_openapi(client):
     assert page.status_code == 200 and 'id="file"' in page.text
     assert "http://" not in page.text and "https://" not in page.text  # no external resources
     js = client.get("/static/app.js").text
-    assert "fetch(`/search" in js and "https://" not in js
+    assert "api(`/search" in js and "https://" not in js
     schema = client.get("/openapi.json").json()
     assert {"/health", "/embed", "/search", "/images/{item_id}"} <= set(schema["paths"])
 

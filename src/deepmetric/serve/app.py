@@ -355,6 +355,18 @@ def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_p
         return SearchOut(metric=index.metric, score_meaning=score_meaning, top_k=top_k, hits=out,
                          took_ms=round(took, 3))
 
+    def gallery_path(item_id: int) -> Optional[str]:
+        """The stored path of ``item_id``: a stable id where the index has them (``path_of``), else a row."""
+        path_of = getattr(index, "path_of", None)
+        if path_of is not None and -2 ** 63 <= item_id < 2 ** 63:
+            try:
+                return path_of(item_id)
+            except (UserError, KeyError, IndexError):
+                pass
+        elif path_of is None and 0 <= item_id < len(index):
+            return index.paths[item_id]
+        raise HTTPException(404, f"no gallery item {item_id} in the index ({len(index)} items)")
+
     @app.get("/images/{item_id}", summary="A gallery image of the index", response_class=FileResponse,
              responses={200: {"description": "the gallery image file",
                               "content": {"image/*": {}, "application/octet-stream": {}}},
@@ -362,9 +374,7 @@ def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_p
                         422: {"model": ValidationErrorOut, "description": "the id is not an integer"}, **guarded})
     def image(item_id: int) -> FileResponse:
         # Only paths stored in the index are ever served: the id is the sole input.
-        if not 0 <= item_id < len(index):
-            raise HTTPException(404, f"no gallery item {item_id} (the index holds ids 0..{len(index) - 1})")
-        path = index.paths[item_id]
+        path = gallery_path(item_id)
         if not path:
             raise HTTPException(404, f"gallery item {item_id} has no stored image path")
         if not os.path.isfile(path):
