@@ -58,7 +58,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
                               class_names=f.class_names or None, source=source, **params)
     index.save(args.output)
     what = f"{len(index)} centroids of {len(f.embeddings)} vectors" if args.centroids else f"{len(index)} vectors"
-    print(f"wrote {args.output}: {args.backend} {args.metric} index of {what}, params {index.info()['params']}")
+    print(f"wrote {args.output}: {args.backend} {index.metric} index of {what}, params {index.info()['params']}")
     return 0
 
 
@@ -66,6 +66,47 @@ def cmd_index_info(args: argparse.Namespace) -> int:
     from .index import SearchIndex
 
     print(json.dumps(SearchIndex.load(args.index).info(), indent=1))
+    return 0
+
+
+def _id_span(ids) -> str:
+    ids = [int(i) for i in ids]
+    if len(ids) > 1 and ids == list(range(ids[0], ids[-1] + 1)):
+        return f"ids {ids[0]}..{ids[-1]}"
+    return ("id " if len(ids) == 1 else "ids ") + ", ".join(map(str, ids[:10])) + \
+        (f", ... ({len(ids) - 10} more)" if len(ids) > 10 else "")
+
+
+def cmd_index_add(args: argparse.Namespace) -> int:
+    from .index import edit_index
+    from .predictor import load_embeddings
+
+    f = load_embeddings(args.embeddings)
+    with edit_index(args.index) as index:
+        theirs, ours = f.meta.get("model"), index.source.get("model")
+        if theirs and ours and theirs != ours and not args.allow_other_model:
+            raise UserError(f"{args.embeddings} was embedded by model {theirs}, but {args.index} holds embeddings of "
+                            f"model {ours}; their vectors are not comparable (embed with that model, or pass "
+                            "--allow-other-model)")
+        before = set(index.labels.tolist())
+        es = f.embeddings
+        ids = index.add(es.vectors, es.labels, es.paths, class_names=f.class_names or None)
+    if index.mode == "centroids":
+        updated = len(before & set(index.labels[len(index) - len(ids):].tolist()))  # new ids are the last rows
+        print(f"added {len(es)} vectors to {args.index}: {updated} centroids updated, {len(ids) - updated} new "
+              f"({_id_span(ids)}); now {len(index)} centroids")
+    else:
+        print(f"added {len(ids)} items to {args.index} ({_id_span(ids)}); now {len(index)} items")
+    return 0
+
+
+def cmd_index_remove(args: argparse.Namespace) -> int:
+    from .index import edit_index
+
+    with edit_index(args.index) as index:
+        removed = index.remove(ids=args.ids, paths=args.paths, labels=args.labels)
+    noun = "centroids" if index.mode == "centroids" else "items"
+    print(f"removed {len(removed)} {noun} from {args.index} ({_id_span(removed)}); now {len(index)} {noun}")
     return 0
 
 
@@ -130,8 +171,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``embed``, ``index build|info``, ``search`` and ``export`` to the ``deepmetric`` parser."""
-    from .index import BACKENDS, METRICS
+    """Add ``embed``, ``index build|info|add|remove``, ``search`` and ``export`` to the ``deepmetric`` parser."""
+    from .index import BACKENDS, METRIC_ALIASES, METRICS
 
     e = subparsers.add_parser("embed", help="embed a folder or list of images into features.npz (resumable)")
     _model_args(e)
@@ -146,13 +187,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_embed)
 
-    ix = subparsers.add_parser("index", help="build or inspect a search index")
+    ix = subparsers.add_parser("index", help="build, inspect or change a search index")
     isub = ix.add_subparsers(dest="index_command", metavar="ACTION")
     b = isub.add_parser("build", help="index a features.npz for search")
     b.add_argument("--embeddings", required=True, help="features .npz from 'deepmetric embed'")
     b.add_argument("--output", required=True, help="index file to write")
     b.add_argument("--backend", choices=list(BACKENDS), default="exact")
-    b.add_argument("--metric", choices=list(METRICS), default="cosine")
+    b.add_argument("--metric", choices=[*METRICS, *METRIC_ALIASES], default="cosine",
+                   help="cosine, or squared_euclidean (l2 is its old name)")
     b.add_argument("--centroids", action="store_true", help="one vector per label (Centroids-ReID gallery)")
     b.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="backend parameter: nlist, nprobe (faiss-ivf/ivfpq), m, nbits (faiss-ivfpq), "
@@ -161,6 +203,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inf = isub.add_parser("info", help="print an index's backend, metric, size and parameters")
     inf.add_argument("index")
     inf.set_defaults(func=cmd_index_info)
+    a = isub.add_parser("add", help="add the vectors of a features.npz to an index (in place, atomically)")
+    a.add_argument("--index", required=True, help="index file to change")
+    a.add_argument("--embeddings", required=True, help="features .npz from 'deepmetric embed' (same model)")
+    a.add_argument("--allow-other-model", action="store_true",
+                   help="add embeddings made by another model than the index's (their vectors are not comparable)")
+    a.set_defaults(func=cmd_index_add)
+    r = isub.add_parser("remove", help="remove items by id, path or label (in place, atomically)")
+    r.add_argument("--index", required=True, help="index file to change")
+    r.add_argument("--ids", nargs="+", type=int, metavar="ID", help="item ids (as search hits report them)")
+    r.add_argument("--paths", nargs="+", metavar="PATH", help="image paths as embedded")
+    r.add_argument("--labels", nargs="+", metavar="LABEL", help="labels, by class name or number")
+    r.set_defaults(func=cmd_index_remove)
     ix.set_defaults(func=lambda args: (ix.print_help(), 2)[1])
 
     s = subparsers.add_parser("search", help="the nearest gallery images of query images")
