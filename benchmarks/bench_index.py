@@ -9,6 +9,11 @@ For each approximate backend the search knob (``nprobe`` / ``ef_search``) is rai
 against exact reaches ``--target-recall``; the table shows that setting, its queries per second
 (one batch of all queries, best of ``--repeats``) and the ratio to exact search's, build time and
 index size. The target (DESIGN §7): recall@10 >= 0.95 at >= 20x exact's queries per second.
+
+The exact backend (ranking keys + ``evaluation.neighbors.stable_topk``) is timed against its peer, the
+previous exact backend's chunked matmul + running ``torch.topk`` (reproduced below), on all queries at
+once and one query at a time (``--single``). ``--live`` times a live-gallery update per backend: add
+1% new vectors, remove 1% by id, save and load, against rebuilding the index from scratch.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
 
 from deepmetric.inference.index import SearchIndex  # noqa: E402
 
@@ -57,6 +64,71 @@ def recall_at_k(ids: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(a[:k].tolist()) & set(b.tolist())) / k for a, b in zip(ids, truth)]))
 
 
+@torch.no_grad()
+def matmul_topk(g: torch.Tensor, q: np.ndarray, k: int, qc: int = 1024, gc: int = 65536) -> np.ndarray:
+    """The previous exact backend: chunked ``Q x G`` inner products with a running top-k (cosine)."""
+    qt, out = torch.from_numpy(q), []
+    for qs in range(0, len(qt), qc):
+        qb = qt[qs:qs + qc]
+        best_s, best_i = torch.empty(len(qb), 0), torch.empty(len(qb), 0, dtype=torch.int64)
+        for gs in range(0, len(g), gc):
+            s, i = (qb @ g[gs:gs + gc].T).topk(min(k, len(g) - gs), dim=1)
+            best_s, pos = torch.cat([best_s, s], 1).topk(min(k, best_s.shape[1] + s.shape[1]), dim=1)
+            best_i = torch.cat([best_i, i + gs], 1).gather(1, pos)
+        out.append(best_i)
+    return torch.cat(out).numpy()
+
+
+def best_time(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def compare_exact(args, exact: SearchIndex, x: np.ndarray, q: np.ndarray) -> None:
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    g = torch.from_numpy(x)  # already unit vectors
+    print(f"\n| exact search, {args.n} x {args.dim} | stable_topk (now) | matmul + topk (before) | ratio |")
+    print("|---|---|---|---|")
+    for label, batch in ((f"{len(q)} queries at once", q), (f"{args.single} single queries", q[:args.single])):
+        single = batch is not q
+        now = best_time(lambda: [exact.search_arrays(b, args.k) for b in (batch[:, None] if single else [batch])],
+                        args.repeats)
+        before = best_time(lambda: [matmul_topk(g, b, args.k) for b in (qn[:len(batch), None] if single else [qn])],
+                           args.repeats)
+        print(f"| {label} | {len(batch) / now:,.1f} q/s | {len(batch) / before:,.1f} q/s | {before / now:.2f}x |")
+    same = (exact.search_arrays(q, args.k)[1] == matmul_topk(g, qn, args.k)).mean()
+    print(f"same neighbours (ties aside): {same:.4f}")
+
+
+def live_update(args, x: np.ndarray, tmp: Path) -> None:
+    """Per backend: add 1%, remove 1% by id, save, load, against a rebuild from scratch."""
+    m = max(1, len(x) // 100)
+    base, new = x[:-m], x[-m:]
+    print(f"\n| live update, {len(base)} + {m} vectors | add {m} s | remove {m} s | save s | load s | file MiB | rebuild s |")
+    print("|---|---|---|---|---|---|---|")
+    for backend in ["exact", "faiss-flat", *[b for b in args.backends.split(",") if b]]:
+        params = BUILD.get(backend, {})
+        index = SearchIndex(args.dim, "cosine", backend, **params)
+        index.add(base)
+        t_add = best_time(lambda: index.add(new), 1)
+        t_remove = best_time(lambda: index.remove(ids=np.arange(0, len(base), 100)[:m]), 1)
+        path = tmp / f"{backend}.index"
+        t_save = best_time(lambda: index.save(path), 1)
+        t_load = best_time(lambda: SearchIndex.load(path), 1)
+
+        def rebuild():
+            fresh = SearchIndex(args.dim, "cosine", backend, **params)
+            fresh.add(x)
+        t_rebuild = best_time(rebuild, 1)
+        print(f"| {backend} | {t_add:.3f} | {t_remove:.3f} | {t_save:.2f} | {t_load:.2f} | "
+              f"{path.stat().st_size / 2**20:,.0f} | {t_rebuild:.2f} |")
+        path.unlink()
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -87,10 +159,12 @@ def main() -> int:
                    help="build parameter, e.g. faiss-hnsw:M=16 (IVF-PQ is built with refine=8 by default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-flat", action="store_true", help="skip the faiss-flat (exact) peer")
+    p.add_argument("--single", type=int, default=50, help="queries searched one at a time in the exact comparison")
+    p.add_argument("--live", action="store_true", help="time add / remove / save / load per backend")
+    p.add_argument("--only-exact", action="store_true", help="only the exact comparison (and --live)")
     args = p.parse_args()
 
     import faiss
-    import torch
 
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
@@ -114,6 +188,14 @@ def main() -> int:
     exact_qps, truth = timed_search(exact, q, args.k, args.repeats)
     rows = [("exact (torch)", "-", 1.0, exact_qps, 1.0, exact_build, x.nbytes / 2**20)]
     print(f"exact: {exact_qps:.1f} q/s")
+    compare_exact(args, exact, x, q)
+    if args.live:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            live_update(args, x, Path(tmp))
+    if args.only_exact:
+        return 0
 
     if not args.no_flat:
         run_flat(args, x, q, truth, exact_qps, rows)
