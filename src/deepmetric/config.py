@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from .errors import UserError
 
@@ -64,6 +64,25 @@ class DataConfig(_Section):
         raise ValueError("expected true, false or 'auto'")
     eval_batch_size: int = Field(256, ge=1)
     drop_singletons: bool = False
+    #: zero-shot class split, for any format: the classes that train and the classes that are tested,
+    #: each a list of class ids (numbers) or names (strings: folder names, CSV labels, characters);
+    #: ``train_classes`` may be a fraction (the first fraction of the sorted class ids). Give either
+    #: or both; the other is every remaining class. null: the format's own split.
+    train_classes: Optional[Union[float, List[Union[int, str]]]] = None
+    test_classes: Optional[List[Union[int, str]]] = None
+    #: validation split for model selection, carved from the training classes (never the test
+    #: classes): a fraction of them, drawn with ``val_seed``, or a list of ids or names. ``best``,
+    #: ``scheduler.name=plateau`` and ``train.early_stopping`` follow it. null: no validation split
+    #: (the last step is reported, not selected).
+    val_classes: Optional[Union[float, List[Union[int, str]]]] = None
+    val_seed: int = 0
+
+    @field_validator("train_classes", "val_classes", mode="before")
+    @classmethod
+    def _fraction(cls, v):
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise ValueError("expected a fraction in (0, 1) or a list of classes")
+        return v
     #: training batches: ``pk`` (classes_per_batch x samples_per_class, class by class) or ``random``
     #: (a shuffled pass over the images in chunks of ``batch_size``, the last partial chunk dropped)
     sampler: Literal["pk", "random"] = "pk"
@@ -150,6 +169,8 @@ class TrainConfig(_Section):
     compile: bool = False
     progress: bool = True
     deterministic: bool = True
+    #: stop after this many evaluations in a row without a better validation ``eval.metric``; 0 = off
+    early_stopping: int = Field(0, ge=0)
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -167,8 +188,14 @@ class QueryExpansionConfig(_Section):
 
 class EvalConfig(_Section):
     protocol: Literal["retrieval", "reid", "verification"] = "retrieval"
+    #: the validation metric that selects ``best`` (higher is better)
     metric: str = "recall@1"
-    ks: List[int] = Field(default_factory=lambda: [1, 2, 4, 8])
+    ks: List[PositiveInt] = Field(default_factory=lambda: [1, 2, 4, 8])
+    #: evaluate the network before the first step (validation and test), shown beside the trained one
+    untrained: bool = True
+    #: also evaluate the test split at every evaluation during training (logged as ``test``, never
+    #: used to select); without a validation split the test split is evaluated there anyway
+    test_during_training: bool = False
     distance: Literal["cosine", "euclidean", "squared_euclidean"] = "cosine"
     rerank: bool = False
     #: alpha-weighted average query expansion before ranking (queries and gallery), e.g. ``{k: 5}``
@@ -305,12 +332,33 @@ def validate(raw: Any, source: str = "config") -> Config:
         raise ConfigError(f"{source}: {msg}") from None
 
 
+#: the packaged recipes (``configs/`` at the top of a checkout is a link to it)
+RECIPES = Path(__file__).parent / "configs"
+
+
+def list_recipes() -> List[str]:
+    """Names of the packaged recipes (``quickstart``, ``sop/xbm_contrastive_resnet50``, ...)."""
+    return sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.rglob("*.yaml"))
+
+
+def resolve_recipe(name: str | Path) -> Path:
+    """A recipe file, a run directory, or the name of a packaged recipe (``sop/eml_finetune``)."""
+    p = Path(name)
+    if p.exists():
+        return p
+    packaged = RECIPES / (str(name) if str(name).endswith(".yaml") else f"{name}.yaml")
+    if packaged.is_file():
+        return packaged
+    raise ConfigError(f"config file not found: {name} (packaged recipes: {', '.join(list_recipes())})")
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a recipe (or start from defaults when ``path`` is None) and apply overrides."""
+    """Read a recipe (a YAML file, a run directory, or a packaged recipe's name such as
+    ``"quickstart"``; defaults when ``path`` is None) and apply ``key=value`` overrides."""
     raw: Dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
+        p = resolve_recipe(path)
         if p.is_dir() and (p / "config.yaml").is_file():
             p = p / "config.yaml"  # a run directory
         if not p.is_file():

@@ -9,6 +9,7 @@ import pytest
 from deepmetric.data import formats  # noqa: F401
 from deepmetric.data import synthetic
 from deepmetric.data.base import DataError
+from deepmetric.data.protocol import ClassSplitError, split_classes
 from deepmetric.registry import DATASETS
 
 ALL = ["image_folder", "identity_folder", "csv", "sop", "cub", "cars", "inshop", "lfw", "market1501", "dukemtmc"]
@@ -68,8 +69,8 @@ def test_image_folder_empty_class_and_loose_images(tmp_path):
     msg = error("image_folder", loose)
     assert "no class subfolders" in msg and "1 images directly" in msg
     (root / "class_02").rmdir()
-    msg = error("image_folder", root, train_classes=["class_00", "nope"])
-    assert "nope" in msg
+    with pytest.raises(ClassSplitError, match="train_classes: 'nope' not in the data .*class names such as 'class_00'"):
+        split_classes(DATASETS.get("image_folder")(str(root)), train_classes=["class_00", "nope"])
 
 
 def _copy(mini, key, tmp_path):

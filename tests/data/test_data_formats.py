@@ -7,6 +7,7 @@ import torch
 
 from deepmetric.data import formats  # noqa: F401  (registers the builders)
 from deepmetric.data.base import DataSplits, MetricDataset
+from deepmetric.data.protocol import split_classes
 from deepmetric.data.transforms import build_transform
 from deepmetric.registry import DATASETS
 
@@ -42,15 +43,15 @@ def test_image_folder_all_classes_and_transforms(mini):
 
 
 def test_image_folder_class_split(mini):
-    s = build("image_folder", mini["image_folder"], train_classes=["class_00", "class_02", "class_04"])
+    s = split_classes(build("image_folder", mini["image_folder"]), train_classes=["class_00", "class_02", "class_04"])
     assert s.num_classes == 3 and len(s.train) == 12 and len(s.query) == 12
     assert_relabelled(s.train)
     assert sorted(np.unique(s.query.labels).tolist()) == [1, 3, 5]  # folder index kept
-    assert s.info["train_class_names"] == ["class_00", "class_02", "class_04"]
-    s = build("image_folder", mini["image_folder"], train_fraction=0.5)
-    assert s.info["train_class_names"] == ["class_00", "class_01", "class_02"]
+    assert [s.class_names[i] for i in s.train_class_ids] == ["class_00", "class_02", "class_04"]
+    s = split_classes(build("image_folder", mini["image_folder"]), train_classes=0.5)
+    assert [s.class_names[i] for i in s.train_class_ids] == ["class_00", "class_01", "class_02"]
     assert sorted(np.unique(s.query.labels).tolist()) == [3, 4, 5]
-    s = build("image_folder", mini["image_folder"], test_classes=["class_05"])
+    s = split_classes(build("image_folder", mini["image_folder"]), test_classes=["class_05"])
     assert s.num_classes == 5 and np.unique(s.query.labels).tolist() == [5]
 
 
@@ -65,16 +66,16 @@ def test_identity_folder_is_train_only(mini, tmp_path):
         f.unlink()
     s = build("identity_folder", root, min_images=2)
     assert s.info["dropped_identities"] == 1 and len(s.train) == 9
-    assert s.info["train_class_names"] == ["class_00", "class_02", "class_03"]
+    assert [s.class_names[i] for i in s.train_class_ids] == ["class_00", "class_02", "class_03"]
     assert_relabelled(s.train)
 
 
 def test_csv_without_split_string_labels(mini):
-    s = build("csv", mini["csv"], train_fraction=0.5)
+    s = split_classes(build("csv", mini["csv"]), train_classes=0.5)
     assert s.info["class_names"] == [f"cls_{c}" for c in "abcdef"]
-    assert s.info["train_class_names"] == ["cls_a", "cls_b", "cls_c"]
+    assert [s.class_names[i] for i in s.train_class_ids] == ["cls_a", "cls_b", "cls_c"]
     assert len(s.train) == 12 and len(s.query) == 12 and s.gallery is None
-    s = build("csv", mini["csv"], test_classes=["cls_f"])
+    s = split_classes(build("csv", mini["csv"]), test_classes=["cls_f"])
     assert s.num_classes == 5 and np.unique(s.query.labels).tolist() == [5]
 
 
@@ -113,7 +114,7 @@ def test_cub_and_cars_split_classes_in_half(mini):
         assert len(s.train) == 9 and len(s.query) == 9 and s.gallery is None
         assert s.train.labels.tolist() == np.repeat(np.arange(3), 3).tolist()
         assert s.query.labels.tolist() == np.repeat([4, 5, 6], 3).tolist()
-        assert s.info["train_class_ids"] == [1, 2, 3]
+        assert s.train_class_ids.tolist() == [1, 2, 3]
         assert s.train[0][0].size == (16, 16)
     s = build("cub", mini["cub"], num_train_classes=4)
     assert s.num_classes == 4 and np.unique(s.query.labels).tolist() == [5, 6]

@@ -6,7 +6,7 @@ import pytest
 from deepmetric.data import formats  # noqa: F401
 from deepmetric.data.base import DataSplits, MetricDataset
 from deepmetric.data.check import find_unreadable, format_summary, images_per_class, summarize
-from deepmetric.data.splits import class_split
+from deepmetric.data.protocol import ClassSplitError, split_classes
 from deepmetric.registry import DATASETS
 
 
@@ -18,37 +18,37 @@ class Labels(MetricDataset):
 LABELS = np.array([7, 7, 3, 3, 3, 9, 1, 1, 5, 5])
 
 
+def _one_pool():
+    ds = Labels(LABELS, name="toy")
+    return DataSplits(train=ds, query=ds.with_transform(None))
+
+
 @pytest.mark.parametrize("kwargs,train_classes", [
     ({"train_classes": [1, 3]}, [1, 3]),
     ({"test_classes": [9, 5]}, [1, 3, 7]),
     ({"train_classes": [1], "test_classes": [7, 9]}, [1]),
-    ({"train_fraction": 0.4}, [1, 3]),
-    ({"train_fraction": 0.01}, [1]),
-    ({"train_fraction": 0.99}, [1, 3, 5, 7]),
+    ({"train_classes": 0.4}, [1, 3]),
+    ({"train_classes": 0.01}, [1]),
+    ({"train_classes": 0.99}, [1, 3, 5, 7]),
 ])
 def test_class_split_disjoint(kwargs, train_classes):
-    ds = Labels(LABELS, name="toy")
-    train, test = class_split(ds, **kwargs)
-    original_train = ds.labels[train.indices]
+    s = split_classes(_one_pool(), **kwargs)
+    original_train = s.train_class_ids[s.train.labels]
     assert sorted(np.unique(original_train).tolist()) == train_classes
-    assert not set(original_train.tolist()) & set(test.labels.tolist())
-    assert train.labels.tolist() == np.unique(original_train, return_inverse=True)[1].tolist()
+    assert not set(original_train.tolist()) & set(s.query.labels.tolist())
+    assert s.train.labels.tolist() == np.unique(original_train, return_inverse=True)[1].tolist()
     if "test_classes" in kwargs and "train_classes" in kwargs:
-        assert sorted(set(test.labels.tolist())) == sorted(kwargs["test_classes"])
+        assert sorted(set(s.query.labels.tolist())) == sorted(kwargs["test_classes"])
     else:
-        assert len(train) + len(test) == len(ds)
-    assert test[0][1] == test.labels[0] and test[0][0] == test.indices[0]  # views load from the base
+        assert len(s.train) + len(s.query) == len(LABELS)
+    assert s.query[0][1] == s.query.labels[0] and s.query[0][0] == s.query.indices[0]  # views load from the base
 
 
-def test_class_split_keeps_labels_when_asked_and_rejects_bad_options():
-    ds = Labels(LABELS)
-    train, _ = class_split(ds, train_classes=[5, 7], relabel_train=False)
-    assert sorted(set(train.labels.tolist())) == [5, 7]
-    for bad in ({}, {"train_classes": [1], "train_fraction": 0.5}, {"train_fraction": 1.0},
-                {"train_classes": [2]}, {"train_classes": [1, 3], "test_classes": [3]},
-                {"test_classes": [1, 3, 5, 7, 9]}):
-        with pytest.raises(ValueError):
-            class_split(ds, **bad)
+def test_class_split_rejects_bad_options():
+    for bad in ({"train_classes": 1.0}, {"train_classes": [2]}, {"train_classes": [1, 3], "test_classes": [3]},
+                {"test_classes": [1, 3, 5, 7, 9]}, {"train_classes": []}):
+        with pytest.raises(ClassSplitError):
+            split_classes(_one_pool(), **bad)
 
 
 def test_images_per_class_buckets():

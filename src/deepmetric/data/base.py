@@ -11,7 +11,7 @@ SOP/CUB/Cars protocol), or verification pairs (the LFW protocol).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -125,11 +125,15 @@ class VerificationPairs:
 
 @dataclass
 class DataSplits:
-    """What a format builder returns.
+    """What a format builder returns, and what the evaluation protocol adds to it.
 
     ``gallery is None`` means leave-one-out retrieval on ``query`` (each query excluded by index).
-    ``pairs`` is set for verification protocols. ``num_classes`` counts training classes
-    (classification heads are sized from it).
+    ``pairs`` is set for verification protocols. ``train`` labels are ``0..C-1`` (classification
+    heads are sized from :attr:`num_classes`); ``train_class_ids[label]`` is the format's own class
+    id of a training label (``None``: the labels are the ids). Query and gallery keep the format's
+    ids. ``class_names`` maps a class id to its name where the format has names (folders, CSV
+    labels, characters). ``val`` is the validation split carved from the training classes
+    (:func:`deepmetric.data.protocol.carve_validation`), itself a ``DataSplits`` with no ``train``.
     """
 
     train: Optional[MetricDataset]
@@ -137,6 +141,9 @@ class DataSplits:
     gallery: Optional[MetricDataset] = None
     pairs: Optional[VerificationPairs] = None
     info: dict = field(default_factory=dict)
+    train_class_ids: Optional[np.ndarray] = None
+    class_names: Optional[Dict[int, str]] = None
+    val: Optional["DataSplits"] = None
 
     @property
     def num_classes(self) -> int:

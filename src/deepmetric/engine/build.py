@@ -15,7 +15,9 @@ from torch import nn
 
 from ..config import Config, ConfigError, LossTerm
 from ..data.base import DataSplits
+from ..data.protocol import ClassSplitError, carve_validation, split_classes
 from ..models import Embedder, build_embedder, load_pretrained, load_weights, read_state_dict
+from ..errors import UserError
 from ..registry import DATASETS, UnknownNameError
 
 log = logging.getLogger("deepmetric")
@@ -39,6 +41,7 @@ def build_transforms(cfg: Config):
 
 
 def build_data(cfg: Config) -> DataSplits:
+    """The recipe's splits: the format's, then the class split and the validation split of ``data``."""
     _register_formats()
     try:
         builder = DATASETS.get(cfg.data.format)
@@ -52,7 +55,34 @@ def build_data(cfg: Config) -> DataSplits:
             valid = [p for p in params if p not in ("root", "train_transform", "test_transform")]
             raise ConfigError(f"data.options.{key}: format '{cfg.data.format}' has no option '{key}' "
                               f"(valid: {', '.join(valid) or 'none'})")
-    return builder(cfg.data.root, train_transform=train_tf, test_transform=test_tf, **opts)
+    try:
+        splits = builder(cfg.data.root, train_transform=train_tf, test_transform=test_tf, **opts)
+    except UserError:
+        raise
+    except ValueError as e:  # a format's option with a bad value (its DataErrors name files and pass)
+        raise ConfigError(f"data.options ({cfg.data.format}): {e}") from None
+    return apply_protocol(splits, cfg, test_tf)
+
+
+def apply_protocol(splits: DataSplits, cfg: Config, eval_transform=None, class_split: bool = True) -> DataSplits:
+    """``data.train_classes`` / ``test_classes`` (class split, with ``class_split``) and
+    ``data.val_classes`` (validation split for ``eval.protocol``, unless ``splits.val`` is set) on a
+    format's splits, or on splits a user made in Python (``class_split=False``: taken as given)."""
+    d = cfg.data
+    try:
+        if class_split:
+            splits = split_classes(splits, d.train_classes, d.test_classes)
+        if splits.val is None:
+            splits = carve_validation(splits, d.val_classes, layout=cfg.eval.protocol, seed=d.val_seed,
+                                      transform=eval_transform, min_train_classes=_min_train_classes(cfg))
+    except ClassSplitError as e:
+        raise ConfigError(f"data.{e}") from None
+    return splits
+
+
+def _min_train_classes(cfg: Config) -> int:
+    """A P x K batch needs P classes; random batches and everything else need two."""
+    return max(2, cfg.data.classes_per_batch) if cfg.data.sampler == "pk" else 2
 
 
 def build_model(cfg: Config, load_weights: bool = True) -> Embedder:

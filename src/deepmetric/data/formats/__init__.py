@@ -6,4 +6,4 @@ message naming the path and what was expected.
 """
 from __future__ import annotations
 
-from . import arrays, cars, csv_list, cub, folder, inshop, lfw, reid, sop  # noqa: F401  (registration)
+from . import arrays, cars, csv_list, cub, folder, glyphs, inshop, lfw, reid, sop  # noqa: F401  (registration)

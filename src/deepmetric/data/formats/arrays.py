@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ...registry import DATASETS
-from ..base import DataError, DataSplits, MetricDataset, relabel
+from ..base import DataError, DataSplits, MetricDataset
 
 FASHION_MNIST_DEFAULT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -26,8 +26,9 @@ class ArrayDataset(MetricDataset):
     """Images held in one uint8 array ``(N, H, W)``; ``load(i)`` returns the ``(H, W)`` array."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Optional[Callable] = None,
-                 name: str = "arrays", class_names: Optional[Sequence[str]] = None) -> None:
-        super().__init__(labels, transform=transform or default_array_transform, name=name)
+                 name: str = "arrays", class_names: Optional[Sequence[str]] = None,
+                 camids: Optional[np.ndarray] = None) -> None:
+        super().__init__(labels, camids=camids, transform=transform or default_array_transform, name=name)
         self.images = images
         self.class_names = list(class_names) if class_names is not None else None
 
@@ -35,37 +36,21 @@ class ArrayDataset(MetricDataset):
         return self.images[i]
 
 
-def _split_by_classes(images: np.ndarray, labels: np.ndarray, train_classes: Sequence[int],
-                      test_classes: Sequence[int], name: str, train_transform, test_transform) -> DataSplits:
-    train_classes, test_classes = list(train_classes), list(test_classes)
-    known = set(np.unique(labels).tolist())
-    for key, cls in (("train_classes", train_classes), ("test_classes", test_classes)):
-        bad = [c for c in cls if c not in known]
-        if bad:
-            raise DataError(f"data.options.{key}: {name} has no class {bad[0]} (classes: {sorted(known)})")
-    overlap = set(train_classes) & set(test_classes)
-    if overlap:
-        raise DataError(f"data.options: classes {sorted(overlap)} are in both train_classes and test_classes")
-    tr = np.isin(labels, train_classes)
-    te = np.isin(labels, test_classes)
-    train = ArrayDataset(images[tr], relabel(labels[tr]), train_transform, f"{name}-train")
-    query = ArrayDataset(images[te], labels[te], test_transform, f"{name}-test")
-    return DataSplits(train=train, query=query, info={"train_classes": train_classes, "test_classes": test_classes})
-
-
 @DATASETS.register("digits")
-def digits(root: Optional[str] = None, *, train_transform=None, test_transform=None,
-           train_classes: Sequence[int] = (0, 1, 2, 3, 4), test_classes: Sequence[int] = (5, 6, 7, 8, 9)) -> DataSplits:
+def digits(root: Optional[str] = None, *, train_transform=None, test_transform=None) -> DataSplits:
     """scikit-learn's 1,797 8x8 handwritten digits (real data shipped with scikit-learn).
 
-    The default split trains on digits 0-4 and tests leave-one-out retrieval on the unseen 5-9.
+    One pool: every digit trains and is queried leave-one-out. For the zero-shot protocol split the
+    classes with ``data.train_classes`` (e.g. ``[0, 1, 2, 3, 4]``: the unseen 5-9 are queried).
     """
     from sklearn.datasets import load_digits
 
     d = load_digits()
     images = np.clip(d.images * 16.0, 0, 255).astype(np.uint8)  # 0..16 -> 0..255
-    return _split_by_classes(images, d.target.astype(np.int64), train_classes, test_classes, "digits",
-                             train_transform, test_transform)
+    labels = d.target.astype(np.int64)
+    return DataSplits(train=ArrayDataset(images, labels, train_transform, "digits-train"),
+                      query=ArrayDataset(images, labels, test_transform, "digits-test"),
+                      class_names={c: str(c) for c in range(10)})
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -119,4 +104,5 @@ def fashion_mnist(root: Optional[str] = None, *, train_transform=None, test_tran
         out[split] = (images, labels)
     train = ArrayDataset(*out["train"], train_transform, "fashion_mnist-train", FASHION_MNIST_CLASSES)
     query = ArrayDataset(*out["test"], test_transform, "fashion_mnist-test", FASHION_MNIST_CLASSES)
-    return DataSplits(train=train, query=query, info={"class_names": list(FASHION_MNIST_CLASSES)})
+    return DataSplits(train=train, query=query, info={"class_names": list(FASHION_MNIST_CLASSES)},
+                      class_names=dict(enumerate(FASHION_MNIST_CLASSES)))

@@ -4,19 +4,19 @@ Paths are relative to the CSV's folder. Labels that are all integers are used as
 otherwise labels are class names, numbered in sorted order (``info["class_names"]``). A split
 column (``train``/``query``/``gallery``/``test``, any case) chooses the protocol: ``query`` +
 ``gallery`` rows give query/gallery retrieval, ``test`` rows leave-one-out retrieval; without a
-split column the class-split options of ``image_folder`` apply.
+split column every row trains and is queried, and ``data.train_classes`` splits the classes.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 
 from ...registry import DATASETS
-from ..base import DataError, DataSplits, relabel
+from ..base import DataError, DataSplits
 from ..io import ImageListDataset, read_csv, require_root, to_int
-from .folder import split_by_class
+from .folder import all_classes_splits
 
 _SPLITS = ("train", "query", "gallery", "test")
 
@@ -33,9 +33,6 @@ def build_csv(
     split_column: Optional[str] = None,
     camera_column: Optional[str] = None,
     delimiter: str = ",",
-    train_classes: Optional[Sequence[str | int]] = None,
-    test_classes: Optional[Sequence[str | int]] = None,
-    train_fraction: Optional[float] = None,
 ) -> DataSplits:
     """Read ``root/file`` (``root`` may also be the CSV file itself)."""
     if root is not None and os.path.isfile(os.path.expanduser(str(root))):
@@ -45,8 +42,6 @@ def build_csv(
     if not os.path.isfile(path):
         raise DataError(f"csv root {root}: missing {file} (expected a CSV with a header row naming "
                         f"'{path_column}' and '{label_column}' columns; set data.file to its name)")
-    if split_column is not None and (train_classes, test_classes, train_fraction) != (None, None, None):
-        raise ValueError("csv: give split_column or a class split (train_classes/test_classes/train_fraction), not both")
     required = [path_column, label_column] + [c for c in (split_column, camera_column) if c]
     rows = read_csv(path, required, delimiter=delimiter)
     if not rows:
@@ -70,11 +65,7 @@ def build_csv(
         info["class_names"] = class_names
 
     if split_column is None:
-        return split_by_class(
-            base, class_names, _ids(train_classes, class_names, labels, path, "train_classes"),
-            _ids(test_classes, class_names, labels, path, "test_classes"),
-            train_fraction, train_transform, test_transform, info,
-        )
+        return all_classes_splits(base, class_names, train_transform, test_transform, info)
 
     split = []
     for line, r in rows:
@@ -90,23 +81,25 @@ def build_csv(
         raise DataError(f"{path}: column '{split_column}' has {'query' if has['query'] else 'gallery'} rows but no "
                         f"{'gallery' if has['query'] else 'query'} rows (query/gallery retrieval needs both)")
 
-    def view(s: str, transform, relabelled: bool = False):
+    def view(s: str, transform):
         if not has[s]:
             return None
-        v = base.subset(np.flatnonzero(split == s), name=f"csv/{s}").with_transform(transform)
-        if relabelled:
-            info["train_class_ids"] = np.unique(v.labels).tolist()
-            v.labels = relabel(v.labels)
-        return v
+        return base.subset(np.flatnonzero(split == s), name=f"csv/{s}").with_transform(transform)
 
-    train = view("train", train_transform, relabelled=True)
+    train = view("train", train_transform)
+    train_ids = None
+    if train is not None:
+        train_ids, inverse = np.unique(train.labels, return_inverse=True)
+        train.labels = inverse.astype(np.int64)
     if has["test"]:
         query, gallery = view("test", test_transform), None
         info["protocol"] = "leave-one-out on the test rows"
     else:
         query, gallery = view("query", test_transform), view("gallery", test_transform)
         info["protocol"] = "query/gallery retrieval"
-    return DataSplits(train=train, query=query, gallery=gallery, info=info)
+    names = None if class_names is None else dict(enumerate(class_names))
+    return DataSplits(train=train, query=query, gallery=gallery, info=info, train_class_ids=train_ids,
+                      class_names=names)
 
 
 def _is_int(v: str) -> bool:
@@ -115,20 +108,3 @@ def _is_int(v: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _ids(wanted, class_names, labels, path, option) -> Optional[list[int]]:
-    if wanted is None:
-        return None
-    if isinstance(wanted, (str, int)):
-        wanted = [wanted]
-    if class_names is None:
-        try:
-            return [int(w) for w in wanted]
-        except ValueError:
-            raise DataError(f"{path}: {option} must list integer labels (the label column is numeric), got {list(wanted)}") from None
-    index = {n: i for i, n in enumerate(class_names)}
-    unknown = [str(w) for w in wanted if str(w) not in index]
-    if unknown:
-        raise DataError(f"{path}: {option} names labels that do not occur: {', '.join(unknown[:10])}")
-    return [index[str(w)] for w in wanted]

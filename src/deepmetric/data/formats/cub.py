@@ -35,9 +35,9 @@ def retrieval_splits(paths, labels, root, train_mask, fmt, train_transform, test
                              transform=train_transform, name=f"{fmt}/train")
     query = ImageListDataset([paths[i] for i in te], labels[te], root=root,
                              transform=test_transform, name=f"{fmt}/test")
-    info = {"format": fmt, "root": root, "protocol": "leave-one-out on the test classes",
-            "train_class_ids": np.unique(labels[tr]).tolist()}
-    return DataSplits(train=train, query=query, gallery=None, info=info)
+    info = {"format": fmt, "root": root, "protocol": "leave-one-out on the test classes"}
+    return DataSplits(train=train, query=query, gallery=None, info=info,
+                      train_class_ids=np.unique(labels[tr]).astype(np.int64))
 
 
 @DATASETS.register("cub", "cub200")

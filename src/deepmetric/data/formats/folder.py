@@ -1,8 +1,9 @@
 """One folder per class: ``image_folder`` (train + retrieval test) and ``identity_folder`` (train only).
 
-Labels are the index of the class folder in sorted name order (``info["class_names"]`` maps them
-back). The training view is relabelled to ``0..C_train-1`` (``info["train_class_names"]`` in label
-order); the test view keeps the folder-index labels, so they identify classes across runs.
+Labels are the index of the class folder in sorted name order (``splits.class_names`` maps them
+back). The training view is relabelled to ``0..C_train-1`` (``splits.train_class_ids`` maps a
+training label back to its folder index); the test view keeps the folder-index labels, so they
+identify classes across runs.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import numpy as np
 from ...registry import DATASETS
 from ..base import DataError, DataSplits, MetricDataset, relabel
 from ..io import IMAGE_EXTENSIONS, ImageListDataset, require_root
-from ..splits import class_split
 
 _EXPECTED = "a folder with one subfolder of images per class"
 
@@ -56,48 +56,20 @@ def scan_class_folders(
     return names, paths, np.asarray(labels, dtype=np.int64)
 
 
-def _class_ids(names: list[str], wanted: Optional[Sequence[str]], option: str, root: str) -> Optional[list[int]]:
-    if wanted is None:
-        return None
-    if isinstance(wanted, str):
-        wanted = [wanted]
-    index = {n: i for i, n in enumerate(names)}
-    unknown = [str(w) for w in wanted if str(w) not in index]
-    if unknown:
-        raise DataError(f"image_folder root {root}: {option} names folders that do not exist: {', '.join(unknown[:10])}")
-    return [index[str(w)] for w in wanted]
+def all_classes_splits(base: MetricDataset, class_names: Optional[list[str]], train_transform: Optional[Callable],
+                       test_transform: Optional[Callable], info: dict) -> DataSplits:
+    """One pool for ``image_folder`` and ``csv``: every class trains and is queried leave-one-out.
 
-
-def split_by_class(
-    base: MetricDataset,
-    class_names: Optional[list[str]],
-    train_ids: Optional[list[int]],
-    test_ids: Optional[list[int]],
-    train_fraction: Optional[float],
-    train_transform: Optional[Callable],
-    test_transform: Optional[Callable],
-    info: dict,
-) -> DataSplits:
-    """Shared by ``image_folder`` and ``csv``: class-disjoint split, or all classes on both sides.
-
-    ``class_names[label]`` names a class when the labels index names (``None`` for numeric labels).
+    Split it with ``data.train_classes`` / ``data.test_classes`` (folder names or ids) for the
+    zero-shot protocol (:func:`deepmetric.data.protocol.split_classes`).
     """
-    if train_ids is None and test_ids is None and train_fraction is None:
-        train = base.with_transform(train_transform)
-        train.labels = relabel(base.labels)
-        query = base.with_transform(test_transform)
-        train_classes = np.unique(base.labels)
-        info["protocol"] = "leave-one-out on all classes (no class split: not zero-shot)"
-    else:
-        tr, te = class_split(base, train_ids, test_ids, train_fraction)
-        train_classes = np.unique(base.labels[tr.indices])
-        train, query = tr.with_transform(train_transform), te.with_transform(test_transform)
-        info["protocol"] = "leave-one-out on unseen classes"
+    ids, labels = np.unique(base.labels, return_inverse=True)
+    train = base.with_transform(train_transform)
+    train.labels = labels.astype(np.int64)
+    query = base.with_transform(test_transform)
     train.name, query.name = f"{base.name}/train", f"{base.name}/query"
-    info["train_class_ids"] = train_classes.tolist()  # original label of each training label
-    if class_names is not None:
-        info["train_class_names"] = [class_names[i] for i in train_classes]
-    return DataSplits(train=train, query=query, gallery=None, info=info)
+    names = None if class_names is None else dict(enumerate(class_names))
+    return DataSplits(train=train, query=query, gallery=None, info=info, train_class_ids=ids, class_names=names)
 
 
 @DATASETS.register("image_folder")
@@ -106,25 +78,17 @@ def build_image_folder(
     *,
     train_transform: Optional[Callable] = None,
     test_transform: Optional[Callable] = None,
-    train_classes: Optional[Sequence[str]] = None,
-    test_classes: Optional[Sequence[str]] = None,
-    train_fraction: Optional[float] = None,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
 ) -> DataSplits:
-    """A folder per class. Class split for zero-shot retrieval: ``train_classes``/``test_classes``
-    (folder names) or ``train_fraction`` (first fraction of the sorted folders train, the rest are
-    queried leave-one-out). With no split option every class is trained and queried (a sanity
-    check, not a zero-shot measurement)."""
+    """A folder per class, labelled by the folder's index in sorted name order. Every class trains
+    and is queried leave-one-out (a sanity check); split the classes with ``data.train_classes``
+    (folder names, or a fraction: the first fraction of the sorted folders trains) for zero-shot
+    retrieval on the unseen rest."""
     root = require_root(root, "image_folder", _EXPECTED)
     names, paths, labels = scan_class_folders(root, extensions, "image_folder")
     base = ImageListDataset(paths, labels, root=root, name="image_folder")
     info = {"format": "image_folder", "root": root, "class_names": names}
-    return split_by_class(
-        base, names,
-        _class_ids(names, train_classes, "train_classes", root),
-        _class_ids(names, test_classes, "test_classes", root),
-        train_fraction, train_transform, test_transform, info,
-    )
+    return all_classes_splits(base, names, train_transform, test_transform, info)
 
 
 @DATASETS.register("identity_folder")
@@ -158,4 +122,5 @@ def build_identity_folder(
         "train_class_names": [names[i] for i in keep_ids],
         "dropped_identities": int(len(names) - len(keep_ids)),
     }
-    return DataSplits(train=train, info=info)
+    return DataSplits(train=train, info=info, train_class_ids=keep_ids.astype(np.int64),
+                      class_names=dict(enumerate(names)))

@@ -69,6 +69,6 @@ def build_inshop(
     train = view("train", relabel, train_transform)
     query = view("query", lambda x: x, test_transform)
     gallery = view("gallery", lambda x: x, test_transform)
-    info = {"format": "inshop", "root": root, "protocol": "query/gallery retrieval",
-            "train_class_ids": np.unique(items[status == "train"]).tolist()}
-    return DataSplits(train=train, query=query, gallery=gallery, info=info)
+    info = {"format": "inshop", "root": root, "protocol": "query/gallery retrieval"}
+    return DataSplits(train=train, query=query, gallery=gallery, info=info,
+                      train_class_ids=np.unique(items[status == "train"]).astype(np.int64))

@@ -67,10 +67,10 @@ def build_reid_folders(root, fmt, archive_dirs, train_transform, test_transform)
     g_pids = parts["bounding_box_test"][1]
     info = {
         "format": fmt, "root": root, "protocol": "re-ID query/gallery (same pid and camera excluded)",
-        "train_class_ids": np.unique(tr_pids).tolist(),
         "distractors": int((g_pids == 0).sum()),
     }
-    return DataSplits(train=train, query=query, gallery=gallery, info=info)
+    return DataSplits(train=train, query=query, gallery=gallery, info=info,
+                      train_class_ids=np.unique(tr_pids).astype(np.int64))
 
 
 @DATASETS.register("market1501", "market")

@@ -82,6 +82,6 @@ def build_sop(
     info = {
         "format": "sop", "root": root, "list_format": list_format,
         "protocol": "leave-one-out on the test classes",
-        "train_class_ids": np.unique(tr_labels).tolist(),
     }
-    return DataSplits(train=train, query=query, gallery=None, info=info)
+    return DataSplits(train=train, query=query, gallery=None, info=info,
+                      train_class_ids=np.unique(tr_labels).astype(np.int64))
