@@ -7,8 +7,12 @@ from deepmetric.data.synthetic import make_image_folder
 from deepmetric.engine.build import build_model
 from deepmetric.engine.checkpoint import save_checkpoint
 
-# A digits recipe small enough for a CPU test: 5 classes x 4 images, a few steps.
-TINY = ["data.classes_per_batch=5", "data.samples_per_class=4", "model.embedding_dim=16",
+# A digits recipe small enough for a CPU test (the quickstart recipe's training loop on digits 0-4, unseen
+# 5-9 queried, no validation split): 5 classes x 4 images, a few steps.
+TINY = ["data.format=digits", "data.options={}", "data.train_classes=[0,1,2,3,4]", "data.val_classes=null",
+        "data.transform=tensor", "data.image_size=null", "data.eval_batch_size=256",
+        "losses=[{name: triplet, params: {mining: hard, margin: 0.2}}]", "eval.metric=recall@1",
+        "data.classes_per_batch=5", "data.samples_per_class=4", "model.embedding_dim=16",
         "model.backbone_options={width: 16}", "train.log_every=1", "train.progress=false"]
 # A tiny RGB model for the shipping tests: small CNN, 16-d, ImageNet preprocessing at 32x32.
 TINY_RGB = ["model.backbone=small_cnn", "model.in_chans=3", "model.embedding_dim=16",

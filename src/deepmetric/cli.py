@@ -11,31 +11,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from . import __version__
+from .config import RECIPES, list_recipes, resolve_recipe  # noqa: F401  (RECIPES: re-exported)
 from .errors import UserError
 
 log = logging.getLogger("deepmetric")
-
-RECIPES = Path(__file__).parent / "configs"
-
-
-def resolve_recipe(name: str) -> Path:
-    """A recipe path, or the name of a packaged recipe (``sop/xbm_contrastive_resnet50``)."""
-    p = Path(name)
-    if p.exists():
-        return p
-    packaged = RECIPES / (name if name.endswith(".yaml") else name + ".yaml")
-    if packaged.is_file():
-        return packaged
-    from .config import ConfigError
-
-    raise ConfigError(f"config file not found: {name} (packaged recipes: {', '.join(list_recipes())})")
-
-
-def list_recipes() -> List[str]:
-    return sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.rglob("*.yaml"))
 
 
 # -- handlers --------------------------------------------------------------------------------------
@@ -61,16 +43,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(resolve_recipe(args.config), args.overrides)
         run_dir = Path(args.run_dir or cfg.run_dir or f"runs/{cfg.name}")
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
-    result = trainer.fit()
+    summary = trainer.fit()
     if not trainer.is_main:  # under torchrun, rank 0 alone prints and writes
         return 0
-    _print_metrics(f"{cfg.name}: step {result['step']}", result["metrics"])
+    from .viz.summary import format_summary
     from .viz.report import write_report
 
-    final = trainer.last_result or trainer.evaluator.run(trainer.model)  # None when resumed at max_steps
-    report = write_report(run_dir, trainer.history, final, cfg=cfg,
-                          dataset=trainer.splits.query, gallery_dataset=trainer.splits.gallery)
-    print(f"run directory: {run_dir}  (report: {report})")
+    print(format_summary(summary, title=f"{cfg.name}:"))
+    report = write_report(run_dir, trainer.history, trainer.last_result, cfg=cfg, summary=summary,
+                          dataset=trainer.splits.query, gallery_dataset=trainer.splits.gallery,
+                          class_names=trainer.splits.class_names)
+    print(f"run directory: {run_dir}  (report: {report}; `deepmetric eval {run_dir}` scores the same checkpoint)")
     return 0
 
 
@@ -85,7 +68,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .config import atomic_write_text
 
     target = Path(args.target)
+    run_dir = None
     if target.is_dir() and (target / "config.yaml").is_file():
+        run_dir = target
         cfg = load_config(target, args.overrides)
         ckpt_path = args.checkpoint or target
         out_dir = Path(args.output or target)
@@ -104,12 +89,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
                         f"(this recipe's protocol is {cfg.eval.protocol})")
     from .engine.distributed import init_distributed
 
-    ckpt, _ = read_checkpoint(ckpt_path)
+    ckpt, ckpt_state = read_checkpoint(ckpt_path)
     dist = init_distributed()  # under torchrun each rank embeds a shard; rank 0 writes
     device = resolve_device(cfg.train.device)
     if dist.is_distributed and device.type == "cuda":
         device = torch_device("cuda", dist.local_rank)
     splits = build_data(cfg)
+    if run_dir is not None and not any(o.startswith("data.") for o in args.overrides):
+        check_recorded_splits(run_dir, splits)
     model = build_model(cfg, load_weights=False)
     load_model_weights(model, ckpt)
     model.to(device).eval()
@@ -117,16 +104,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not dist.is_main:
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "metrics.json", json.dumps({"checkpoint": str(ckpt), **result.metrics}, indent=1))
+    written = {"checkpoint": str(ckpt), "step": ckpt_state.get("step"), **result.metrics}
+    previous = _read_json(out_dir / "metrics.json")
+    if previous.get("checkpoint") == str(ckpt) and previous.get("step") == written["step"] and not args.overrides:
+        # the training summary's facts about this checkpoint (untrained, validation, selection) stay
+        written.update({k: v for k, v in previous.items() if k not in written and k not in result.metrics})
+    atomic_write_text(out_dir / "metrics.json", json.dumps(written, indent=1))
     from .viz.report import write_eval_plots
 
-    plots = write_eval_plots(out_dir, result, cfg=cfg, dataset=splits.query, gallery_dataset=splits.gallery)
-    _print_metrics(f"eval {ckpt}", result.metrics)
+    plots = write_eval_plots(out_dir, result, cfg=cfg, dataset=splits.query, gallery_dataset=splits.gallery,
+                             class_names=splits.class_names)
+    _print_metrics(f"eval {ckpt} (step {ckpt_state.get('step')})", result.metrics)
     print(f"wrote {out_dir / 'metrics.json'} and {len(plots)} plots")
     if args.neighbours:
         path = _write_neighbours(out_dir / "neighbours.jsonl", result, args.neighbours, cfg.eval.distance)
         print(f"wrote {path}: the top {args.neighbours} of each query")
     return 0
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def check_recorded_splits(run_dir: Path, splits) -> None:
+    """Refuse to score a run on another test set than it was tested on (``splits.json``)."""
+    from .data.protocol import describe_splits, split_differences
+
+    recorded = _read_json(run_dir / "splits.json")
+    if not recorded:
+        log.warning("%s has no splits.json (a run from an older version): the test split is not checked",
+                    run_dir)
+        return
+    diffs = split_differences(recorded, describe_splits(splits), "test")
+    if not diffs:
+        return
+    how = ("the run was trained on splits given in Python (Trainer(..., splits=...)), which its config cannot "
+           "rebuild: evaluate it in Python with the same splits (model, cfg, _ = deepmetric.load_for_inference(RUN); "
+           "deepmetric.Evaluator(cfg, splits).run(model))"
+           if recorded.get("source") == "python" else
+           "the data changed since training, or pass data.* overrides to score other data on purpose")
+    raise UserError(f"{run_dir / 'splits.json'}: the config now builds another test split than the run's: "
+                    f"{'; '.join(diffs)}; {how}")
 
 
 def _write_neighbours(path: Path, result, k: int, distance: str) -> Path:

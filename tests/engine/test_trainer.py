@@ -52,7 +52,9 @@ def test_run_directory_contents(tmp_path, tiny_overrides):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4]
     evals = [x for x in lines if "eval" in x]
-    assert [x["step"] for x in evals] == [2, 4] and "recall@1" in evals[0]["eval"]
+    assert [x["step"] for x in evals] == [0, 2, 4] and "recall@1" in evals[0]["eval"]
+    assert {x["split"] for x in evals} == {"test"}, "no validation split: the test split is logged, step 0 untrained"
+    assert {"source", "train", "val", "test"} <= set(json.loads((run / "splits.json").read_text()))
     assert all(np.isfinite(x["loss"]) and x["images_per_s"] > 0 for x in lines if "loss" in x)
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")], "no temporary leftovers"

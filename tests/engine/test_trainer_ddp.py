@@ -19,7 +19,8 @@ from deepmetric.quickstart import RECIPE
 
 STEPS = 4
 OVERRIDES = [
-    "data.classes_per_batch=2", "data.samples_per_class=4", "model.embedding_dim=16",
+    "data.format=digits", "data.options={}", "data.train_classes=[0,1,2,3,4]", "data.val_classes=null",
+    "eval.metric=recall@1", "data.classes_per_batch=2", "data.samples_per_class=4", "model.embedding_dim=16",
     "model.backbone_options={width: 16, norm: group}", "train.progress=false", "train.log_every=1",
     f"train.max_steps={STEPS}", "train.eval_every=2", "optimizer.name=sgd", "optimizer.lr=0.05",
     "scheduler.name=constant", "scheduler.warmup_steps=0",

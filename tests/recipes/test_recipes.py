@@ -76,14 +76,15 @@ def make_fashion_mnist_idx(dst: Path, per_class: int = 3) -> Path:
     return dst
 
 
+# Enough training classes for the recipes' validation split (2 classes) beside a 2-class batch.
 MAKERS: Dict[str, Callable[[Path], Path]] = {
-    "sop": lambda d: synthetic.make_sop(d, n_classes=8, per_class=3),
-    "cub": lambda d: synthetic.make_cub(d, n_classes=6, per_class=3),
-    "cars": lambda d: synthetic.make_cars(d, n_classes=6, per_class=3),
-    "inshop": lambda d: synthetic.make_inshop(d, n_items=8, per_item=3),
-    "market1501": lambda d: synthetic.make_market(d, style="market"),
-    "dukemtmc": lambda d: synthetic.make_market(d, style="duke"),
-    "identity_folder": lambda d: synthetic.make_image_folder(d, n_classes=4, per_class=3),
+    "sop": lambda d: synthetic.make_sop(d, n_classes=10, per_class=3),
+    "cub": lambda d: synthetic.make_cub(d, n_classes=8, per_class=3),
+    "cars": lambda d: synthetic.make_cars(d, n_classes=8, per_class=3),
+    "inshop": lambda d: synthetic.make_inshop(d, n_items=10, per_item=3),
+    "market1501": lambda d: synthetic.make_market(d, n_ids=10, style="market"),
+    "dukemtmc": lambda d: synthetic.make_market(d, n_ids=10, style="duke"),
+    "identity_folder": lambda d: synthetic.make_image_folder(d, n_classes=6, per_class=3),
     "lfw": lambda d: synthetic.make_lfw(d),
     "fashion_mnist": make_fashion_mnist_idx,
     "digits": lambda d: d,  # scikit-learn's digits: no files

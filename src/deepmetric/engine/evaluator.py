@@ -50,6 +50,39 @@ class Evaluator:
             raise ConfigError("eval.protocol=reid needs query and gallery splits with camera ids "
                               "(data.format market1501 or dukemtmc, or a csv with a camera column)")
 
+    def check_metric(self, metric: str, key: str = "eval.metric") -> None:
+        """Refuse, before any training, a metric this protocol does not compute (a typo in
+        ``eval.metric``, or ``centroid_map`` without ``eval.centroids``)."""
+        names = self.metric_names()
+        if metric not in names:
+            import difflib
+
+            close = difflib.get_close_matches(metric, names, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"{key}: '{metric}' is not a metric of eval.protocol={self.cfg.eval.protocol}{hint} "
+                              f"(computed: {', '.join(names)})")
+
+    def metric_names(self) -> list:
+        """The metric names this evaluation computes (higher-is-better scores and counts), found by
+        running the protocol on eight toy vectors: the same code, so the list cannot drift."""
+        import warnings
+
+        g = torch.Generator().manual_seed(0)
+        toy = EmbeddingSet(torch.randn(8, 4, generator=g), np.repeat(np.arange(4), 2), np.tile([0, 1], 4))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p = self.cfg.eval.protocol
+            if p == "verification":
+                from ..evaluation import verification_metrics
+
+                d = torch.rand(40, generator=g).numpy() * 4
+                metrics = verification_metrics(d, np.arange(40) % 2 == 0)
+            elif p == "reid":
+                metrics = self._reid(toy, toy).metrics
+            else:
+                metrics = self._retrieval(toy, None, all_ks=True).metrics
+        return [k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
     def _load_lfw(self):
         c = self.cfg.eval
         if not c.lfw_root:
@@ -97,12 +130,12 @@ class Evaluator:
             result.extras["neighbours"] = top_neighbours(query, gallery, self.cfg.eval.distance)
         return result
 
-    def _retrieval(self, query: EmbeddingSet, gallery: Optional[EmbeddingSet]) -> EvalResult:
+    def _retrieval(self, query: EmbeddingSet, gallery: Optional[EmbeddingSet], all_ks: bool = False) -> EvalResult:
         from ..evaluation import retrieval_metrics
 
         c = self.cfg.eval
         n_ref = len(query) - 1 if gallery is None else len(gallery)
-        ks = tuple(k for k in c.ks if k <= max(n_ref, 1))
+        ks = tuple(k for k in c.ks if all_ks or k <= max(n_ref, 1))
         metrics = retrieval_metrics(query.vectors, query.labels,
                                     None if gallery is None else gallery.vectors,
                                     None if gallery is None else gallery.labels,

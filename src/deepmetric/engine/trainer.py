@@ -30,17 +30,34 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import Config, ConfigError, save_config
+from ..config import Config, ConfigError, atomic_write_text, save_config
 from ..data.base import DataError, DataSplits
+from ..data.protocol import describe_splits, restrict_train
 from ..data.loading import SeededBatchSampler, SeededDataset, loader_settings, normalisation_on_device
-from .build import build_data, build_losses, build_model, build_optimizers, build_sampler
-from .checkpoint import load_model_weights, load_train_state, read_checkpoint, save_checkpoint
+from .build import apply_protocol, build_data, build_losses, build_model, build_optimizers, build_sampler
+from .checkpoint import CheckpointError, load_model_weights, load_train_state, read_checkpoint, save_checkpoint
 from .distributed import all_gather_with_grad, any_rank, barrier, broadcast_object, init_distributed
 from .evaluator import Evaluator
 from .interrupt import StopRequest
 from .schedule import LRSchedule
 
 log = logging.getLogger("deepmetric")
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """The recipe with its relative paths made absolute (``data.root``, ``eval.lfw_root``,
+    ``model.pretrained``, ``model.init_from``), so a run resumes and evaluates from any folder."""
+    def absolute(value: Optional[str]) -> Optional[str]:
+        if value and value != "imagenet" and Path(value).expanduser().exists():
+            return str(Path(value).expanduser().resolve())
+        return value
+
+    return cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"root": absolute(cfg.data.root)}),
+        "eval": cfg.eval.model_copy(update={"lfw_root": absolute(cfg.eval.lfw_root)}),
+        "model": cfg.model.model_copy(update={"pretrained": absolute(cfg.model.pretrained),
+                                              "init_from": absolute(cfg.model.init_from)}),
+    })
 
 
 def seed_everything(seed: int) -> None:
@@ -80,10 +97,7 @@ def check_training_set(splits: DataSplits, cfg: Config) -> DataSplits:
                             f"remove them or set data.drop_singletons=true")
         keep = np.flatnonzero(~np.isin(train.labels, single))
         log.warning("dropped %d single-image training classes (data.drop_singletons)", len(single))
-        splits.train = train.subset(keep)
-        from ..data.base import relabel
-
-        splits.train.labels = relabel(splits.train.labels)
+        restrict_train(splits, keep)
     return splits
 
 
@@ -92,7 +106,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False,
                  splits: Optional[DataSplits] = None, on_log: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
-        self.cfg = cfg
+        self.cfg = cfg = resolve_paths(cfg)
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.on_log = on_log
@@ -108,7 +122,12 @@ class Trainer:
             self._ckpt, self._state = read_checkpoint(self.run_dir, prefer="last")
         seed_everything(cfg.seed)
         # Everything that can fail on bad input is built before the run directory is touched.
-        self.splits = check_training_set(splits if splits is not None else build_data(cfg), cfg)
+        self.splits_source = "config" if splits is None else "python"
+        if splits is None:
+            splits = build_data(cfg)
+        else:  # a user's own splits are taken as given; the recipe's validation split is carved from them
+            splits = apply_protocol(splits, cfg, getattr(splits.query, "transform", None), class_split=False)
+        self.splits = check_training_set(splits, cfg)
         self.model = build_model(cfg, load_weights=not resume).to(self.device)
         self.losses = build_losses(cfg, self.splits.num_classes, self.model.embedding_dim).to(self.device)
         self.optimizers = build_optimizers(cfg, self.model, self.losses)
@@ -127,7 +146,9 @@ class Trainer:
             raise ConfigError(f"data.normalize_on_device: {e}") from None
         self.loader = DataLoader(SeededDataset(train_view), batch_sampler=self.batch_plan,
                                  generator=self.loader_generator, **self.loader_settings.kwargs())
-        self.evaluator = Evaluator(cfg, self.splits, self.device)
+        self.evaluator = Evaluator(cfg, self.splits, self.device)  # the test split
+        self.val_evaluator = None if self.splits.val is None else Evaluator(cfg, self.splits.val, self.device)
+        self._check_selection()
         amp = cfg.train.amp
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
@@ -144,11 +165,33 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.position = 0  # batches consumed in the current epoch
+        # model selection, on the validation split only
         self.best_value: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.best_val: Dict[str, Any] = {}
+        self.stale_evaluations = 0
+        self.evaluations = 0
+        self._best_weights: Optional[Dict[str, torch.Tensor]] = None
+        self.untrained: Dict[str, Dict[str, Any]] = {}
+        self.input_shape: Optional[list] = None
+        self.stopped_early = False
         self.history: list[Dict[str, Any]] = []
-        self.last_result = None  # EvalResult of the latest evaluation
+        self.last_result = None  # EvalResult of the latest test evaluation (the selected one after fit)
+        self._final_test = None
+        self.summary: Dict[str, Any] = {}
         if resume:
             self._restore()
+
+    def _check_selection(self) -> None:
+        """Selection settings that cannot work, refused before the first step."""
+        cfg = self.cfg
+        (self.val_evaluator or self.evaluator).check_metric(cfg.eval.metric)
+        if self.val_evaluator is None:
+            for bad, key in ((cfg.scheduler.name == "plateau", "scheduler.name=plateau"),
+                             (cfg.train.early_stopping > 0, "train.early_stopping")):
+                if bad:
+                    raise ConfigError(f"{key} follows the validation metric, and there is no validation split: "
+                                      f"set data.val_classes (e.g. 0.1), never select on the test classes")
 
     # -- state ---------------------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -157,6 +200,12 @@ class Trainer:
         s = self._state
         self.step, self.epoch, self.position = s["step"], s["epoch"], s["position"]
         self.best_value = s.get("best_value")
+        self.best_step = s.get("best_step")
+        self.best_val = s.get("best_val") or {}
+        self.stale_evaluations = s.get("stale_evaluations", 0)
+        self.evaluations = s.get("evaluations", 0)
+        self.untrained = s.get("untrained") or {}
+        self.input_shape = s.get("input_shape")
         self.schedule.load_state_dict(s["scheduler"])
         self.loader_generator.set_state(torch.tensor(s["loader_generator"], dtype=torch.uint8))
         if self.scaler.is_enabled() and s.get("grad_scaler"):  # fp16: the loss scale it had reached
@@ -168,7 +217,10 @@ class Trainer:
             barrier()
             return
         state = {"step": self.step, "epoch": self.epoch, "position": self.position,
-                 "best_value": self.best_value, "metric": self.cfg.eval.metric, "metrics": metrics,
+                 "best_value": self.best_value, "best_step": self.best_step, "best_val": self.best_val,
+                 "stale_evaluations": self.stale_evaluations, "evaluations": self.evaluations,
+                 "metric": self.cfg.eval.metric, "metrics": metrics, "untrained": self.untrained,
+                 "input_shape": self.input_shape,
                  "scheduler": self.schedule.state_dict(), "sampler": self.sampler.state_dict(),
                  "loader_generator": self.loader_generator.get_state().tolist(),
                  "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
@@ -242,6 +294,8 @@ class Trainer:
         return loss.detach()
 
     def fit(self) -> Dict[str, Any]:
+        """Train, select on validation, test the selected checkpoint once; returns the summary
+        (also written to ``metrics.json``; see :func:`deepmetric.viz.summary.format_summary`)."""
         created = not self.run_dir.exists()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -256,22 +310,44 @@ class Trainer:
 
     def _fit(self) -> Dict[str, Any]:
         cfg = self.cfg
-        if not self.resume and self.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
-        writer = _tensorboard(self.run_dir) if self.is_main else None
+        if self.is_main:
+            if self.resume:  # rows written after the checkpoint we continue from would repeat
+                truncate_log(self.run_dir / "metrics.jsonl", self.step)
+            else:
+                save_config(cfg, self.run_dir / "config.yaml")
+                atomic_write_text(self.run_dir / "splits.json", json.dumps(
+                    {"source": self.splits_source, **describe_splits(self.splits)}, indent=1))
+        writer = _tensorboard(self.run_dir, purge_step=self.step + 1 if self.resume else None) if self.is_main else None
         log_file = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not cfg.train.progress or not sys.stderr.isatty() or not self.is_main)
+        if self.val_evaluator is None:
+            log.warning("no validation split (data.val_classes): the last step is reported, not selected")
+        try:
+            if not self.resume and cfg.eval.untrained:
+                self._evaluate_untrained(log_file, writer)
+            bar = tqdm(total=cfg.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                       disable=not cfg.train.progress or not sys.stderr.isatty() or not self.is_main)
+            try:
+                self._train_loop(bar, log_file, writer)
+            finally:
+                bar.close()
+            return self._final(log_file, writer)
+        finally:
+            if log_file is not None:
+                log_file.close()
+            if writer is not None:
+                writer.close()
+
+    def _train_loop(self, bar, log_file, writer) -> None:
+        cfg = self.cfg
         self.model.train()
         self.losses.train()
         running, seen, t0 = None, 0, time.perf_counter()
-        last_metrics: Dict[str, Any] = {}
         batches = self._batches()
         stop = StopRequest().__enter__()  # Ctrl-C / SIGTERM: finish the step, save, stop
         try:
-            while self.step < cfg.train.max_steps:
+            while self.step < cfg.train.max_steps and not self.stopped_early:
                 if self._should_stop(stop):
                     self._stop_here()
                 try:
@@ -285,6 +361,8 @@ class Trainer:
                     images = self.batch_normalize(images)
                 if cfg.train.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
+                if self.input_shape is None:  # what inference must resize its inputs to
+                    self.input_shape = list(images.shape[1:])
                 labels = labels.to(self.device, non_blocking=True)
                 loss = self.train_step(images, labels)
                 running = loss if running is None else running + loss
@@ -304,18 +382,12 @@ class Trainer:
                     running, seen, t0 = None, 0, time.perf_counter()
                 eval_now = cfg.train.eval_every and self.step % cfg.train.eval_every == 0
                 if eval_now or self.step == cfg.train.max_steps:
-                    last_metrics = self._evaluate_and_checkpoint(log_file, writer)
+                    self._evaluate_and_checkpoint(log_file, writer)
+                    t0 = time.perf_counter()
                 elif cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                     self._save("last", {})
         finally:
             stop.__exit__()
-            bar.close()
-            if log_file is not None:
-                log_file.close()
-            if writer is not None:
-                writer.close()
-        return {"run_dir": str(self.run_dir), "step": self.step, "metrics": last_metrics,
-                "best": {cfg.eval.metric: self.best_value}}
 
     def _should_stop(self, stop: StopRequest) -> bool:
         """A stop was requested (see :mod:`deepmetric.engine.interrupt`). Under DDP the ranks agree
@@ -331,25 +403,110 @@ class Trainer:
                     self.step, self.run_dir / "checkpoints" / "last", self.run_dir)
         raise KeyboardInterrupt
 
-    def _evaluate_and_checkpoint(self, log_file, writer) -> Dict[str, Any]:
-        # the final evaluation keeps its embeddings and neighbours: the report draws them
-        final = self.step == self.cfg.train.max_steps
-        self.last_result = self.evaluator.run(self.model, neighbours=final)
-        metrics = broadcast_object(self.last_result.metrics)
+    # -- evaluation and selection ----------------------------------------------------------------------
+    def _evaluate(self, split: str, log_file, writer, neighbours: bool = False, record: bool = True):
+        evaluator = self.val_evaluator if split == "val" else self.evaluator
+        result = evaluator.run(self.model, neighbours=neighbours)
+        result.metrics = broadcast_object(result.metrics)
         self.model.train()
-        value = metrics.get(self.cfg.eval.metric)
-        if value is None:
-            raise ConfigError(f"eval.metric: '{self.cfg.eval.metric}' is not among the computed metrics "
-                              f"({', '.join(k for k in metrics if isinstance(metrics[k], float))})")
-        self.schedule.observe(value)
-        self._record({"step": self.step, "eval": metrics}, log_file, writer)
-        improved = self.best_value is None or value > self.best_value
-        if improved:
-            self.best_value = value
+        if record:
+            self._record({"step": self.step, "split": split, "eval": result.metrics}, log_file, writer)
+        return result
+
+    def _evaluate_untrained(self, log_file, writer) -> None:
+        """Step 0: the network before any training, on validation and test (shown beside the trained)."""
+        if self.val_evaluator is not None:
+            self.untrained["val"] = self._evaluate("val", log_file, writer).metrics
+        self.untrained["test"] = self._evaluate("test", log_file, writer).metrics
+
+    def _evaluate_and_checkpoint(self, log_file, writer) -> None:
+        """A periodic evaluation. With a validation split it alone selects ``best`` and drives the
+        plateau schedule and early stopping; the test split is only logged (``eval.test_during_training``,
+        or always when there is no validation split) and never selects."""
+        cfg = self.cfg
+        final = self.step == cfg.train.max_steps
+        self.evaluations += 1
+        improved = False
+        if self.val_evaluator is not None:
+            metrics = self._evaluate("val", log_file, writer).metrics
+            value = metrics.get(cfg.eval.metric)
+            if not isinstance(value, (int, float)):
+                raise ConfigError(f"eval.metric: '{cfg.eval.metric}' was not computed on the validation split "
+                                  f"({self.summary_words('val')}); choose one of "
+                                  f"{', '.join(k for k, v in metrics.items() if isinstance(v, float))}")
+            self.schedule.observe(value)
+            improved = self.best_value is None or value > self.best_value
+            if improved:
+                self.best_value, self.best_step, self.best_val = value, self.step, metrics
+                self.stale_evaluations = 0
+                self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            else:
+                self.stale_evaluations += 1
+            if cfg.train.early_stopping and self.stale_evaluations >= cfg.train.early_stopping and not final:
+                self.stopped_early = True
+                log.info("step %d: validation %s has not improved for %d evaluations (train.early_stopping); "
+                         "stopping", self.step, cfg.eval.metric, self.stale_evaluations)
+        else:
+            metrics = {}
+        if self.val_evaluator is None or cfg.eval.test_during_training:
+            # the final step's test evaluation of a run without validation is its reported one
+            self.last_result = self._evaluate("test", log_file, writer, neighbours=final and self.val_evaluator is None)
+            if self.val_evaluator is None:
+                self.best_step, metrics = self.step, self.last_result.metrics
+                if final:  # the reported evaluation of a run without validation
+                    self._final_test = self.last_result
         self._save("last", metrics)
-        if improved:
+        if improved or (self.val_evaluator is None and final):
             self._save("best", metrics)
-        return metrics
+
+    def _final(self, log_file, writer) -> Dict[str, Any]:
+        """Test the selected checkpoint once (the last step without a validation split); write
+        ``metrics.json``; return the summary."""
+        cfg = self.cfg
+        selected = self.best_step if self.best_step is not None else self.step
+        if self.val_evaluator is not None:
+            if selected != self.step:
+                self._load_selected()
+            result = self._evaluate("test", log_file, writer, neighbours=True, record=False)
+        elif self._final_test is not None:
+            result = self._final_test
+        else:  # resumed at max_steps: nothing trained in this process
+            result = self._evaluate("test", log_file, writer, neighbours=True, record=False)
+        self.last_result = result
+        summary = {
+            "checkpoint": str(self.run_dir / "checkpoints" / "best"),
+            "step": selected,
+            "last_step": self.step,
+            "max_steps": cfg.train.max_steps,
+            "selected_by": f"validation {cfg.eval.metric}" if self.val_evaluator is not None else None,
+            "evaluations": self.evaluations,
+            "stopped_early": self.stopped_early,
+            "metrics": result.metrics,
+            "val": self.best_val if self.val_evaluator is not None else None,
+            "untrained": self.untrained,
+            "splits": _split_sizes(self.splits),
+        }
+        self.summary = summary
+        if self.is_main:
+            flat = {"checkpoint": summary["checkpoint"], "step": selected, **result.metrics,
+                    **{k: v for k, v in summary.items() if k not in ("checkpoint", "step", "metrics")}}
+            atomic_write_text(self.run_dir / "metrics.json", json.dumps(flat, indent=1))
+        return {"run_dir": str(self.run_dir), **summary, "best": {cfg.eval.metric: self.best_value}}
+
+    def summary_words(self, split: str) -> str:
+        return _split_sizes(self.splits).get(split) or "none"
+
+    def _load_selected(self) -> None:
+        """The selected (best validation) weights into the model: from memory, or after a resume
+        from ``checkpoints/best``."""
+        if self._best_weights is None:
+            ckpt, state = read_checkpoint(self.run_dir, prefer="best")
+            if state.get("step") != self.best_step:
+                raise CheckpointError(f"{ckpt}: holds step {state.get('step')}, but the run selected step "
+                                  f"{self.best_step}; the run directory was changed by hand")
+            load_model_weights(self.model, ckpt)
+        else:
+            self.model.load_state_dict(self._best_weights)
 
     def _record(self, rec: Dict[str, Any], log_file, writer) -> None:
         self.history.append(rec)
@@ -359,7 +516,7 @@ class Trainer:
         log_file.flush()
         if writer is not None:
             flat = rec.get("eval", rec)
-            prefix = "eval/" if "eval" in rec else "train/"
+            prefix = f"{rec.get('split', 'eval')}/" if "eval" in rec else "train/"
             for k, v in flat.items():
                 if isinstance(v, (int, float)) and k != "step":
                     writer.add_scalar(prefix + k, v, rec["step"])
@@ -367,9 +524,41 @@ class Trainer:
             self.on_log(rec)
 
 
-def _tensorboard(run_dir: Path):
+def _split_sizes(splits: DataSplits) -> Dict[str, str]:
+    """A few words per evaluation split, for the summary's column heads."""
+    def words(s: Optional[DataSplits]) -> Optional[str]:
+        if s is None:
+            return None
+        if s.pairs is not None:
+            return f"{len(s.pairs.left)} pairs"
+        sets = [d for d in (s.query, s.gallery) if d is not None]
+        classes = len(np.unique(np.concatenate([d.labels for d in sets])))
+        images = len(s.query) + (0 if s.gallery is None else len(s.gallery))
+        return f"{classes} classes, {images} images"
+
+    return {"val": words(splits.val), "test": words(splits) if splits.query is not None or splits.pairs is not None
+            else None}
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the rows of ``metrics.jsonl`` after ``step`` (written after the checkpoint a run resumes
+    from), so a resumed run's log has each step once."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+    atomic_write_text(path, "".join(x + "\n" for x in keep))
+
+
+def _tensorboard(run_dir: Path, purge_step: Optional[int] = None):
+    """TensorBoard events; on resume ``purge_step`` hides what was logged after the checkpoint."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard missing: metrics.jsonl still has everything
         return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)

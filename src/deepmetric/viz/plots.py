@@ -5,7 +5,7 @@ Every function takes plain data and returns a saved PNG path; nothing here knows
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -66,9 +66,15 @@ def _as_image(x) -> np.ndarray:
     return a.squeeze()
 
 
+def _name(names: Optional[Dict[int, str]], label: int) -> str:
+    return names.get(int(label), str(label)) if names else str(label)
+
+
 def retrieval_grid(path: Path, load, query_ids: Sequence[int], neighbours: np.ndarray, query_labels: np.ndarray,
-                   ref_labels: np.ndarray, load_ref=None, title: str = "queries and their top neighbours") -> Path:
-    """Rows: a query, then its top-k neighbours framed green (same label) or red (different)."""
+                   ref_labels: np.ndarray, load_ref=None, title: str = "queries and their top neighbours",
+                   class_names: Optional[Dict[int, str]] = None) -> Path:
+    """Rows: a query, then its top-k neighbours framed green (same label) or red (different).
+    Labels are shown by ``class_names`` (class id -> name) where given."""
     load_ref = load_ref or load
     k = neighbours.shape[1]
     rows = len(query_ids)
@@ -76,7 +82,7 @@ def retrieval_grid(path: Path, load, query_ids: Sequence[int], neighbours: np.nd
     for r, q in enumerate(query_ids):
         ax = axes[r, 0]
         ax.imshow(_as_image(load(int(q))), cmap="gray")
-        ax.set_title(f"query {query_labels[q]}", fontsize=7)
+        ax.set_title(f"query {_name(class_names, query_labels[q])}", fontsize=7)
         for j in range(k):
             n = int(neighbours[q, j])
             a = axes[r, j + 1]
@@ -85,7 +91,8 @@ def retrieval_grid(path: Path, load, query_ids: Sequence[int], neighbours: np.nd
             for s in a.spines.values():
                 s.set_color("#1a9850" if ok else "#d73027")
                 s.set_linewidth(3)
-            a.set_title(f"{ref_labels[n]} {'✓' if ok else '✗'}", fontsize=7, color="#1a9850" if ok else "#d73027")
+            a.set_title(f"{_name(class_names, ref_labels[n])} {'✓' if ok else '✗'}", fontsize=7,
+                        color="#1a9850" if ok else "#d73027")
         for a in axes[r]:
             a.set_xticks([])
             a.set_yticks([])
@@ -94,13 +101,19 @@ def retrieval_grid(path: Path, load, query_ids: Sequence[int], neighbours: np.nd
 
 
 def projection_plot(path: Path, vectors: np.ndarray, labels: np.ndarray, seed: int = 0,
-                    class_names: Optional[List[str]] = None, max_points: int = 3000) -> Path:
-    """2-D t-SNE (PCA above ``max_points``) of embeddings, coloured by class."""
+                    class_names: Optional[Dict[int, str]] = None, max_classes: int = 20,
+                    max_points: int = 1000) -> Path:
+    """2-D t-SNE of the embeddings of at most ``max_classes`` classes (drawn with ``seed`` when
+    there are more) and ``max_points`` points, coloured by class: bounded time on any test set."""
     rng = np.random.default_rng(seed)
-    idx = np.arange(len(vectors))
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if len(classes) > max_classes:
+        classes = np.sort(rng.choice(classes, max_classes, replace=False))
+    idx = np.flatnonzero(np.isin(labels, classes))
     if len(idx) > max_points:
         idx = np.sort(rng.choice(idx, max_points, replace=False))
-    v, y = np.asarray(vectors, dtype=np.float32)[idx], np.asarray(labels)[idx]
+    v, y = np.asarray(vectors, dtype=np.float32)[idx], labels[idx]
     if len(v) >= 10:
         from sklearn.manifold import TSNE
 
@@ -112,17 +125,15 @@ def projection_plot(path: Path, vectors: np.ndarray, labels: np.ndarray, seed: i
         xy = PCA(n_components=2).fit_transform(v)
         method = "PCA"
     fig, ax = plt.subplots(figsize=(5, 4.2))
-    classes = np.unique(y)
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
-    for i, c in enumerate(classes[:20]):
+    for i, c in enumerate(np.unique(y)):
         m = y == c
-        name = class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
-        ax.scatter(xy[m, 0], xy[m, 1], s=6, color=cmap(i % cmap.N), label=name)
+        ax.scatter(xy[m, 0], xy[m, 1], s=6, color=cmap(i % cmap.N), label=_name(class_names, c))
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(f"test embeddings ({method}), coloured by class")
-    if len(classes) <= 20:
-        ax.legend(markerscale=2.5, fontsize=7, loc="best")
+    some = f"{len(np.unique(y))} of {len(np.unique(labels))} classes" if len(np.unique(labels)) > len(classes) else "by class"
+    ax.set_title(f"test embeddings ({method}), {some}", fontsize=9)
+    ax.legend(markerscale=2.5, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return _save(fig, path)
 
 

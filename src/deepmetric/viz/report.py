@@ -11,20 +11,25 @@ import numpy as np
 
 from . import plots
 
+#: the metrics drawn as curves over training, when computed
+CURVES = ("recall@1", "map@r", "map", "rank1", "accuracy")
+
 
 def _ks(metrics: Dict[str, Any]) -> List[int]:
     return sorted(int(k.split("@")[1]) for k in metrics if k.startswith("recall@"))
 
 
 def write_eval_plots(out_dir: Path, result, cfg=None, dataset=None, before: Optional[Dict[str, Any]] = None,
-                     gallery_dataset=None) -> List[Path]:
-    """Pictures of one evaluation: Recall@K, worst/sample retrieval grid, projection, ROC."""
+                     gallery_dataset=None, class_names: Optional[Dict[int, str]] = None,
+                     after_name: str = "trained") -> List[Path]:
+    """Pictures of one evaluation: Recall@K (beside ``before``, the untrained network's, if given),
+    a retrieval grid, an embedding projection, ROC. ``class_names`` labels grids and legends."""
     out = Path(out_dir) / "plots"
     made: List[Path] = []
     m = result.metrics
     ks = _ks(m)
     if ks:
-        cols = {"untrained": before, "trained": m} if before else {"model": m}
+        cols = {"untrained": before, after_name: m} if before else {"model": m}
         made.append(plots.recall_bars(out / "recall_at_k.png", cols, ks))
     nb = result.extras.get("neighbours")
     ref_ds = dataset if result.gallery is None else gallery_dataset
@@ -35,41 +40,84 @@ def write_eval_plots(out_dir: Path, result, cfg=None, dataset=None, before: Opti
         sample = np.random.default_rng(0).choice(len(qlab), size=min(4, len(qlab)), replace=False)
         rows = np.concatenate([sample, wrong]).astype(int)
         made.append(plots.retrieval_grid(out / "retrieval_grid.png", dataset.load, rows, idx, qlab, ref.labels,
-                                         load_ref=ref_ds.load,
+                                         load_ref=ref_ds.load, class_names=class_names,
                                          title="top: random queries; bottom: queries whose first neighbour is wrong"))
     if result.query is not None and len(result.query) and result.extras.get("distances") is None:
-        names = getattr(dataset, "class_names", None)
         made.append(plots.projection_plot(out / "projection.png", result.query.vectors.numpy(), result.query.labels,
-                                          class_names=names))
+                                          class_names=class_names))
     if result.extras.get("distances") is not None:
         made.append(plots.roc_plot(out / "roc.png", result.extras["distances"], result.extras["is_same"]))
     return made
 
 
-def write_report(run_dir: Path, history: List[Dict[str, Any]], result, cfg=None, dataset=None,
-                 before: Optional[Dict[str, Any]] = None, gallery_dataset=None) -> Path:
-    run_dir = Path(run_dir)
-    out = run_dir / "plots"
-    figs: List[Path] = []
+def _history(run_dir: Path, history: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     if not history and (run_dir / "metrics.jsonl").is_file():
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return history
+
+
+def _curves(out: Path, history: List[Dict[str, Any]]) -> List[Path]:
+    figs: List[Path] = []
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
     if losses:
         figs.append(plots.curve_plot(out / "loss.png", {"loss": losses}, "training loss", "loss"))
-    evals = [(h["step"], h["eval"]) for h in history if "eval" in h]
+    evals = [h for h in history if "eval" in h]
     if evals:
-        keys = [k for k in ("recall@1", "map@r", "map", "rank1", "accuracy") if k in evals[-1][1]]
-        series = {k: [(s, e[k]) for s, e in evals if k in e] for k in keys}
-        figs.append(plots.curve_plot(out / "metrics.png", series, "evaluation during training", "value"))
-    figs += write_eval_plots(run_dir, result, cfg, dataset, before, gallery_dataset)
-    rows = []
-    for k, v in result.metrics.items():
-        if isinstance(v, (int, float)):
-            b = before.get(k) if before else None
-            rows.append(f"<tr><td>{html.escape(k)}</td>" + (f"<td>{b:.4f}</td>" if isinstance(b, float) else ("<td></td>" if before else ""))
-                        + f"<td>{v:.4f}</td></tr>" if isinstance(v, float) else
-                        f"<tr><td>{html.escape(k)}</td>{'<td></td>' if before else ''}<td>{v}</td></tr>")
-    head = "<tr><th>metric</th>" + ("<th>untrained</th>" if before else "") + "<th>trained</th></tr>"
+        series: Dict[str, list] = {}
+        for h in evals:
+            split = h.get("split", "eval")
+            for k in CURVES:
+                if isinstance(h["eval"].get(k), float):
+                    series.setdefault(f"{split} {k}", []).append((h["step"], h["eval"][k]))
+        figs.append(plots.curve_plot(out / "metrics.png", series, "evaluation during training (step 0: untrained)",
+                                     "value"))
+    return figs
+
+
+def _metric_table(summary: Dict[str, Any]) -> str:
+    from .summary import shown_metrics
+
+    untrained = summary.get("untrained") or {}
+    chosen = "selected" if summary.get("selected_by") else "last step"
+    cols = []
+    if summary.get("val") is not None:
+        cols.append(("validation", untrained.get("val"), summary["val"]))
+    cols.append(("test", untrained.get("test"), summary.get("metrics") or {}))
+    keys = shown_metrics(*(t for _, a, b in cols for t in (a, b)))
+
+    def cell(t, k):
+        v = (t or {}).get(k)
+        return f"<td>{v:.4f}</td>" if isinstance(v, float) else "<td>-</td>"
+
+    head = ("<tr><th></th>" + "".join(f'<th colspan="2">{n}</th>' for n, _, _ in cols) + "</tr><tr><th>metric</th>"
+            + "".join(f"<th>untrained</th><th>{chosen}</th>" for _ in cols) + "</tr>")
+    rows = "".join(f"<tr><td>{html.escape(k)}</td>" + "".join(cell(a, k) + cell(b, k) for _, a, b in cols) + "</tr>"
+                   for k in keys)
+    return f"<table>{head}{rows}</table>"
+
+
+def _plain_table(metrics: Dict[str, Any]) -> str:
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" if isinstance(v, float) else
+                   f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>"
+                   for k, v in metrics.items() if isinstance(v, (int, float)))
+    return f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table>"
+
+
+def write_report(run_dir: Path, history: List[Dict[str, Any]], result, cfg=None, dataset=None,
+                 summary: Optional[Dict[str, Any]] = None, gallery_dataset=None,
+                 class_names: Optional[Dict[int, str]] = None) -> Path:
+    """The run's page: the end-of-run table (untrained beside the selected checkpoint, validation
+    and test, and which step was selected), training curves and the test evaluation's pictures."""
+    from .summary import describe_selection
+
+    run_dir = Path(run_dir)
+    history = _history(run_dir, history)
+    figs = _curves(run_dir / "plots", history)
+    before = (summary or {}).get("untrained", {}).get("test")
+    after_name = "selected" if (summary or {}).get("selected_by") else "last step"
+    figs += write_eval_plots(run_dir, result, cfg, dataset, before, gallery_dataset, class_names, after_name)
+    table = _metric_table(summary) if summary else _plain_table(result.metrics)
+    selection = f"<p>{html.escape(describe_selection(summary))}</p>" if summary else ""
     imgs = "\n".join(
         f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
         f"<figcaption>{p.stem.replace('_', ' ')}</figcaption></figure>" for p in figs)
@@ -80,7 +128,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 10px;t
 figure{{display:inline-block;margin:8px;vertical-align:top}}img{{max-width:520px}}</style></head>
 <body><h1>deepmetric report: {name}</h1>
 <p>run directory <code>{html.escape(str(run_dir))}</code></p>
-<h2>metrics</h2><table>{head}{''.join(rows)}</table>
+<h2>metrics</h2>{table}{selection}
 <h2>pictures</h2>{imgs}</body></html>"""
     from ..config import atomic_write_text
 
