@@ -6,164 +6,61 @@ and exits with code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
-from . import __version__
 from .config import RECIPES, list_recipes, resolve_recipe  # noqa: F401  (RECIPES: re-exported)
-from .errors import UserError
+from .core import __version__
+from .core.errors import UserError
+from .inference import cli as inference_cli
+from .serve import cli as serve_cli
 
 log = logging.getLogger("deepmetric")
+
+#: the packages of the optional dependencies commands import, by module name, and the extra that brings each
+PACKAGES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "sklearn": "scikit-learn",
+            "safetensors": "safetensors", "scipy": "scipy", "matplotlib": "matplotlib", "tensorboard": "tensorboard"}
+EXTRAS = {package: "train" for package in PACKAGES.values()}
 
 
 # -- handlers --------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
-    from .engine.trainer import Trainer
+    from .engine.runs import trainer_for
+    from .viz.report import write_report
+    from .viz.summary import format_summary
 
     if args.config and "=" in args.config:  # `train --resume RUN key=value`: no recipe, only overrides
         args.overrides = [args.config, *args.overrides]
         args.config = None
-    if args.resume:
-        run_dir = Path(args.resume)
-        cfg = load_config(run_dir, [])
-        changed = load_config(run_dir, args.overrides)
-        bad = [o.split("=", 1)[0] for o in args.overrides if not o.startswith("train.")]
-        if bad:
-            raise ConfigError(f"--resume: only train.* keys may change when resuming, not {bad[0]}")
-        cfg = changed
-    else:
-        if not args.config:
-            raise ConfigError("train: give a recipe (e.g. configs/fashion_mnist.yaml) or --resume RUN_DIR")
-        cfg = load_config(resolve_recipe(args.config), args.overrides)
-        run_dir = Path(args.run_dir or cfg.run_dir or f"runs/{cfg.name}")
-    trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
+    trainer = trainer_for(args.config, args.overrides, args.run_dir, args.resume)
     summary = trainer.fit()
     if not trainer.is_main:  # under torchrun, rank 0 alone prints and writes
         return 0
-    from .viz.summary import format_summary
-    from .viz.report import write_report
-
-    print(format_summary(summary, title=f"{cfg.name}:"))
-    report = write_report(run_dir, trainer.history, trainer.last_result, cfg=cfg, summary=summary,
-                          dataset=trainer.splits.query, gallery_dataset=trainer.splits.gallery,
-                          class_names=trainer.splits.class_names)
+    run_dir, splits = trainer.run_dir, trainer.splits
+    print(format_summary(summary, title=f"{trainer.cfg.name}:"))
+    report = write_report(run_dir, trainer.history, trainer.last_result, cfg=trainer.cfg, summary=summary,
+                          dataset=splits.query, gallery_dataset=splits.gallery, class_names=splits.class_names)
     print(f"run directory: {run_dir}  (report: {report}; `deepmetric eval {run_dir}` scores the same checkpoint)")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .engine.build import build_data, build_model
-    from .engine.checkpoint import load_model_weights, read_checkpoint
-    from .engine.evaluator import Evaluator
-    from torch import device as torch_device
-
-    from .engine.trainer import resolve_device
-    from .config import atomic_write_text
-
-    target = Path(args.target)
-    run_dir = None
-    if target.is_dir() and (target / "config.yaml").is_file():
-        run_dir = target
-        cfg = load_config(target, args.overrides)
-        ckpt_path = args.checkpoint or target
-        out_dir = Path(args.output or target)
-    else:
-        cfg = load_config(resolve_recipe(args.target), args.overrides)
-        if not args.checkpoint:
-            from .config import ConfigError
-
-            raise ConfigError("eval: a recipe needs --checkpoint PATH (or pass a run directory)")
-        ckpt_path = args.checkpoint
-        out_dir = Path(args.output or Path(ckpt_path).parent)
-    if args.neighbours < 0 or (args.neighbours and cfg.eval.protocol == "verification"):
-        from .errors import UserError
-
-        raise UserError(f"eval --neighbours {args.neighbours}: give K >= 1 for a retrieval or re-ID protocol "
-                        f"(this recipe's protocol is {cfg.eval.protocol})")
-    from .engine.distributed import init_distributed
-
-    ckpt, ckpt_state = read_checkpoint(ckpt_path)
-    dist = init_distributed()  # under torchrun each rank embeds a shard; rank 0 writes
-    device = resolve_device(cfg.train.device)
-    if dist.is_distributed and device.type == "cuda":
-        device = torch_device("cuda", dist.local_rank)
-    splits = build_data(cfg)
-    if run_dir is not None and not any(o.startswith("data.") for o in args.overrides):
-        check_recorded_splits(run_dir, splits)
-    model = build_model(cfg, load_weights=False)
-    load_model_weights(model, ckpt)
-    model.to(device).eval()
-    result = Evaluator(cfg, splits, device).run(model)
-    if not dist.is_main:
-        return 0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = {"checkpoint": str(ckpt), "step": ckpt_state.get("step"), **result.metrics}
-    previous = _read_json(out_dir / "metrics.json")
-    if previous.get("checkpoint") == str(ckpt) and previous.get("step") == written["step"] and not args.overrides:
-        # the training summary's facts about this checkpoint (untrained, validation, selection) stay
-        written.update({k: v for k, v in previous.items() if k not in written and k not in result.metrics})
-    atomic_write_text(out_dir / "metrics.json", json.dumps(written, indent=1))
+    from .engine.runs import evaluate
     from .viz.report import write_eval_plots
 
-    plots = write_eval_plots(out_dir, result, cfg=cfg, dataset=splits.query, gallery_dataset=splits.gallery,
-                             class_names=splits.class_names)
-    _print_metrics(f"eval {ckpt} (step {ckpt_state.get('step')})", result.metrics)
-    print(f"wrote {out_dir / 'metrics.json'} and {len(plots)} plots")
-    if args.neighbours:
-        path = _write_neighbours(out_dir / "neighbours.jsonl", result, args.neighbours, cfg.eval.distance)
-        print(f"wrote {path}: the top {args.neighbours} of each query")
+    ev = evaluate(args.target, args.overrides, args.checkpoint, args.output, args.neighbours)
+    if not ev.is_main:
+        return 0
+    plots = write_eval_plots(ev.out_dir, ev.result, cfg=ev.cfg, dataset=ev.splits.query,
+                             gallery_dataset=ev.splits.gallery, class_names=ev.splits.class_names)
+    _print_metrics(f"eval {ev.checkpoint} (step {ev.step})", ev.result.metrics)
+    print(f"wrote {ev.out_dir / 'metrics.json'} and {len(plots)} plots")
+    if ev.neighbours is not None:
+        print(f"wrote {ev.neighbours}: the top {args.neighbours} of each query")
     return 0
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def check_recorded_splits(run_dir: Path, splits) -> None:
-    """Refuse to score a run on another test set than it was tested on (``splits.json``)."""
-    from .data.protocol import describe_splits, split_differences
-
-    recorded = _read_json(run_dir / "splits.json")
-    if not recorded:
-        log.warning("%s has no splits.json (a run from an older version): the test split is not checked",
-                    run_dir)
-        return
-    diffs = split_differences(recorded, describe_splits(splits), "test")
-    if not diffs:
-        return
-    how = ("the run was trained on splits given in Python (Trainer(..., splits=...)), which its config cannot "
-           "rebuild: evaluate it in Python with the same splits (model, cfg, _ = deepmetric.load_for_inference(RUN); "
-           "deepmetric.Evaluator(cfg, splits).run(model))"
-           if recorded.get("source") == "python" else
-           "the data changed since training, or pass data.* overrides to score other data on purpose")
-    raise UserError(f"{run_dir / 'splits.json'}: the config now builds another test split than the run's: "
-                    f"{'; '.join(diffs)}; {how}")
-
-
-def _write_neighbours(path: Path, result, k: int, distance: str) -> Path:
-    """``neighbours.jsonl``: one line per query with its top-``k`` (see evaluation.results)."""
-    from .config import atomic_write_text
-    from .evaluation.results import retrieval_results
-
-    q, g = result.query, result.gallery
-    ref = q if g is None else g
-    res = retrieval_results(q.vectors, q.labels, None if g is None else g.vectors, None if g is None else g.labels,
-                            k=k, distance=distance, query_camids=q.camids,
-                            gallery_camids=None if g is None else g.camids)
-    lines = (json.dumps(r) for r in res.records(q.labels, ref.labels, q.paths, ref.paths))
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -198,12 +95,12 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .engine.build import _register_formats
-    from .registry import BACKBONES, DATASETS, LOSSES
-    from . import losses as _losses  # noqa: F401  (registers losses)
+    from .data.formats import DATASETS
+    from .losses import LOSSES, MINERS
+    from .models import BACKBONES
 
-    _register_formats()
-    tables = {"losses": LOSSES.names(), "backbones": BACKBONES.names() + ["timm:<any timm model>"],
+    tables = {"losses": LOSSES.names(), "miners": MINERS.names(),
+              "backbones": BACKBONES.names() + ["timm:<any timm model>"],
               "datasets": DATASETS.names(), "recipes": list_recipes()}
     for what in ([args.what] if args.what else tables):
         print(f"{what}: {', '.join(tables[what])}")
@@ -257,16 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--max-listed", type=int, default=20)
     dc.set_defaults(func=cmd_data_check)
 
-    ls = sub.add_parser("list", help="registered losses, backbones, datasets and packaged recipes")
-    ls.add_argument("what", nargs="?", choices=["losses", "backbones", "datasets", "recipes"])
+    ls = sub.add_parser("list", help="registered losses, miners, backbones, datasets and packaged recipes")
+    ls.add_argument("what", nargs="?", choices=["losses", "miners", "backbones", "datasets", "recipes"])
     ls.set_defaults(func=cmd_list)
 
-    for module in ("deepmetric.inference.cli", "deepmetric.serve.cli"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ImportError:
-            continue
-        mod.register(sub)
+    inference_cli.register(sub)
+    serve_cli.register(sub)
     return p
 
 
@@ -292,6 +185,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug:
             raise
         print(f"deepmetric: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an optional dependency this command needs
+        package = PACKAGES.get((e.name or "").split(".")[0])
+        if package is None or args.debug:
+            raise
+        print(f"deepmetric: error: {args.command} needs {package}, which is not installed: "
+              f"pip install 'deepmetric[{EXTRAS[package]}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("deepmetric: interrupted", file=sys.stderr)

@@ -8,15 +8,14 @@ thing they configure is built, with the same kind of message.
 from __future__ import annotations
 
 import difflib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from .errors import UserError
+from .core.errors import UserError
+from .core.files import atomic_write
 
 
 class ConfigError(UserError):
@@ -113,14 +112,28 @@ class MemoryConfig(_Section):
     weight: float = 1.0
 
 
+#: the lr of a loss term's own optimizer when the recipe gives none (Centroids-ReID's centre-loss SGD)
+OWN_OPTIMIZER_LR = 0.5
+
+
 class LossTerm(_Section):
     name: str
     weight: float = 1.0
     input: Literal["embedding", "features", "neck"] = "embedding"
     params: Dict[str, Any] = Field(default_factory=dict)
     memory: Optional[MemoryConfig] = None
+    #: this term's parameters' lr (in the main optimizer, or in its own); with ``optimizer: sgd`` and
+    #: no ``lr``, :data:`OWN_OPTIMIZER_LR`
     lr: Optional[float] = Field(None, gt=0)
+    #: ``sgd``: the term's parameters get an optimizer of their own, outside the lr schedule
     optimizer: Optional[Literal["sgd"]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_lr(cls, v):
+        if isinstance(v, dict) and v.get("optimizer") and v.get("lr") is None:
+            return {**v, "lr": OWN_OPTIMIZER_LR}
+        return v
 
 
 class ParamGroup(_Section):
@@ -376,24 +389,5 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     return cfg
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write through a temporary file in the same folder and rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a written file should look like any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_config(cfg: Config, path: str | Path) -> None:
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Dict, Sequence
 
+import numpy as np
+
 from .config import ConfigError, load_config
 
 RECIPE = Path(__file__).parent / "configs" / "quickstart.yaml"
@@ -57,7 +59,7 @@ def run_quickstart(run_dir: str = "runs/quickstart", overrides: Sequence[str] = 
     prepare_run_dir(run_dir)
     trainer = Trainer(cfg, run_dir)
     s = trainer.splits
-    faces = len(s.info.get("faces", [])) or "?"
+    faces = "?" if s.train.camids is None else len(np.unique(s.train.camids))  # glyphs: a face's camera id
     print(f"{cfg.data.format}: {s.train.num_classes} training characters x {faces} typefaces "
           f"({len(s.train)} images); {s.val.query.num_classes if s.val else 0} held-out characters select the "
           f"checkpoint; {s.query.num_classes} unseen characters ({len(s.query)} images) are the test")

@@ -10,7 +10,7 @@ from deepmetric.data import formats  # noqa: F401
 from deepmetric.data import synthetic
 from deepmetric.data.base import DataError
 from deepmetric.data.protocol import ClassSplitError, split_classes
-from deepmetric.registry import DATASETS
+from deepmetric.data.formats import DATASETS
 
 ALL = ["image_folder", "identity_folder", "csv", "sop", "cub", "cars", "inshop", "lfw", "market1501", "dukemtmc"]
 

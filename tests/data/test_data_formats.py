@@ -9,7 +9,7 @@ from deepmetric.data import formats  # noqa: F401  (registers the builders)
 from deepmetric.data.base import DataSplits, MetricDataset
 from deepmetric.data.protocol import split_classes
 from deepmetric.data.transforms import build_transform
-from deepmetric.registry import DATASETS
+from deepmetric.data.formats import DATASETS
 
 
 def build(name, root, **options) -> DataSplits:
@@ -35,7 +35,7 @@ def test_image_folder_all_classes_and_transforms(mini):
     s = build("image_folder", mini["image_folder"], train_transform=build_transform("tensor", True),
               test_transform=build_transform("tensor", False, image_size=4))
     assert len(s.train) == len(s.query) == 24 and s.gallery is None and s.num_classes == 6
-    assert s.info["class_names"] == [f"class_{c:02d}" for c in range(6)]
+    assert list(s.class_names.values()) == [f"class_{c:02d}" for c in range(6)]
     x, y, i = s.train[5]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and (y, i) == (1, 5)
     assert s.query[0][0].shape == (3, 4, 4)
@@ -65,14 +65,14 @@ def test_identity_folder_is_train_only(mini, tmp_path):
     for f in sorted((root / "class_01").iterdir())[1:]:
         f.unlink()
     s = build("identity_folder", root, min_images=2)
-    assert s.info["dropped_identities"] == 1 and len(s.train) == 9
+    assert len(s.class_names) - len(s.train_class_ids) == 1 and len(s.train) == 9
     assert [s.class_names[i] for i in s.train_class_ids] == ["class_00", "class_02", "class_03"]
     assert_relabelled(s.train)
 
 
 def test_csv_without_split_string_labels(mini):
     s = split_classes(build("csv", mini["csv"]), train_classes=0.5)
-    assert s.info["class_names"] == [f"cls_{c}" for c in "abcdef"]
+    assert list(s.class_names.values()) == [f"cls_{c}" for c in "abcdef"]
     assert [s.class_names[i] for i in s.train_class_ids] == ["cls_a", "cls_b", "cls_c"]
     assert len(s.train) == 12 and len(s.query) == 12 and s.gallery is None
     s = split_classes(build("csv", mini["csv"]), test_classes=["cls_f"])
@@ -97,7 +97,6 @@ def test_sop_both_list_formats(mini):
         assert s.train.labels.tolist() == np.repeat(np.arange(4), 3).tolist()  # class_id - 1
         assert s.query.labels.tolist() == np.repeat(np.arange(5, 9), 3).tolist()  # raw class_id
         assert s.train.paths[0].endswith("bicycle_final/111085122871_0.JPG")
-    assert build("sop", mini["sop"]).info["list_format"] == "ebay"
 
 
 def test_sop_accepts_archive_folder(tmp_path):
@@ -105,7 +104,7 @@ def test_sop_accepts_archive_folder(tmp_path):
 
     make_sop(tmp_path / "Stanford_Online_Products", n_classes=4, per_class=2)
     s = build("sop", tmp_path)
-    assert s.info["root"].endswith("Stanford_Online_Products") and len(s.train) == 4
+    assert s.train.paths[0].startswith(str(tmp_path / "Stanford_Online_Products")) and len(s.train) == 4
 
 
 def test_cub_and_cars_split_classes_in_half(mini):
@@ -158,7 +157,7 @@ def test_reid_folders(mini, name, key, n_cams):
     assert len(s.query) == n_ids - n_train and (s.query.camids == 0).all()
     g = s.gallery
     assert -1 not in g.labels.tolist()  # 2 junk images dropped
-    assert (g.labels == 0).sum() == 2 and s.info["distractors"] == 2  # distractors kept
+    assert (g.labels == 0).sum() == 2  # distractors kept
     assert len(g) == (n_ids - n_train) * per_id + 2
     assert set(s.query.labels.tolist()) == set(range(n_train + 1, n_ids + 1))  # raw pids
     assert set(s.query.labels.tolist()) <= set(g.labels.tolist())
@@ -171,4 +170,4 @@ def test_reid_accepts_archive_folder(tmp_path):
 
     make_market(tmp_path / "Market-1501-v15.09.15", n_ids=4, per_id=2)
     s = DATASETS.get("market1501")(str(tmp_path))
-    assert s.info["root"].endswith("Market-1501-v15.09.15")
+    assert s.train.paths[0].startswith(str(tmp_path / "Market-1501-v15.09.15"))

@@ -7,7 +7,7 @@ from deepmetric.data import formats  # noqa: F401
 from deepmetric.data.base import DataSplits, MetricDataset
 from deepmetric.data.check import find_unreadable, format_summary, images_per_class, summarize
 from deepmetric.data.protocol import ClassSplitError, split_classes
-from deepmetric.registry import DATASETS
+from deepmetric.data.formats import DATASETS
 
 
 class Labels(MetricDataset):

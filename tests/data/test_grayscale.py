@@ -55,7 +55,7 @@ def test_rgb_constants_become_one_for_one_channel():
     assert channel_stats((0.3, 0.6, 0.9), 1) == pytest.approx((0.6,))
     tf = build_transform("imagenet", train=False, image_size=16, channels=1)
     assert tuple(tf.transforms[-1].mean) == pytest.approx((np.mean([0.485, 0.456, 0.406]),))
-    with pytest.raises(ValueError, match="model.in_chans=2"):
+    with pytest.raises(ValueError, match="channels=2: the preset normalises 3 channels"):
         channel_stats((0.485, 0.456, 0.406), 2)
     import doctest
 

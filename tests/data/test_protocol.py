@@ -124,7 +124,7 @@ def test_validation_by_name_and_bad_values(mini):
     with pytest.raises(ConfigError, match=r"data.val_classes: 'class_05' not among the training classes"):
         _build("image_folder", mini["image_folder"], "retrieval", "data.train_classes=0.67",
                "data.val_classes=[class_00, class_05]")
-    with pytest.raises(ConfigError, match=r"data.val_classes: 2 of the 3 training classes would leave 1"):
+    with pytest.raises(ConfigError, match=r"data.val_classes: 2 of the 3 training classes would leave 1 to train on \(needs >= 2\)"):
         _build("image_folder", mini["image_folder"], "retrieval", "data.train_classes=0.5", "data.val_classes=0.5")
     with pytest.raises(ConfigError, match=r"data.val_classes.*fraction in \(0, 1\)"):
         load_config(None, ["data.val_classes=1.5"])

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from deepmetric.cli import main
 from deepmetric.config import load_config, save_config
 from deepmetric.engine import checkpoint as ckpt_mod
-from deepmetric.engine.build import build_model
-from deepmetric.engine.checkpoint import (CheckpointError, load_for_inference, load_model_weights, load_train_state,
-                                          read_checkpoint, save_checkpoint)
+from deepmetric.engine.build import build_model, load_for_inference
+from deepmetric.engine.checkpoint import (CheckpointError, load_model_weights, load_train_state, read_checkpoint,
+                                          save_checkpoint)
 from deepmetric.data.synthetic import make_image_folder
 from deepmetric.models import WeightsError
 

@@ -39,13 +39,15 @@ def _worker(rank, world, port, run_dir, overrides):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from deepmetric.engine.distributed import cleanup
+    import torch.distributed as dist
+
     from deepmetric.engine.trainer import Trainer
 
     try:
         Trainer(load_config(RECIPE, overrides), run_dir).fit()
     finally:
-        cleanup()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class MergedSampler:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deepmetric.evaluation import CentroidGallery, centroid_gallery, reid_metrics_centroids
-from deepmetric.inference.extract import EmbeddingSet
+from deepmetric.core.embeddings import EmbeddingSet
 
 
 def sets(seed, n_q=40, n_g=160, pids=15, cams=4):

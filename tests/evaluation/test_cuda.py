@@ -7,7 +7,7 @@ import torch
 
 from deepmetric.evaluation import (centroid_gallery, k_reciprocal_rerank, pairwise_distances, reid_metrics_centroids,
                                    reid_metrics_from_embeddings, retrieval_metrics, topk_neighbors)
-from deepmetric.inference.extract import EmbeddingSet
+from deepmetric.core.embeddings import EmbeddingSet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 

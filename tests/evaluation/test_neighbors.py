@@ -71,12 +71,3 @@ def test_member_ranks_against_sort(force_sort, monkeypatch):
         for j in range(r):
             expected = kept.index(int(members[row, j])) if relevant[row, j] else -1
             assert int(ranks[row, j]) == expected
-
-
-def test_serial_section_restores_thread_count():
-    before = torch.get_num_threads()
-    with pytest.raises(RuntimeError):
-        with nb.serial_on_cpu(torch.device("cpu")):
-            assert torch.get_num_threads() == 1
-            raise RuntimeError("boom")
-    assert torch.get_num_threads() == before

@@ -7,7 +7,7 @@ from deepmetric.config import load_config
 from deepmetric.engine.build import build_data, build_model
 from deepmetric.engine.evaluator import Evaluator
 from deepmetric.evaluation import average_query_expansion, reid_metrics_from_embeddings
-from deepmetric.inference.extract import EmbeddingSet
+from deepmetric.core.embeddings import EmbeddingSet
 from deepmetric.quickstart import RECIPE
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deepmetric.evaluation import k_reciprocal_rerank, pairwise_distances, reid_metrics, reid_metrics_from_embeddings
-from deepmetric.inference.extract import EmbeddingSet
+from deepmetric.core.embeddings import EmbeddingSet
 
 
 def naive_reid(dist, qp, gp, qc, gc, max_rank):

@@ -7,7 +7,7 @@ import pytest
 from deepmetric.cli import main
 from deepmetric.evaluation import reid_metrics_from_embeddings, retrieval_metrics
 from deepmetric.evaluation.results import retrieval_results
-from deepmetric.inference.extract import EmbeddingSet
+from deepmetric.core.embeddings import EmbeddingSet
 
 
 def _clusters(n=60, d=8, classes=6, seed=0):

@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 
-from deepmetric.engine.checkpoint import load_for_inference
+from deepmetric.engine.build import load_for_inference
 from deepmetric.inference.export import (ExportParityError, export_checkpoint, onnx_session,
                                          read_onnx_metadata, read_torchscript_metadata)
 from deepmetric.inference.predictor import Predictor

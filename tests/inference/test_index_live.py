@@ -15,7 +15,7 @@ import torch
 
 from deepmetric.evaluation.neighbors import topk_neighbors
 from deepmetric.inference import EmbeddingSet
-from deepmetric.inference import index as index_module
+from deepmetric.inference import index_file
 from deepmetric.inference.index import (FaissMissingError, SearchIndex, SearchIndexError, UnknownItemError,
                                         edit_index)
 
@@ -223,7 +223,7 @@ def assert_unchanged(path, data):
 
 @pytest.mark.parametrize("fault", ["replace", "fsync", "write"])
 def test_a_fault_mid_update_leaves_the_old_index(data, gallery, monkeypatch, fault):
-    real = index_module._write_safetensors
+    real = index_file._write_safetensors
 
     def disk_full(f, arrays, meta):  # half the file written, then the disk fills up
         real(f, dict(list(arrays.items())[:4]), meta)
@@ -233,7 +233,7 @@ def test_a_fault_mid_update_leaves_the_old_index(data, gallery, monkeypatch, fau
         raise OSError(f"simulated failure in {fault}")
 
     if fault == "write":
-        monkeypatch.setattr(index_module, "_write_safetensors", disk_full)
+        monkeypatch.setattr(index_file, "_write_safetensors", disk_full)
     else:
         monkeypatch.setattr(os, fault, boom)
     with pytest.raises(OSError):
@@ -250,16 +250,16 @@ def test_a_killed_process_mid_write_leaves_the_old_index(data, gallery):
     child = textwrap.dedent(f"""
         import os, sys, time
         import numpy as np
-        from deepmetric.inference import index as m
+        from deepmetric.inference import index as m, index_file
 
-        real = m._write_safetensors
+        real = index_file._write_safetensors
         def slow(f, arrays, meta):
             real(f, dict(list(arrays.items())[:4]), meta)
             f.flush()
             os.fsync(f.fileno())
             print("half written", flush=True)
             time.sleep(60)
-        m._write_safetensors = slow
+        index_file._write_safetensors = slow
         with m.edit_index({str(gallery)!r}) as index:
             index.add(np.ones((3, {D}), np.float32))
     """)

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from deepmetric.data.transforms import build_transform
-from deepmetric.engine.checkpoint import load_for_inference
-from deepmetric.errors import UserError
+from deepmetric.engine.build import load_for_inference
+from deepmetric.core.errors import UserError
 from deepmetric.inference.predictor import (EmbeddingsFileError, InputError, Predictor, list_inputs,
                                             load_embeddings, write_embeddings)
 

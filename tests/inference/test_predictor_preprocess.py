@@ -17,7 +17,7 @@ from deepmetric.config import load_config
 from deepmetric.data.transforms import PRESETS, build_transform, describe
 from deepmetric.engine.build import build_model
 from deepmetric.engine.checkpoint import save_checkpoint
-from deepmetric.errors import UserError
+from deepmetric.core.errors import UserError
 from deepmetric.inference.preprocess import (MIN_MAX_PIXELS, REDUCING_GAP, UNSIZED_MAX_PIXELS, ImageError,
                                              ImageTooLargeError, NotAnImageError, Preprocessing,
                                              default_max_pixels)
@@ -182,7 +182,7 @@ def test_onnx_file_predictor_matches_pytorch(checkpoint_dir, tmp_path):
 
 def test_onnx_metadata_input_shape_gives_the_size_of_a_size_free_export(tmp_path):
     """A size-free export (``input_size`` null) whose metadata records ``input_shape`` is fed that size."""
-    from deepmetric.engine.checkpoint import load_for_inference
+    from deepmetric.engine.build import load_for_inference
     from deepmetric.inference.export import export_onnx, preprocessing_metadata
 
     model, cfg, ckpt = load_for_inference(digits_checkpoint(tmp_path / "ckpt"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deepmetric.losses import LOSSES, NoValidPairsWarning, build_loss, loss_names
-from deepmetric.registry import UnknownNameError
+from deepmetric.core.registry import UnknownNameError
 
 
 @pytest.mark.parametrize("name", loss_names())

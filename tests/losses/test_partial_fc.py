@@ -19,9 +19,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from deepmetric.engine.distributed import all_gather_object
+from deepmetric.core.distributed import all_gather_object
 from deepmetric.losses.partial_fc import PartialFC, shard_classes
-from deepmetric.registry import LOSSES
+from deepmetric.losses import LOSSES
 
 WORLD = 2
 

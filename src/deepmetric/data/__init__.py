@@ -1,6 +1,17 @@
-"""Data: the dataset abstraction, on-disk formats (registered by name), samplers and transforms."""
-from .base import DataError, DataSplits, MetricDataset, SubsetDataset, VerificationPairs, relabel
-from .samplers import PKBatchSampler, RandomBatchSampler
+"""Data: the dataset abstraction, on-disk formats (catalogued by name), samplers and transforms.
 
-__all__ = ["DataError", "DataSplits", "MetricDataset", "PKBatchSampler", "RandomBatchSampler",
-           "SubsetDataset", "VerificationPairs", "relabel"]
+Public names are imported on first use, so ``import deepmetric.data.formats`` (the catalogue) does
+not import PyTorch.
+"""
+from __future__ import annotations
+
+from ..core.lazy import lazy_exports
+
+_EXPORTS = {
+    "DataError": "base", "DataSplits": "base", "MetricDataset": "base", "SubsetDataset": "base",
+    "VerificationPairs": "base", "relabel": "base",
+    "PKBatchSampler": "samplers", "RandomBatchSampler": "samplers",
+}
+__getattr__, __dir__ = lazy_exports(__name__, {name: f"{__name__}.{module}" for name, module in _EXPORTS.items()})
+
+__all__ = list(_EXPORTS)

@@ -10,18 +10,19 @@ SOP/CUB/Cars protocol), or verification pairs (the LFW protocol).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import UserError
+from ..core.errors import ParameterError
 
 
-class DataError(UserError):
-    """Bad data on disk: the message names the file or folder and what was expected."""
+class DataError(ParameterError):
+    """Bad data on disk: the message names the file or folder and what was expected (and, as a
+    :class:`ParameterError`, the builder's parameter to change, such as ``{root}``)."""
 
 
 class MetricDataset(Dataset):
@@ -140,7 +141,6 @@ class DataSplits:
     query: Optional[MetricDataset] = None
     gallery: Optional[MetricDataset] = None
     pairs: Optional[VerificationPairs] = None
-    info: dict = field(default_factory=dict)
     train_class_ids: Optional[np.ndarray] = None
     class_names: Optional[Dict[int, str]] = None
     val: Optional["DataSplits"] = None

@@ -236,16 +236,39 @@ def _require_file(path: str, what: str) -> None:
 def require_root(root: Optional[str | os.PathLike], fmt: str, expected: str) -> str:
     """Check that ``root`` names an existing folder; ``expected`` says what it should hold.
 
-    Raises :class:`DataError`: ``"sop: no data root given (set data.root to ...)"`` or
+    Raises :class:`DataError`: ``"sop: no data root given (set root to ...)"`` or
     ``"SOP root /x: folder not found (expected ...)"``.
     """
     if root is None or not str(root).strip():
-        raise DataError(f"{fmt}: no data root given (set data.root to {expected})")
+        raise DataError(f"{fmt}: no data root given (set {{root}} to {expected})", "root")
     path = os.path.expanduser(os.fspath(root))
     if not os.path.isdir(path):
         what = "is a file, not a folder" if os.path.exists(path) else "folder not found"
         raise DataError(f"{fmt} root {path}: {what} (expected {expected})")
     return path
+
+
+def find_images(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> tuple[list[str], list[str], np.ndarray]:
+    """The images below ``root``: ``(class names, paths relative to root, labels (N,) int64)``.
+
+    Class ``i`` is the ``i``-th subfolder in sorted name order and holds the images anywhere below it;
+    images lying directly in ``root`` get label -1. Hidden files and folders are skipped; paths come
+    in sorted order (those in ``root`` first, then each class folder's, depth first).
+    """
+    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    with os.scandir(root) as it:
+        names = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    index = {n: i for i, n in enumerate(names)}
+    paths: list[str] = []
+    labels: list[int] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = os.path.relpath(dirpath, root)
+        top = rel.split(os.sep)[0]
+        found = [f for f in sorted(filenames) if not f.startswith(".") and f.lower().endswith(exts)]
+        paths += [f if rel == "." else os.path.join(rel, f) for f in found]
+        labels += [-1 if rel == "." else index[top]] * len(found)
+    return names, paths, np.asarray(labels, dtype=np.int64)
 
 
 def descend(root: str, marker: str, subdirs: Sequence[str]) -> str:

@@ -29,6 +29,8 @@ from typing import Any, Iterator, List, Tuple
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..core.errors import ParameterError
+
 _MASK = (1 << 63) - 1
 
 
@@ -51,7 +53,8 @@ class SeededBatchSampler(Sampler[List[Tuple[int, int]]]):
     The global batch number is ``position * world_size + rank`` (the PK sampler deals global batch
     ``b`` to rank ``b % world_size``), so every sample of a global batch gets the seed it would get
     in a one-process run over the same batches. ``set_epoch`` and ``skip`` pass through to the
-    wrapped sampler (whose ``state_dict`` the checkpoint keeps).
+    wrapped sampler, whose plan is a function of ``(seed, epoch)``: the checkpoint keeps the epoch and
+    the position in it.
     """
 
     def __init__(self, batch_sampler: Any, seed: int, rank: int = 0, world_size: int = 1) -> None:
@@ -162,7 +165,7 @@ def normalisation_on_device(dataset: Any, setting: bool | str, device: torch.dev
     transform ends in normalisation.
 
     Raises:
-        ValueError: ``setting`` is True but the transform does not end in normalisation.
+        ParameterError: ``setting`` is True but the transform does not end in normalisation.
     """
     want = torch.device(device).type == "cuda" if setting == "auto" else bool(setting)
     if not want:
@@ -171,7 +174,7 @@ def normalisation_on_device(dataset: Any, setting: bool | str, device: torch.dev
     parts = split() if split is not None else None
     if parts is None:
         if setting is True:
-            raise ValueError("the transform does not end in float conversion + normalisation "
-                             "(array presets, reid's random erasing); set it to auto or false")
+            raise ParameterError("the transform does not end in float conversion + normalisation (array presets, "
+                                 "reid's random erasing); set {setting} to auto or false", "setting")
         return dataset, None
     return dataset.with_transform(parts[0]), parts[1]

@@ -27,16 +27,18 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 
+from ..core.errors import ParameterError
 from .base import DataSplits, MetricDataset, VerificationPairs
 
 ClassSpec = Union[None, float, Sequence[Union[int, str]]]
+_SPLIT_PARAMS = ("train_classes", "test_classes", "val_classes")
 
 
-class ClassSplitError(ValueError):
-    """A class split that cannot be made; ``param`` names the option at fault."""
+class ClassSplitError(ParameterError):
+    """A class split that cannot be made; ``param`` names the option at fault (the message starts with it)."""
 
     def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
+        super().__init__(f"{{{param}}}: {message}", *dict.fromkeys((param, *_SPLIT_PARAMS)))
         self.param = param
 
 
@@ -132,7 +134,7 @@ def split_classes(splits: DataSplits, train_classes: ClassSpec = None, test_clas
         test_ids = np.setdiff1d(everything, train_ids)
     overlap = np.intersect1d(train_ids, test_ids)
     if len(overlap):
-        raise ClassSplitError("test_classes", f"classes {overlap[:10].tolist()} are in both train_classes and test_classes")
+        raise ClassSplitError("test_classes", f"classes {overlap[:10].tolist()} are in both {{train_classes}} and {{test_classes}}")
     keep = np.flatnonzero(np.isin(tr_labels, train_ids))
     if len(keep) == 0:
         raise ClassSplitError("train_classes", "no training image belongs to the training classes")

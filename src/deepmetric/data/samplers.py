@@ -29,6 +29,8 @@ from typing import Dict, Iterator, List, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from ..core.errors import ParameterError
+
 
 class _EpochBatches(Sampler[List[int]]):
     """Shared protocol: this rank's share (every W-th) of the epoch's global batches, ``set_epoch``
@@ -61,16 +63,16 @@ class PKBatchSampler(_EpochBatches):
                  seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         if classes_per_batch < 1 or samples_per_class < 1:
-            raise ValueError("data.classes_per_batch and data.samples_per_class must be >= 1")
+            raise ParameterError("{classes_per_batch} and {samples_per_class} must be >= 1",
+                                 "classes_per_batch", "samples_per_class")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.P, self.K = int(classes_per_batch), int(samples_per_class)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         classes, inverse = np.unique(labels, return_inverse=True)
         if len(classes) < self.P:
-            raise ValueError(
-                f"data.classes_per_batch={self.P} but the training set has only {len(classes)} classes; "
-                f"lower data.classes_per_batch")
+            raise ParameterError(f"{{classes_per_batch}}={self.P} but the training set has only {len(classes)} "
+                                 "classes; lower {classes_per_batch}", "classes_per_batch")
         order = np.argsort(inverse, kind="stable")
         bounds = np.cumsum(np.bincount(inverse))
         self._members: List[np.ndarray] = np.split(order, bounds[:-1])
@@ -134,9 +136,6 @@ class PKBatchSampler(_EpochBatches):
     def _global_batches(self, epoch: int) -> List[np.ndarray]:
         return self._plan(epoch)
 
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "P": self.P, "K": self.K}
-
 
 class RandomBatchSampler(_EpochBatches):
     """Plain random batches: each epoch one permutation of all ``num_samples`` indices, cut into
@@ -153,13 +152,12 @@ class RandomBatchSampler(_EpochBatches):
     def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1) -> None:
         if batch_size < 1:
-            raise ValueError("data.batch_size must be >= 1")
+            raise ParameterError("{batch_size} must be >= 1", "batch_size")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         if num_samples < batch_size * world_size:
-            raise ValueError(
-                f"data.batch_size={batch_size} x {world_size} process(es) but the training set has only "
-                f"{num_samples} images; lower data.batch_size")
+            raise ParameterError(f"{{batch_size}}={batch_size} x {world_size} process(es) but the training set "
+                                 f"has only {num_samples} images; lower {{batch_size}}", "batch_size")
         self.num_samples, self.batch_size = int(num_samples), int(batch_size)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.epoch = 0
@@ -177,6 +175,3 @@ class RandomBatchSampler(_EpochBatches):
 
     def _global_batches(self, epoch: int) -> np.ndarray:
         return self._order(epoch).reshape(-1, self.batch_size)
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "batch_size": self.batch_size}

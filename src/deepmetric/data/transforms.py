@@ -31,6 +31,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from ..core.errors import ParameterError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
@@ -70,15 +72,15 @@ def channel_stats(values: Sequence[float], channels: int) -> tuple[float, ...]:
     ((0.5,), (0.5,))
 
     Raises:
-        ValueError: any other count, naming ``model.in_chans``.
+        ParameterError: any other count, naming ``channels``.
     """
     values = tuple(float(v) for v in values)
     if len(values) in (1, channels):
         return values
     if channels == 1:
         return (sum(values) / len(values),)
-    raise ValueError(f"model.in_chans={channels}: the preset normalises {len(values)} channels "
-                     f"(mean {list(values)}); set model.in_chans to 1 or {len(values)}")
+    raise ParameterError(f"{{channels}}={channels}: the preset normalises {len(values)} channels "
+                         f"(mean {list(values)}); set {{channels}} to 1 or {len(values)}", "channels")
 
 
 class ToChannels:
@@ -98,8 +100,8 @@ class ToChannels:
         if not decoded:
             return x
         if self.channels not in (1, 3):
-            raise ValueError(f"model.in_chans={self.channels}: image files load as 1 (greyscale) or 3 (RGB) "
-                             "channels; set model.in_chans to 1 or 3, or use an array data.format")
+            raise ParameterError(f"{{channels}}={self.channels}: image files load as 1 (greyscale) or 3 (RGB) "
+                                 "channels; set {channels} to 1 or 3, or use a dataset format of arrays", "channels")
         if isinstance(x, Image.Image):
             mode = "L" if self.channels == 1 else "RGB"
             return x if x.mode == mode else x.convert(mode)
@@ -331,7 +333,7 @@ def _preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown transform preset {name!r} (valid: {', '.join(PRESETS)})") from None
+        raise ParameterError(f"unknown transform preset {name!r} (valid: {', '.join(PRESETS)})") from None
 
 
 def _size(image_size: Optional[int | Sequence[int]], default: Optional[Size]) -> Optional[Size]:
@@ -341,7 +343,8 @@ def _size(image_size: Optional[int | Sequence[int]], default: Optional[Size]) ->
         return (image_size, image_size)
     hw = tuple(int(v) for v in image_size)
     if len(hw) != 2 or min(hw) <= 0:
-        raise ValueError(f"image_size must be an int or (H, W) of positive ints, got {image_size!r}")
+        raise ParameterError(f"{{image_size}} must be an int or (H, W) of positive ints, got {image_size!r}",
+                             "image_size")
     return hw  # type: ignore[return-value]
 
 
@@ -395,15 +398,16 @@ def build_transform(
             ``None`` leaves the input's channels alone.
 
     Raises:
-        ValueError: unknown preset (the message lists the valid ones), bad size, a decoder the
+        ParameterError: unknown preset (the message lists the valid ones), bad size, a decoder the
             preset cannot take, or mean/std that cannot serve ``channels``.
     """
     p = _preset(preset)
     size = _size(image_size, p.size)
     if decoder not in ("auto", "pil", "torchvision"):
-        raise ValueError(f"unknown decoder {decoder!r} (valid: auto, pil, torchvision)")
+        raise ParameterError(f"unknown {{decoder}} {decoder!r} (valid: auto, pil, torchvision)", "decoder")
     if decoder == "torchvision" and not p.tensor_input:
-        raise ValueError(f"preset {preset!r} resizes with Lanczos, which only PIL has; use decoder pil or auto")
+        raise ParameterError(f"preset {preset!r} resizes with Lanczos, which only PIL has; use {{decoder}} pil or auto",
+                             "decoder")
     chosen = "pil" if decoder == "pil" or not p.tensor_input else "torchvision"
     mean, std = tuple(p.mean if mean is None else mean), tuple(p.std if std is None else std)
     if channels is not None:

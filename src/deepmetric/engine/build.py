@@ -1,30 +1,42 @@
 """From a validated :class:`Config` to the objects of the data flow: data, model, losses, optimizers.
 
-Each builder turns a bad free-form value (``data.options``, ``losses.N.params``) into a
-:class:`~deepmetric.config.ConfigError` naming the key.
+The one place that knows which recipe key sets which component parameter: components raise
+:class:`~deepmetric.core.errors.ParameterError` s naming their parameters (``batch_size``,
+``channels``, ``root``), and each builder here turns them into a
+:class:`~deepmetric.config.ConfigError` naming the keys (``data.batch_size``, ``model.in_chans``,
+``data.root``), as it does for a bad free-form value (``data.options``, ``losses.N.params``).
 """
 from __future__ import annotations
 
 import inspect
 import logging
 import re
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError, LossTerm
-from ..data.base import DataSplits
+from ..config import Config, ConfigError, load_config
+from ..core.errors import ParameterError
+from ..core.registry import UnknownNameError
+from ..data.base import DataError, DataSplits, VerificationPairs
+from ..data.formats import DATASETS
+from ..data.loading import normalisation_on_device
 from ..data.protocol import ClassSplitError, carve_validation, split_classes
-from ..models import Embedder, build_embedder, load_pretrained, load_weights, read_state_dict
-from ..errors import UserError
-from ..registry import DATASETS, UnknownNameError
+from ..models import BACKBONES, Embedder, build_embedder, load_pretrained, load_weights, read_state_dict
+from .checkpoint import CONFIG, load_model_weights, read_checkpoint, resolve_checkpoint
 
 log = logging.getLogger("deepmetric")
 
-
-def _register_formats() -> None:
-    from ..data import formats  # noqa: F401  (registers the on-disk formats)
+#: the recipe key of each parameter that components name in their errors
+KEYS = {
+    "classes_per_batch": "data.classes_per_batch", "samples_per_class": "data.samples_per_class",
+    "batch_size": "data.batch_size", "decoder": "data.decoder", "image_size": "data.image_size",
+    "root": "data.root", "channels": "model.in_chans", "in_chans": "model.in_chans",
+    "pooling": "model.pooling", "train_classes": "data.train_classes", "test_classes": "data.test_classes",
+    "val_classes": "data.val_classes",
+}
 
 
 def build_transforms(cfg: Config):
@@ -35,14 +47,13 @@ def build_transforms(cfg: Config):
         # images arrive in the model's channel count (greyscale for model.in_chans=1)
         return tuple(build_transform(cfg.data.transform, train=train, image_size=size, decoder=cfg.data.decoder,
                                      channels=cfg.model.in_chans) for train in (True, False))
-    except ValueError as e:
-        key = "data.decoder" if "decoder" in str(e) else "data.transform"
-        raise ConfigError(f"{key}: {e}") from None
+    except ParameterError as e:
+        key = "data.decoder" if "decoder" in e.params else "data.transform"
+        raise ConfigError(f"{key}: {e.naming(KEYS)}") from None
 
 
 def build_data(cfg: Config) -> DataSplits:
     """The recipe's splits: the format's, then the class split and the validation split of ``data``."""
-    _register_formats()
     try:
         builder = DATASETS.get(cfg.data.format)
     except UnknownNameError as e:
@@ -57,9 +68,9 @@ def build_data(cfg: Config) -> DataSplits:
                               f"(valid: {', '.join(valid) or 'none'})")
     try:
         splits = builder(cfg.data.root, train_transform=train_tf, test_transform=test_tf, **opts)
-    except UserError:
-        raise
-    except ValueError as e:  # a format's option with a bad value (its DataErrors name files and pass)
+    except DataError as e:  # names a file; and the root or option to change, as keys
+        raise e.renamed({**KEYS, **{key: f"data.options.{key}" for key in params}}) from None
+    except ParameterError as e:  # an option with a bad value
         raise ConfigError(f"data.options ({cfg.data.format}): {e}") from None
     return apply_protocol(splits, cfg, test_tf)
 
@@ -76,7 +87,7 @@ def apply_protocol(splits: DataSplits, cfg: Config, eval_transform=None, class_s
             splits = carve_validation(splits, d.val_classes, layout=cfg.eval.protocol, seed=d.val_seed,
                                       transform=eval_transform, min_train_classes=_min_train_classes(cfg))
     except ClassSplitError as e:
-        raise ConfigError(f"data.{e}") from None
+        raise ConfigError(e.naming(KEYS)) from None
     return splits
 
 
@@ -85,14 +96,25 @@ def _min_train_classes(cfg: Config) -> int:
     return max(2, cfg.data.classes_per_batch) if cfg.data.sampler == "pk" else 2
 
 
+def build_verification_pairs(cfg: Config) -> Optional[VerificationPairs]:
+    """The LFW pairs of ``eval.lfw_root`` / ``eval.lfw_pairs`` (None without ``eval.lfw_root``)."""
+    c = cfg.eval
+    if not c.lfw_root:
+        return None
+    _, test_tf = build_transforms(cfg)
+    return DATASETS.get("lfw")(c.lfw_root, test_transform=test_tf, pairs=c.lfw_pairs or "pairs.txt").pairs
+
+
 def build_model(cfg: Config, load_weights: bool = True) -> Embedder:
     m = cfg.model
+    _check_backbone_options(m.backbone, m.backbone_options)
     try:
         model = build_embedder(m.backbone, m.embedding_dim, m.pooling, m.bnneck, m.normalize,
                                in_chans=m.in_chans, backbone_options=m.backbone_options)
-    except UnknownNameError as e:
-        raise ConfigError(f"model.backbone: {e}") from None
-    except (TypeError, ValueError) as e:
+    except ParameterError as e:
+        options = {key: f"model.backbone_options.{key}" for key in m.backbone_options}
+        raise ConfigError(e.naming({**KEYS, "name": "model.backbone", **options})) from None
+    except TypeError as e:  # a timm model's own keyword arguments, which only timm knows
         raise ConfigError(f"model.backbone_options: {e}") from None
     if load_weights and m.pretrained:
         load_pretrained(model, m.pretrained, m.backbone)
@@ -102,6 +124,22 @@ def build_model(cfg: Config, load_weights: bool = True) -> Embedder:
         raise ConfigError(f"model.freeze_bn: backbone '{m.backbone}' has no BatchNorm layer to freeze; "
                           f"set model.freeze_bn=false")
     return model
+
+
+def _check_backbone_options(backbone: str, options: Dict) -> None:
+    """``model.backbone`` is catalogued and takes every ``model.backbone_options`` key (timm models
+    take any: timm checks them)."""
+    if backbone.startswith("timm:"):
+        return
+    try:
+        params = inspect.signature(BACKBONES.get(backbone)).parameters
+    except UnknownNameError as e:
+        raise ConfigError(f"model.backbone: {e}") from None
+    valid = [p for p in params if p != "in_chans"]
+    for key in options:
+        if key not in valid:
+            raise ConfigError(f"model.backbone_options.{key}: backbone '{backbone}' has no option '{key}' "
+                              f"(valid: {', '.join(valid) or 'none'}; model.in_chans sets the input channels)")
 
 
 def build_sampler(cfg: Config, labels, rank: int = 0, world_size: int = 1):
@@ -123,30 +161,34 @@ def build_sampler(cfg: Config, labels, rank: int = 0, world_size: int = 1):
     }
     try:
         return makers[d.sampler]()
-    except ValueError as e:
-        raise ConfigError(f"data.sampler={d.sampler}: {e}") from None
+    except ParameterError as e:
+        raise ConfigError(f"data.sampler={d.sampler}: {e.naming(KEYS)}") from None
+
+
+def build_device_normalisation(cfg: Config, dataset, device):
+    """``data.normalize_on_device`` for ``dataset`` on ``device``: ``(view, batch_normalize)``, see
+    :func:`deepmetric.data.loading.normalisation_on_device`."""
+    try:
+        return normalisation_on_device(dataset, cfg.data.normalize_on_device, device)
+    except ParameterError as e:
+        raise ConfigError(f"data.normalize_on_device: {e.naming({'setting': 'it'})}") from None
 
 
 def init_from_run(model: Embedder, path: str) -> None:
     """Stage two: start from a stage-one run's Embedder weights (its classifier lives in the losses,
     so it is skipped by construction); a changed head (embedding size) keeps its fresh init, another
     backbone is refused (WeightsError naming the first tensor that differs), as are NaN weights."""
-    from .checkpoint import resolve_checkpoint
-
     ckpt = resolve_checkpoint(path)
     report = load_weights(model, read_state_dict(ckpt / "model.safetensors"), f"model.init_from={ckpt}",
                           require=("backbone.",))
     log.info(report.summary())
 
 
-def loss_kind(name: str) -> str:
-    from ..losses import LOSSES
-
-    return getattr(LOSSES.get(name), "kind", "pair")
-
-
 def build_losses(cfg: Config, num_classes: int, embedding_dim: int) -> nn.ModuleList:
-    from ..losses import CrossBatchMemory, LOSSES, build_loss
+    """The recipe's loss terms (``losses``), in order: each a :class:`~deepmetric.losses.Loss`,
+    classification losses sized to the training classes, pair losses wrapped in a
+    :class:`~deepmetric.losses.CrossBatchMemory` where ``losses.N.memory`` is set."""
+    from ..losses import LOSSES, CrossBatchMemory, Loss, build_loss
 
     modules = []
     for i, term in enumerate(cfg.losses):
@@ -155,8 +197,11 @@ def build_losses(cfg: Config, num_classes: int, embedding_dim: int) -> nn.Module
             ctor = LOSSES.get(term.name)
         except UnknownNameError as e:
             raise ConfigError(f"{key}.name: {e}") from None
+        if not (isinstance(ctor, type) and issubclass(ctor, Loss)):
+            raise ConfigError(f"{key}.name: '{term.name}' is registered as {ctor!r}, not a deepmetric.losses.Loss "
+                              "subclass (which says its kind: pair or classification)")
         params = dict(term.params)
-        if getattr(ctor, "kind", "pair") == "classification":
+        if ctor.kind == "classification":
             if num_classes < 2:
                 raise ConfigError(f"{key}: classification loss '{term.name}' needs a training set with >= 2 classes")
             params.setdefault("num_classes", num_classes)
@@ -166,7 +211,7 @@ def build_losses(cfg: Config, num_classes: int, embedding_dim: int) -> nn.Module
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{key}.params: {e}") from None
         if term.memory is not None:
-            if getattr(loss, "kind", "pair") != "pair":
+            if loss.kind != "pair":
                 raise ConfigError(f"{key}.memory: cross-batch memory needs a pair loss, '{term.name}' is a classification loss")
             loss = CrossBatchMemory(loss, embedding_dim=embedding_dim, size=term.memory.size,
                                     start_step=term.memory.start_step, weight=term.memory.weight)
@@ -174,48 +219,55 @@ def build_losses(cfg: Config, num_classes: int, embedding_dim: int) -> nn.Module
     return nn.ModuleList(modules)
 
 
+def own_optimizer_key(term: int) -> str:
+    """The name of loss term ``term``'s own optimizer (``losses.N.optimizer``), as in checkpoints."""
+    return f"losses.{term}"
+
+
+_OPTIMIZERS = {
+    "sgd": lambda groups, o: torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                                             weight_decay=o.weight_decay),
+    "adam": lambda groups, o: torch.optim.Adam(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay),
+    "adamw": lambda groups, o: torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay),
+}
+
+
 def build_optimizers(cfg: Config, model: nn.Module, losses: nn.ModuleList) -> Dict[str, torch.optim.Optimizer]:
-    """The main optimizer over the model and loss parameters, with ``optimizer.param_groups`` rules
+    """``{"main": ...}`` over the model and loss parameters, with ``optimizer.param_groups`` rules
     (first matching regex on ``model.<name>`` / ``losses.<i>.<name>`` wins) and each loss term's own
-    ``lr``. A loss term with ``optimizer: sgd`` gets its own SGD (Centroids-ReID's centre loss)."""
+    ``lr``; plus, for a loss term with ``optimizer: sgd``, its own SGD at its ``lr`` under
+    :func:`own_optimizer_key` (Centroids-ReID's centre loss)."""
     o = cfg.optimizer
-    named: List[Tuple[str, nn.Parameter]] = [(f"model.{n}", p) for n, p in model.named_parameters() if p.requires_grad]
-    own: Dict[str, List[nn.Parameter]] = {}
+    # (name, parameter, the lr of the loss term it belongs to or None)
+    named: List[Tuple[str, nn.Parameter, Optional[float]]] = [
+        (f"model.{n}", p, None) for n, p in model.named_parameters() if p.requires_grad]
+    own: Dict[int, List[nn.Parameter]] = {}
     for i, (term, loss) in enumerate(zip(cfg.losses, losses)):
-        params = [(f"losses.{i}.{n}", p) for n, p in loss.named_parameters() if p.requires_grad]
+        params = [(f"losses.{i}.{n}", p, term.lr) for n, p in loss.named_parameters() if p.requires_grad]
         if term.optimizer == "sgd":
-            own[f"losses.{i}"] = [p for _, p in params]
+            own[i] = [p for _, p, _ in params]
         else:
             named += params
-    groups: Dict[Tuple, dict] = {}
-    for name, p in named:
-        lr, wd = o.lr, o.weight_decay
-        term_lr = _term_lr(cfg.losses, name)
-        if term_lr is not None:
-            lr = term_lr
+    groups: Dict[Tuple[float, float], dict] = {}
+    for name, p, term_lr in named:
+        lr, wd = o.lr if term_lr is None else term_lr, o.weight_decay
         for rule in o.param_groups:
             if re.search(rule.match, name):
                 lr = rule.lr if rule.lr is not None else lr * (rule.lr_mult or 1.0)
                 wd = rule.weight_decay if rule.weight_decay is not None else wd
                 break
-        groups.setdefault((lr, wd), {"params": [], "lr": lr, "weight_decay": wd, "names": []})
-        groups[(lr, wd)]["params"].append(p)
-        groups[(lr, wd)]["names"].append(name)
-    param_groups = [{k: v for k, v in g.items() if k != "names"} for g in groups.values()]
-    if o.name == "sgd":
-        main = torch.optim.SGD(param_groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
-    elif o.name == "adam":
-        main = torch.optim.Adam(param_groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    else:
-        main = torch.optim.AdamW(param_groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    out = {"main": main}
-    for key, params in own.items():
-        i = int(key.split(".")[1])
-        out[key] = torch.optim.SGD(params, lr=cfg.losses[i].lr or 0.5)
+        groups.setdefault((lr, wd), {"params": [], "lr": lr, "weight_decay": wd})["params"].append(p)
+    out = {"main": _OPTIMIZERS[o.name](list(groups.values()), o)}
+    for i, params in own.items():
+        out[own_optimizer_key(i)] = torch.optim.SGD(params, lr=cfg.losses[i].lr)
     return out
 
 
-def _term_lr(terms: List[LossTerm], name: str) -> Optional[float]:
-    if not name.startswith("losses."):
-        return None
-    return terms[int(name.split(".")[1])].lr
+def load_for_inference(path: str | Path, prefer: str = "best", device: str | torch.device = "cpu"):
+    """``(model, cfg, ckpt_dir)`` from a run directory or checkpoint directory, in eval mode: the
+    checkpoint's own recipe builds the model, its weights are loaded (see :mod:`.checkpoint`)."""
+    ckpt, _ = read_checkpoint(path, prefer)
+    cfg = load_config(ckpt / CONFIG)
+    model = build_model(cfg, load_weights=False)
+    load_model_weights(model, ckpt)
+    return model.to(device).eval(), cfg, ckpt

@@ -42,8 +42,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save
 
-from ..config import Config, load_config
-from ..errors import UserError
+from ..config import Config
+from ..core.errors import UserError
+from ..core.files import fsync_dir, write_new_file
 from ..models import WeightsError, first_nonfinite, read_state_dict, weight_mismatches
 
 STATE = "state.json"
@@ -113,11 +114,8 @@ def _make_dir(path: Path) -> None:
     os.mkdir(path, 0o777)  # less the umask, like any folder the user makes (mkdtemp: 0700)
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:  # 0o666 less the umask
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+_write_file = write_new_file  # 0o666 less the umask, fsynced
+_fsync_dir = fsync_dir
 
 
 def _rename(src: Path, dst: Path) -> None:
@@ -130,17 +128,6 @@ def _unlink(path: Path) -> None:
 
 def _rmdir(path: Path) -> None:
     os.rmdir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the folder's entries (new files, renames) durable; POSIX only (Windows cannot open a folder)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_dir(path: Path) -> None:
@@ -333,14 +320,3 @@ def load_train_state(ckpt: Path, losses: torch.nn.ModuleList,
             raise CheckpointError(f"{Path(ckpt) / STATE}: optimizer {name!r} does not fit this recipe's "
                                   f"({type(e).__name__}: {e}); resume with {Path(ckpt) / CONFIG}".splitlines()[0]) from None
     set_rng_state(tensors, meta.get("rng", {}))
-
-
-def load_for_inference(path: str | Path, prefer: str = "best", device: str | torch.device = "cpu"):
-    """``(model, cfg, ckpt_dir)`` from a run directory or checkpoint directory, in eval mode."""
-    from .build import build_model
-
-    ckpt, _ = read_checkpoint(path, prefer)
-    cfg = load_config(ckpt / CONFIG)
-    model = build_model(cfg, load_weights=False)
-    load_model_weights(model, ckpt)
-    return model.to(device).eval(), cfg, ckpt

@@ -11,7 +11,6 @@ Protocols (``eval.protocol``):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -19,17 +18,10 @@ import torch
 
 from ..config import Config, ConfigError
 from ..data.base import DataSplits
-from ..inference.extract import EmbeddingSet, extract
-
-
-@dataclass
-class EvalResult:
-    """Metrics plus what the report draws: embedding sets and, for retrieval, top neighbours."""
-
-    metrics: Dict[str, Any]
-    query: Optional[EmbeddingSet] = None
-    gallery: Optional[EmbeddingSet] = None
-    extras: Dict[str, Any] = field(default_factory=dict)
+from ..core.embeddings import EmbeddingSet
+from ..core.results import EvalResult, PairScores, RetrievalResults
+from .build import build_verification_pairs
+from .extract import extract
 
 
 class Evaluator:
@@ -40,7 +32,7 @@ class Evaluator:
         self._pairs = None
         p = cfg.eval.protocol
         if p == "verification":
-            self._pairs = splits.pairs or self._load_lfw()
+            self._pairs = splits.pairs or build_verification_pairs(cfg)
             if self._pairs is None:
                 raise ConfigError("eval.protocol=verification needs pairs: a verification format "
                                   "(data.format=lfw) or eval.lfw_root and eval.lfw_pairs")
@@ -83,21 +75,9 @@ class Evaluator:
                 metrics = self._retrieval(toy, None, all_ks=True).metrics
         return [k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
-    def _load_lfw(self):
-        c = self.cfg.eval
-        if not c.lfw_root:
-            return None
-        from ..registry import DATASETS
-        from .build import _register_formats, build_transforms
-
-        _register_formats()
-        _, test_tf = build_transforms(self.cfg)
-        pairs_file = c.lfw_pairs or "pairs.txt"
-        return DATASETS.get("lfw")(c.lfw_root, test_transform=test_tf, pairs=pairs_file).pairs
-
     def _embed(self, model, dataset, flip: bool = False) -> EmbeddingSet:
         """Embed ``dataset``; under DDP each rank embeds every W-th item and the parts are gathered."""
-        from .distributed import dist_info, gather_embeddings
+        from ..core.distributed import dist_info, gather_embeddings
 
         info = dist_info()
         kw = dict(batch_size=self.cfg.data.eval_batch_size, device=self.device, flip=flip,
@@ -127,7 +107,7 @@ class Evaluator:
             query, gallery = expand_queries(query, gallery, self.cfg.eval.query_expansion)
         result = self._reid(query, gallery) if p == "reid" else self._retrieval(query, gallery)
         if neighbours:
-            result.extras["neighbours"] = top_neighbours(query, gallery, self.cfg.eval.distance)
+            result.neighbours = top_neighbours(query, gallery, self.cfg.eval.distance)
         return result
 
     def _retrieval(self, query: EmbeddingSet, gallery: Optional[EmbeddingSet], all_ks: bool = False) -> EvalResult:
@@ -140,7 +120,7 @@ class Evaluator:
                                     None if gallery is None else gallery.vectors,
                                     None if gallery is None else gallery.labels,
                                     ks=ks, distance=c.distance)
-        return EvalResult(metrics, query, gallery)
+        return EvalResult(metrics, query, gallery, protocol="retrieval")
 
     def _reid(self, query: EmbeddingSet, gallery: EmbeddingSet) -> EvalResult:
         from ..evaluation import reid_metrics_from_embeddings
@@ -156,7 +136,7 @@ class Evaluator:
             gallery_c = centroid_gallery(gallery, cameras, camera_aware=cameras is not None)
             cen = reid_metrics_centroids(query, gallery_c, distance=c.distance, max_rank=c.max_rank)
             metrics.update({f"centroid_{k}": v for k, v in cen.items()})
-        return EvalResult(metrics, query, gallery)
+        return EvalResult(metrics, query, gallery, protocol="reid")
 
     def _verification(self, model) -> EvalResult:
         from ..evaluation import verification_metrics
@@ -166,7 +146,8 @@ class Evaluator:
         v = torch.nn.functional.normalize(emb.vectors.float(), dim=1)
         dist = ((v[pairs.left] - v[pairs.right]) ** 2).sum(1).numpy()
         metrics = verification_metrics(dist, np.asarray(pairs.is_same, dtype=bool))
-        return EvalResult(metrics, emb, None, {"distances": dist, "is_same": np.asarray(pairs.is_same)})
+        return EvalResult(metrics, emb, None, protocol="verification",
+                          pairs=PairScores(dist, np.asarray(pairs.is_same, dtype=bool)))
 
 
 def expand_queries(query: EmbeddingSet, gallery: Optional[EmbeddingSet], qe) -> tuple:
@@ -183,10 +164,9 @@ def expand_queries(query: EmbeddingSet, gallery: Optional[EmbeddingSet], qe) -> 
 
 
 def top_neighbours(query: EmbeddingSet, gallery: Optional[EmbeddingSet], distance: str, k: int = 5,
-                   chunk: int = 1024) -> Dict[str, np.ndarray]:
-    """Top-``k`` gallery indices per query (self excluded in leave-one-out) for the report's grids."""
-    from ..evaluation.neighbors import topk_neighbors
+                   chunk: int = 1024) -> RetrievalResults:
+    """Each query's top ``k`` (self excluded in leave-one-out), for the report's retrieval grids."""
+    from ..evaluation import retrieval_results
 
-    dist, idx = topk_neighbors(query.vectors, None if gallery is None else gallery.vectors, k=k,
-                               distance=distance, chunk_size=chunk)
-    return {"indices": idx.cpu().numpy(), "distances": dist.cpu().numpy()}
+    return retrieval_results(query.vectors, query.labels, None if gallery is None else gallery.vectors,
+                             None if gallery is None else gallery.labels, k=k, distance=distance, chunk_size=chunk)

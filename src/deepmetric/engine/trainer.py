@@ -10,7 +10,7 @@ seed of its own, whatever ``data.num_workers`` is: see :mod:`deepmetric.data.loa
 Under ``torchrun`` the same code runs DistributedDataParallel (NCCL on GPUs, gloo on CPU): the batch
 sampler (``data.sampler``: P x K or random) shards batches by rank; every loss sees all ranks'
 embeddings through a gradient-preserving all-gather and every rank computes the same full loss, so
-(with DDP's gradient averaging and the gather's gradient sum, see :mod:`deepmetric.engine.distributed`)
+(with DDP's gradient averaging and the gather's gradient sum, see :mod:`deepmetric.core.distributed`)
 the update equals one process training on the global batch. Cross-batch memories therefore enqueue
 the same global batch in the same order on every rank. Rank 0 alone writes logs and checkpoints;
 evaluation embeds a shard per rank, gathers the embeddings and computes exact metrics once.
@@ -30,13 +30,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import Config, ConfigError, atomic_write_text, save_config
+from ..config import Config, ConfigError, save_config
+from ..core.distributed import all_gather_with_grad, any_rank, barrier, broadcast_object, init_distributed, rank_device
+from ..core.files import atomic_write
 from ..data.base import DataError, DataSplits
+from ..data.loading import SeededBatchSampler, SeededDataset, loader_settings
 from ..data.protocol import describe_splits, restrict_train
-from ..data.loading import SeededBatchSampler, SeededDataset, loader_settings, normalisation_on_device
-from .build import apply_protocol, build_data, build_losses, build_model, build_optimizers, build_sampler
+from .build import (apply_protocol, build_data, build_device_normalisation, build_losses, build_model, build_optimizers,
+                    build_sampler, own_optimizer_key)
 from .checkpoint import CheckpointError, load_model_weights, load_train_state, read_checkpoint, save_checkpoint
-from .distributed import all_gather_with_grad, any_rank, barrier, broadcast_object, init_distributed
 from .evaluator import Evaluator
 from .interrupt import StopRequest
 from .schedule import LRSchedule
@@ -66,12 +68,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def check_training_set(splits: DataSplits, cfg: Config) -> DataSplits:
@@ -111,9 +107,7 @@ class Trainer:
         self.resume = resume
         self.on_log = on_log
         self.dist = init_distributed()
-        self.device = resolve_device(cfg.train.device)
-        if self.dist.is_distributed and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
+        self.device = rank_device(cfg.train.device, self.dist)
         self.is_main = self.dist.is_main
         if not resume and (self.run_dir / "checkpoints").exists():
             raise ConfigError(f"run directory {self.run_dir} already holds checkpoints; "
@@ -139,11 +133,8 @@ class Trainer:
         self.batch_plan = SeededBatchSampler(self.sampler, cfg.seed, self.dist.rank, self.dist.world_size)
         self.loader_settings = loader_settings(cfg.data.num_workers, cfg.data.pin_memory, self.device,
                                                local_world_size=self.dist.local_world_size)
-        try:  # uint8 images from the workers, normalised on the device (CUDA by default)
-            train_view, self.batch_normalize = normalisation_on_device(
-                self.splits.train, cfg.data.normalize_on_device, self.device)
-        except ValueError as e:
-            raise ConfigError(f"data.normalize_on_device: {e}") from None
+        # uint8 images from the workers, normalised on the device (CUDA by default)
+        train_view, self.batch_normalize = build_device_normalisation(cfg, self.splits.train, self.device)
         self.loader = DataLoader(SeededDataset(train_view), batch_sampler=self.batch_plan,
                                  generator=self.loader_generator, **self.loader_settings.kwargs())
         self.evaluator = Evaluator(cfg, self.splits, self.device)  # the test split
@@ -221,7 +212,7 @@ class Trainer:
                  "stale_evaluations": self.stale_evaluations, "evaluations": self.evaluations,
                  "metric": self.cfg.eval.metric, "metrics": metrics, "untrained": self.untrained,
                  "input_shape": self.input_shape,
-                 "scheduler": self.schedule.state_dict(), "sampler": self.sampler.state_dict(),
+                 "scheduler": self.schedule.state_dict(),
                  "loader_generator": self.loader_generator.get_state().tolist(),
                  "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
         save_checkpoint(self.run_dir / "checkpoints" / name, cfg=self.cfg, model=self.model,
@@ -248,7 +239,7 @@ class Trainer:
                 out = {k: all_gather_with_grad(v) for k, v in local.items()}
             total = images.new_zeros((), dtype=torch.float32)
             for term, fn in zip(self.cfg.losses, self.losses):
-                if getattr(fn, "gathers_inputs", False):  # Partial FC shards classes and gathers itself
+                if fn.gathers_inputs:  # Partial FC shards classes and gathers itself
                     total = total + term.weight * fn(local[term.input], labels)
                 else:
                     total = total + term.weight * fn(out[term.input], all_labels)
@@ -269,13 +260,13 @@ class Trainer:
         if self.step < train.freeze_backbone_steps:
             for p in self.model.backbone.parameters():
                 p.grad = None
-        for key, opt in self.optimizers.items():
-            if key != "main":  # a term's own optimizer sees the unweighted gradient (Centroids-ReID)
-                w = self.cfg.losses[int(key.split(".")[1])].weight
+        for i, term in enumerate(self.cfg.losses):  # a term's own optimizer sees the unweighted gradient
+            opt = self.optimizers.get(own_optimizer_key(i))  # (Centroids-ReID)
+            if opt is not None and term.weight:
                 for g in opt.param_groups:
                     for p in g["params"]:
-                        if p.grad is not None and w:
-                            p.grad.div_(w)
+                        if p.grad is not None:
+                            p.grad.div_(term.weight)
         if train.grad_clip or train.grad_clip_value:
             for key, opt in self.optimizers.items():  # clip true gradients, not fp16-scaled ones
                 if key == "main" or train.grad_clip_value:
@@ -315,7 +306,7 @@ class Trainer:
                 truncate_log(self.run_dir / "metrics.jsonl", self.step)
             else:
                 save_config(cfg, self.run_dir / "config.yaml")
-                atomic_write_text(self.run_dir / "splits.json", json.dumps(
+                atomic_write(self.run_dir / "splits.json", json.dumps(
                     {"source": self.splits_source, **describe_splits(self.splits)}, indent=1))
         writer = _tensorboard(self.run_dir, purge_step=self.step + 1 if self.resume else None) if self.is_main else None
         log_file = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
@@ -490,7 +481,7 @@ class Trainer:
         if self.is_main:
             flat = {"checkpoint": summary["checkpoint"], "step": selected, **result.metrics,
                     **{k: v for k, v in summary.items() if k not in ("checkpoint", "step", "metrics")}}
-            atomic_write_text(self.run_dir / "metrics.json", json.dumps(flat, indent=1))
+            atomic_write(self.run_dir / "metrics.json", json.dumps(flat, indent=1))
         return {"run_dir": str(self.run_dir), **summary, "best": {cfg.eval.metric: self.best_value}}
 
     def summary_words(self, split: str) -> str:
@@ -552,7 +543,7 @@ def truncate_log(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:  # a line cut by a crash
             continue
-    atomic_write_text(path, "".join(x + "\n" for x in keep))
+    atomic_write(path, "".join(x + "\n" for x in keep))
 
 
 def _tensorboard(run_dir: Path, purge_step: Optional[int] = None):

@@ -23,8 +23,6 @@ Tie rule (pinned, used by every function of :mod:`deepmetric.evaluation`)
 """
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator, Optional, Tuple, Union
 
 import numpy as np
@@ -226,8 +224,7 @@ def topk_neighbors(query: ArrayLike, gallery: Optional[ArrayLike] = None, k: int
         if gallery is None:
             rows = torch.arange(qc.shape[0], device=keys.device)
             keys[rows, rows + r0] = float("inf")
-        with serial_on_cpu(keys.device):
-            v, i = stable_topk(keys, k)
+        v, i = stable_topk(keys, k)
         dists.append(rk.to_distance(v, qc))
         idxs.append(i)
     return torch.cat(dists), torch.cat(idxs)
@@ -377,70 +374,13 @@ def chunked_member_ranks(key_fn: KeyFn, num_queries: int, num_items: int, query_
     valid)`` returns the members to remove from each row's ranking (None: remove nothing).
     """
     codes = torch.as_tensor(query_codes, dtype=torch.long, device=device)
-    threads = _ThreadChoice(device)
     for r0 in range(0, num_queries, chunk_size):
         r1 = min(num_queries, r0 + chunk_size)
         keys = key_fn(r0, r1)
-        with threads.section():
-            members, valid = groups.members(codes[r0:r1])
-            ignored = ignore_fn(r0, r1, members, valid) if ignore_fn is not None else torch.zeros_like(valid)
-            relevant = valid & ~ignored
-            ranks = member_ranks(keys, members, valid, relevant, num_items)
-        yield r0, r1, ranks, relevant
-
-
-class _ThreadChoice:
-    """Whether the work after each key matrix runs on all intra-op CPU threads or on one, chosen by timing.
-
-    On an idle machine the threads help (~1.0× vs ~1.3× the bare product at SOP size, 2 cores); on a busy
-    one every parallel region waits for descheduled workers and the same work ran 17× slower. So the first
-    two chunks try both, later chunks take the faster (by time per row over the last tries), and every
-    16th chunk re-tries the other. Results do not depend on the choice.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.active = device.type == "cpu" and torch.get_num_threads() > 1
-        self.device = device
-        self.times: dict = {True: [], False: []}  # serial? -> seconds of recent sections
-        self.count = 0
-
-    def _serial(self) -> bool:
-        if self.count < 2:
-            return self.count == 0
-        best = min((True, False), key=lambda k: sum(self.times[k][-3:]) / len(self.times[k][-3:]))
-        return best if self.count % 16 else not best
-
-    @contextmanager
-    def section(self) -> Iterator[None]:
-        if not self.active:
-            yield
-            return
-        serial = self._serial()
-        start = time.perf_counter()
-        with serial_on_cpu(self.device) if serial else nullcontext():
-            yield
-        self.times[serial].append(time.perf_counter() - start)
-        self.count += 1
-
-
-@contextmanager
-def serial_on_cpu(device: torch.device) -> Iterator[None]:
-    """Run the block with one intra-op CPU thread, restoring the caller's setting after.
-
-    For work made of many medium-size ops: each parallel region waits for every worker thread, and on a
-    busy machine a descheduled worker costs milliseconds per op (on the shared 2-core machine the work
-    after a key matrix ran 17× slower with 2 threads than with 1: 58 ms → 990 ms per chunk). Large single
-    ops (the key matrix product) are left multi-threaded. On CUDA nothing changes.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+        members, valid = groups.members(codes[r0:r1])
+        ignored = ignore_fn(r0, r1, members, valid) if ignore_fn is not None else torch.zeros_like(valid)
+        relevant = valid & ~ignored
+        yield r0, r1, member_ranks(keys, members, valid, relevant, num_items), relevant
 
 
 class _Buffer:

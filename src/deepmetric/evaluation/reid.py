@@ -14,8 +14,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from deepmetric.inference.extract import EmbeddingSet
-
+from ..core.embeddings import EmbeddingSet
 from .neighbors import (ArrayLike, LabelGroups, RankingKeys, as_labels, as_matrix_pair, check_distance, check_finite,
                         chunked_member_ranks, default_chunk, embedding_key_fn, encode_labels, matrix_key_fn,
                         pairwise_distances)

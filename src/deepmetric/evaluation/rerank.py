@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from .neighbors import ArrayLike, padded_width, serial_on_cpu, stable_topk
+from .neighbors import ArrayLike, padded_width, stable_topk
 
 _WORK = 1 << 24  # (query entry × gallery entry) pairs handled per Jaccard chunk
 
@@ -56,12 +56,7 @@ def k_reciprocal_rerank(q_g_dist: ArrayLike, q_q_dist: ArrayLike, g_g_dist: Arra
     >>> k_reciprocal_rerank(qg, qq, gg, k1=1, k2=1).astype(float).round(3).tolist()
     [[0.01, 0.943], [0.892, 0.039]]
     """
-    if device is not None:
-        dev = torch.device(device)
-    else:
-        dev = q_g_dist.device if torch.is_tensor(q_g_dist) else torch.device("cpu")
-    with serial_on_cpu(dev):  # hundreds of medium-size ops, no large product: see serial_on_cpu
-        return _rerank(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value, chunk_size, device)
+    return _rerank(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value, chunk_size, device)
 
 
 def _rerank(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value, chunk_size, device) -> np.ndarray:

@@ -1,57 +1,20 @@
 """Retrieval results as data: each query's top-k gallery items, their distances and relevance.
 
-The metrics summarise a ranking; :class:`RetrievalResults` keeps it, so a failure can be looked at
+The metrics summarise a ranking; :class:`~deepmetric.core.results.RetrievalResults` keeps it, so a failure can be looked at
 item by item (as OML's ``RetrievalResults`` does). ``deepmetric eval RUN --neighbours K`` writes
 them as ``neighbours.jsonl``, one line per query.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 
+from ..core.results import RetrievalResults
 from .neighbors import topk_neighbors
 
-
-@dataclass
-class RetrievalResults:
-    """Top-``k`` of every query.
-
-    ``indices (Q, k) int64`` gallery indices (query indices in leave-one-out, the query itself left
-    out), ``distances (Q, k) float32`` ascending, ``relevant (Q, k) bool`` (same label), and
-    ``ignored (Q, k) bool``: items the re-ID protocol removes (same identity and same camera), which
-    are listed but neither relevant nor wrong.
-    """
-
-    indices: np.ndarray
-    distances: np.ndarray
-    relevant: np.ndarray
-    ignored: np.ndarray
-
-    def records(self, query_labels: np.ndarray, gallery_labels: np.ndarray,
-                query_paths: Optional[Sequence[str]] = None,
-                gallery_paths: Optional[Sequence[str]] = None) -> Iterator[dict]:
-        """One JSON-ready dict per query: ``query``, ``label``, (``path``), ``neighbours`` list of
-        ``{index, label, distance, relevant, ignored, (path)}``."""
-        for qi in range(self.indices.shape[0]):
-            rec = {"query": qi, "label": _plain(query_labels[qi])}
-            if query_paths is not None:
-                rec["path"] = query_paths[qi]
-            hits = []
-            for j, gi in enumerate(self.indices[qi].tolist()):
-                hit = {"index": gi, "label": _plain(gallery_labels[gi]), "distance": float(self.distances[qi, j]),
-                       "relevant": bool(self.relevant[qi, j]), "ignored": bool(self.ignored[qi, j])}
-                if gallery_paths is not None:
-                    hit["path"] = gallery_paths[gi]
-                hits.append(hit)
-            rec["neighbours"] = hits
-            yield rec
-
-
-def _plain(x):
-    return x.item() if isinstance(x, np.generic) else x
+__all__ = ["RetrievalResults", "retrieval_results"]
 
 
 def retrieval_results(query, query_labels, gallery=None, gallery_labels=None, k: int = 10,

@@ -1,7 +1,7 @@
 """``deepmetric embed | index | search | export``: thin handlers over predictor, index and export.
 
 ``register(subparsers)`` adds the commands to the main parser (``deepmetric.cli``); each handler
-returns an exit code and raises :class:`~deepmetric.errors.UserError` for bad input.
+returns an exit code and raises :class:`~deepmetric.core.errors.UserError` for bad input.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 log = logging.getLogger("deepmetric")
 

@@ -26,12 +26,10 @@ fsynced, renamed) with the permissions of any file the user creates (``0o666 & ~
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import io
 import json
 import os
-import secrets
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..core.errors import UserError
+from ..core.files import atomic_write, file_fingerprint
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 DEFAULT_ATOL = 1e-4
@@ -89,18 +88,9 @@ class ExportReport:
                 f"max abs diff {self.max_abs_diff:.3e} (limit {self.atol:.0e})")
 
 
-def file_fingerprint(path: str | os.PathLike) -> str:
-    """First 16 hex digits of the file's SHA-256 (identifies the weights an index was built with)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def preprocessing_metadata(cfg, model: nn.Module, ckpt_dir: Optional[Path] = None) -> Dict[str, Any]:
     """The metadata dict (see module table) for a model trained with ``cfg``."""
-    from .. import __version__
+    from ..core import __version__
     from ..data.transforms import describe
 
     desc = describe(cfg.data.transform, tuple(cfg.data.image_size) if cfg.data.image_size else None)
@@ -241,24 +231,6 @@ def _check(report: ExportReport, path: Optional[Path]) -> ExportReport:
     return report
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new sibling, fsync it and rename it over ``path``. ``os.open`` with mode
-    0o666 lets the umask decide the permissions, as for any file the user creates (``mkstemp``
-    would make it 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def export_onnx(model: nn.Module, output: str | os.PathLike, meta: Dict[str, Any], *,
                 normalization_in_graph: bool = False, opset: int = 17, atol: float = DEFAULT_ATOL,
                 batch_sizes: Sequence[int] = (1, 3), fallback_size: Tuple[int, int] = (64, 64)) -> ExportReport:
@@ -269,7 +241,7 @@ def export_onnx(model: nn.Module, output: str | os.PathLike, meta: Dict[str, Any
     data, meta = onnx_bytes(model, meta, normalization_in_graph=normalization_in_graph, opset=opset,
                             fallback_size=fallback_size)
     path = Path(output)
-    _atomic_write(path, data)
+    atomic_write(path, data)
     session = onnx_session(path)
     ref, _ = _prepare(model, meta, normalization_in_graph)
     diff = _parity(lambda x: session.run(None, {INPUT_NAME: x.numpy()})[0], ref, meta, batch_sizes, fallback_size)
@@ -283,13 +255,12 @@ def export_torchscript(model: nn.Module, output: str | os.PathLike, meta: Dict[s
     it and compare with eager PyTorch on other batch sizes than the traced one."""
     ref, meta = _prepare(model, meta, normalization_in_graph)
     path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit is deprecated upstream but still the portable C++ format
         traced = torch.jit.trace(ref, _random_inputs(meta, 2, 0, fallback_size), check_trace=False)
         buf = io.BytesIO()
         torch.jit.save(traced, buf, _extra_files={"deepmetric.json": json.dumps(meta)})
-        _atomic_write(path, buf.getvalue())
+        atomic_write(path, buf.getvalue())
         loaded = torch.jit.load(str(path), map_location="cpu")
         diff = _parity(lambda x: loaded(x).numpy(), ref, meta, batch_sizes, fallback_size)
     return _check(ExportReport(path, "torchscript", diff, atol, tuple(batch_sizes), meta), path)
@@ -310,7 +281,7 @@ _EXPORTERS = {"onnx": export_onnx, "torchscript": export_torchscript}
 def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.PathLike, *,
                       normalization_in_graph: bool = False, atol: float = DEFAULT_ATOL, **kwargs: Any) -> ExportReport:
     """Load a run or checkpoint directory and export its model (``fmt``: ``onnx`` or ``torchscript``)."""
-    from ..engine.checkpoint import load_for_inference
+    from ..engine.build import load_for_inference
 
     try:
         exporter = _EXPORTERS[fmt]

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass
@@ -35,11 +34,12 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional,
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError
+from ..core.errors import UserError
+from ..core.files import atomic_write, file_fingerprint
 from .preprocess import Preprocessing, decode_metadata
 
 if TYPE_CHECKING:
-    from .extract import EmbeddingSet
+    from ..core.embeddings import EmbeddingSet
 
 log = logging.getLogger("deepmetric")
 
@@ -76,23 +76,14 @@ def list_inputs(source: str | os.PathLike) -> InputList:
 
     Paths come back absolute; relative paths in list files are taken relative to the list file's folder.
     """
-    from ..data.io import IMAGE_EXTENSIONS
+    from ..data.io import IMAGE_EXTENSIONS, find_images
 
     src = Path(os.path.abspath(source))  # absolute: the server finds gallery files from any directory
     if src.is_dir():
-        paths, labels, names = [], [], sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
-        index = {n: i for i, n in enumerate(names)}
-        for dirpath, dirnames, filenames in os.walk(src):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            rel = Path(dirpath).relative_to(src)
-            for f in sorted(filenames):
-                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                    paths.append(str(Path(dirpath) / f))
-                    labels.append(index[rel.parts[0]] if rel.parts else -1)
-        if not paths:
+        names, rel, labels = find_images(str(src))
+        if not rel:
             raise InputError(f"{src}: no images found (looked for {' '.join(IMAGE_EXTENSIONS)} in it and below)")
-        used = sorted(set(labels) - {-1})
-        return InputList(paths, np.asarray(labels, np.int64), names if used else [])
+        return InputList([str(src / p) for p in rel], labels, names if (labels >= 0).any() else [])
     if not src.is_file():
         raise InputError(f"input not found: {src} (expected a folder of images or a list file)")
     rows = _read_csv(src) if src.suffix.lower() == ".csv" else _read_lines(src)
@@ -174,15 +165,6 @@ def _onnx_session(model: str | bytes, threads: Optional[int]):
     return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def _file_fingerprint(path: Path) -> str:
-    """First 16 hex digits of the file's SHA-256 (as ``export.file_fingerprint``)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 class Predictor:
     """A model and its preprocessing: PIL images, image bytes or paths in, ``(B, D) float32`` embeddings out.
 
@@ -245,13 +227,14 @@ class Predictor:
             raise UserError(f"unknown runtime {runtime!r} (valid: torch, onnx)")
         try:
             import torch
-
-            from ..engine.checkpoint import load_for_inference, read_checkpoint
-            from .export import onnx_bytes, preprocessing_metadata
-        except ImportError as e:
+        except ModuleNotFoundError as e:
             raise UserError(f"loading a checkpoint needs PyTorch ({e.name} is missing): pip install "
                             "'deepmetric[serve]', or export the model to ONNX on a machine with PyTorch "
                             "and load the .onnx file") from None
+        from ..engine.build import load_for_inference
+        from ..engine.checkpoint import read_checkpoint
+        from .export import onnx_bytes, preprocessing_metadata
+
         model, cfg, ckpt = load_for_inference(path, prefer=prefer, device=device if runtime == "torch" else "cpu")
         meta = preprocessing_metadata(cfg, model, ckpt)
         shape = _input_shape(read_checkpoint(ckpt)[1], ckpt / "state.json")
@@ -288,7 +271,7 @@ class Predictor:
         missing = [k for k in ("mean", "std", "channels", "embedding_dim") if k not in meta]
         if missing:
             raise UserError(f"{path}: ONNX metadata lacks {', '.join(missing)}; export it with 'deepmetric export'")
-        return cls._wrap_session(session, meta, str(path), meta.get("source_fingerprint") or _file_fingerprint(path))
+        return cls._wrap_session(session, meta, str(path), meta.get("source_fingerprint") or file_fingerprint(path))
 
     @classmethod
     def _onnx(cls, data: bytes, meta: Dict[str, Any], source: str, fingerprint: Optional[str],
@@ -359,7 +342,7 @@ class Predictor:
         """An :class:`EmbeddingSet` of the images ``paths`` (labels default -1)."""
         from tqdm.auto import tqdm
 
-        from .extract import EmbeddingSet
+        from ..core.embeddings import EmbeddingSet
 
         labels = np.full(len(paths), -1, np.int64) if labels is None else labels
         parts = []
@@ -386,13 +369,6 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(_npy_bytes(arr))
-    os.replace(tmp, path)
-
-
 def write_embeddings(predictor: Predictor, inputs: InputList, output: str | os.PathLike, *, batch_size: int = 64,
                      dtype: str = "float32", chunk_size: int = 4096, num_workers: int = 0,
                      progress: bool = True) -> Path:
@@ -404,7 +380,7 @@ def write_embeddings(predictor: Predictor, inputs: InputList, output: str | os.P
     """
     from tqdm.auto import tqdm
 
-    from .. import __version__
+    from ..core import __version__
 
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r} (valid: {', '.join(DTYPES)})")
@@ -427,7 +403,7 @@ def write_embeddings(predictor: Predictor, inputs: InputList, output: str | os.P
             shutil.rmtree(parts)
     parts.mkdir(parents=True, exist_ok=True)
     if not mpath.exists():
-        mpath.write_text(json.dumps(manifest))
+        atomic_write(mpath, json.dumps(manifest))
     n, np_dtype = len(inputs.paths), DTYPES[dtype]
     chunks = [(i, s, min(s + chunk_size, n)) for i, s in enumerate(range(0, n, chunk_size))]
     done = {i for i, s, e in chunks if (parts / f"chunk_{i:06d}.npy").is_file()}
@@ -442,7 +418,7 @@ def write_embeddings(predictor: Predictor, inputs: InputList, output: str | os.P
             for emb in predictor.iter_embeddings(inputs.paths[s:e], batch_size, num_workers):
                 got.append(emb)
                 bar.update(len(emb))
-            _atomic_save_npy(parts / f"chunk_{i:06d}.npy", np.concatenate(got).astype(np_dtype))
+            atomic_write(parts / f"chunk_{i:06d}.npy", _npy_bytes(np.concatenate(got).astype(np_dtype)))
     meta = {"source": predictor.source, "model": predictor.fingerprint, "runtime": predictor.runtime,
             "dim": predictor.embedding_dim, "dtype": dtype, "l2_normalized": predictor.normalized,
             "count": n, "deepmetric_version": __version__}
@@ -454,12 +430,9 @@ def write_embeddings(predictor: Predictor, inputs: InputList, output: str | os.P
 
 def _assemble(output: Path, chunk_files: List[Path], inputs: InputList, meta: Dict[str, Any],
               dtype: Any, dim: int) -> None:
-    """Stream the chunks into one ``.npz`` (never all vectors in memory), renamed into place at the end."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    """Stream the chunks into one ``.npz`` (never all vectors in memory), written atomically."""
+    def write(out) -> None:
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("vectors.npy", "w", force_zip64=True) as f:
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
                           "shape": (len(inputs.paths), dim)}
@@ -470,10 +443,8 @@ def _assemble(output: Path, chunk_files: List[Path], inputs: InputList, meta: Di
             zf.writestr("paths.npy", _npy_bytes(np.asarray(inputs.paths, dtype=str)))
             zf.writestr("class_names.npy", _npy_bytes(np.asarray(inputs.class_names, dtype=str)))
             zf.writestr("meta.npy", _npy_bytes(np.asarray(json.dumps(meta))))
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(output, write)
 
 
 @dataclass
@@ -502,7 +473,7 @@ def load_embeddings(path: str | os.PathLike) -> EmbeddingsFile:
             labels, paths = z["labels"], [str(p) for p in z["paths"]]
             names = [str(c) for c in z["class_names"]] if "class_names" in z.files else []
             meta = json.loads(str(z["meta"].reshape(-1)[0])) if "meta" in z.files else {}
-        from .extract import EmbeddingSet
+        from ..core.embeddings import EmbeddingSet
 
         es = EmbeddingSet(vectors, labels, paths=paths)
     except EmbeddingsFileError:

@@ -29,12 +29,12 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 #: decoders uploads and files are handed to: never plugins that shell out (EPS -> Ghostscript)
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")

@@ -6,13 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import LOSSES
 from .classification import ClassificationLoss
 from .functional import EPS_SQ, PairBatch, distance_matrix
 from .pairwise import PairLoss
 
 
-@LOSSES.register("centroid_triplet", "ctl")
 class CentroidTripletLoss(PairLoss):
     """Centroid triplet loss (CTL), on raw (not normalised) embeddings with Euclidean distance
     ``sqrt(max(d^2, 1e-12))``: ``[d(q, c_P) - d(q, c_N) + margin]_+`` with the hardest ``c_N``.
@@ -94,7 +92,6 @@ class CentroidTripletLoss(PairLoss):
         return losses.sum() / valid.sum()
 
 
-@LOSSES.register("center")
 class CenterLoss(ClassificationLoss):
     """Center loss (Wen et al., ECCV 2016), as used by Centroids-ReID:
     ``L = sum_i |x_i - c_{y_i}|^2 / N`` on raw embeddings; ``weight`` holds the class centres

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import LOSSES
+from .base import Loss
 from .functional import autocast_off, check_embeddings, check_labels, compute_dtype, softplus
 
 
@@ -73,7 +73,7 @@ class _CosineLogits(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
-class ClassificationLoss(nn.Module):
+class ClassificationLoss(Loss):
     """Base class: owns ``weight`` (rows, embedding_dim), checks inputs, computes in full precision."""
 
     kind = "classification"
@@ -118,7 +118,6 @@ def _positive(loss: str, key: str, value: float) -> float:
     return float(value)
 
 
-@LOSSES.register("softmax")
 class SoftmaxLoss(ClassificationLoss):
     """Linear classifier + cross-entropy: ``CE(x W^T + b, y)``, mean over the batch, optional label
     smoothing. Paddle's SOP pretraining uses an fc *with* bias (``bias=True``, default) initialised
@@ -141,7 +140,6 @@ class SoftmaxLoss(ClassificationLoss):
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
 
-@LOSSES.register("normalized_softmax")
 class NormalizedSoftmaxLoss(ClassificationLoss):
     """Normalised softmax (Zhai & Wu, "Classification is a Strong Baseline for Deep Metric Learning",
     BMVC 2019): ``CE(cos(x, W_c) / temperature, y)``, mean. Same as PML ``NormalizedSoftmaxLoss``."""
@@ -170,7 +168,6 @@ def arc_margin(cos_target: Tensor, margin: float, easy_margin: bool) -> Tensor:
     return torch.where(cos_target > th, phi, cos_target - mm)
 
 
-@LOSSES.register("arcface", "arcmargin")
 class ArcFaceLoss(ClassificationLoss):
     """Additive angular margin (ArcFace, Deng et al., CVPR 2019; Paddle ``ArcMarginLoss``):
     ``CE(scale * [cos(theta_y + m) for the target, cos(theta_c) otherwise], y)``, mean, with the
@@ -193,7 +190,6 @@ class ArcFaceLoss(ClassificationLoss):
         return F.cross_entropy(logits.scatter(1, labels[:, None], target * self.scale), labels)
 
 
-@LOSSES.register("subcenter_arcface")
 class SubCenterArcFaceLoss(ArcFaceLoss):
     """Sub-center ArcFace (Deng et al., ECCV 2020): ``sub_centers`` rows per class, the class cosine is
     the max over them, then ArcFace. ``weight`` is ``(num_classes * sub_centers, embedding_dim)``,
@@ -211,7 +207,6 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         nn.init.xavier_uniform_(self.weight)
 
 
-@LOSSES.register("cosface", "am_softmax")
 class CosFaceLoss(ClassificationLoss):
     """Large-margin cosine loss (CosFace, Wang et al., CVPR 2018; AM-softmax):
     ``CE(scale * (cos - margin * onehot), y)``, mean. Same as PML ``CosFaceLoss``."""
@@ -229,7 +224,6 @@ class CosFaceLoss(ClassificationLoss):
         return F.cross_entropy(logits.scatter(1, labels[:, None], target), labels)
 
 
-@LOSSES.register("circle_class")
 class CircleClassLoss(ClassificationLoss):
     """Circle loss, class-level form (Sun et al., CVPR 2020; fast-reid ``CircleSoftmax``, PaddleClas
     ``CircleMargin``): with ``s = cos(x, W_c)``,
@@ -253,7 +247,6 @@ class CircleClassLoss(ClassificationLoss):
         return F.cross_entropy(logits.scatter(1, labels[:, None], target), labels)
 
 
-@LOSSES.register("proxy_anchor")
 class ProxyAnchorLoss(ClassificationLoss):
     """Proxy-anchor loss (Kim et al., CVPR 2020); ``weight`` holds the proxies. With ``s = cos(x, p_c)``:
 

@@ -6,8 +6,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .base import Loss
 
-class CrossBatchMemory(nn.Module):
+
+class CrossBatchMemory(Loss):
     """Wrap a pair loss with a ring buffer of past embeddings.
 
     ``xbm = CrossBatchMemory(build_loss("contrastive_xbm"), embedding_dim=128, size=55000,
@@ -45,7 +47,7 @@ class CrossBatchMemory(nn.Module):
     def __init__(self, loss: nn.Module, embedding_dim: int, size: int, start_step: int = 0,
                  weight: float = 1.0):
         super().__init__()
-        if isinstance(loss, CrossBatchMemory) or getattr(loss, "kind", None) != "pair":
+        if isinstance(loss, CrossBatchMemory) or not isinstance(loss, Loss) or loss.kind != "pair":
             raise TypeError(
                 f"CrossBatchMemory wraps one pair loss (kind == 'pair'); got {type(loss).__name__} "
                 f"(kind={getattr(loss, 'kind', None)!r}). Classification losses own class weights and "

@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..registry import LOSSES
+from .base import Loss
 from .functional import (
     DISTANCES,
     PairBatch,
@@ -31,7 +31,7 @@ from .functional import (
 from .miners import multi_similarity_mine
 
 
-class PairLoss(nn.Module):
+class PairLoss(Loss):
     """Base class: checks the call, builds the pair masks, turns autocast off, calls :meth:`compute`."""
 
     kind = "pair"
@@ -59,7 +59,6 @@ class PairLoss(nn.Module):
         return zero_loss(batch.embeddings, self.name, detail)
 
 
-@LOSSES.register("contrastive")
 class ContrastiveLoss(PairLoss):
     """Contrastive loss (Hadsell, Chopra & LeCun, CVPR 2006), PML's form.
 
@@ -97,7 +96,6 @@ class ContrastiveLoss(PairLoss):
         return batch.cosine_loss(value_and_grad)
 
 
-@LOSSES.register("contrastive_xbm")
 class XBMContrastiveLoss(PairLoss):
     """The contrastive loss of the XBM paper (Wang et al., "Cross-Batch Memory for Embedding
     Learning", CVPR 2020; research-xbm and PaddleClas ``ContrastiveLoss``), on cosine similarity ``s``:
@@ -131,7 +129,6 @@ class XBMContrastiveLoss(PairLoss):
         return batch.cosine_loss(value_and_grad)
 
 
-@LOSSES.register("multi_similarity")
 class MultiSimilarityLoss(PairLoss):
     """Multi-similarity loss (Wang et al., CVPR 2019), on cosine similarity ``s``:
 
@@ -177,7 +174,6 @@ class MultiSimilarityLoss(PairLoss):
         return batch.cosine_loss(value_and_grad)
 
 
-@LOSSES.register("circle")
 class CircleLoss(PairLoss):
     """Circle loss, pair-wise form (Sun et al., CVPR 2020), on cosine similarity ``s``:
 
@@ -218,7 +214,6 @@ class CircleLoss(PairLoss):
         return batch.cosine_loss(value_and_grad)
 
 
-@LOSSES.register("supcon")
 class SupConLoss(PairLoss):
     """Supervised contrastive loss (Khosla et al., NeurIPS 2020), on cosine similarity ``s``:
 
@@ -261,7 +256,6 @@ class SupConLoss(PairLoss):
         return batch.cosine_loss(value_and_grad)
 
 
-@LOSSES.register("ntxent", "infonce")
 class NTXentLoss(PairLoss):
     """NT-Xent / InfoNCE (Chen et al., SimCLR, ICML 2020) with labels, on cosine similarity ``s``:
 
@@ -298,7 +292,6 @@ class NTXentLoss(PairLoss):
         return batch.cosine_loss(value_and_grad)
 
 
-@LOSSES.register("npairs")
 class NPairsLoss(PairLoss):
     """N-pair loss (Sohn, NeurIPS 2016).
 

@@ -24,14 +24,13 @@ Gradients under DDP. Rank ``r``'s centre shard receives ``dL / dW_r`` exactly; k
 *outside* the DDP wrapper (its parameters differ per rank and must not be averaged). The local
 embeddings receive ``W * dL / dx_r`` (``compensate_ddp_average=True``), so that DDP's averaging of
 the backbone's gradients yields exactly ``dL / d(theta)`` of one process training on the global
-batch, consistent with the pair-loss rule in :mod:`deepmetric.engine.distributed`. Pass
+batch, consistent with the pair-loss rule in :mod:`deepmetric.core.distributed`. Pass
 ``compensate_ddp_average=False`` for the plain partial derivative (backbone gradients summed
 rather than averaged across ranks). Centres left out of a step's sample get no gradient (zero);
 an optimizer with momentum or weight decay still moves them, as in insightface's PFC v2.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -39,13 +38,11 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
-from deepmetric.engine.distributed import all_gather_with_grad, get_rank, get_world_size
-from deepmetric.registry import LOSSES
+from ..core.distributed import all_gather_with_grad, get_rank, get_world_size
+from .base import Loss
+from .classification import arc_margin
 
 __all__ = ["PartialFC", "shard_classes", "margin_target_logit", "distributed_softmax_cross_entropy"]
-
-_SIN_EPS = 1e-6  # keeps d sin(theta) / d cos(theta) finite when an embedding sits on its centre
-
 
 def shard_classes(num_classes: int, world_size: int, rank: int) -> Tuple[int, int]:
     """``(class_start, num_local)`` of rank ``rank``: contiguous blocks, the first ``C % W`` larger."""
@@ -54,18 +51,13 @@ def shard_classes(num_classes: int, world_size: int, rank: int) -> Tuple[int, in
 
 
 def margin_target_logit(cos_t: torch.Tensor, margin_type: str, margin: float) -> torch.Tensor:
-    """The target class's cosine after the additive margin (before the scale).
-
-    ``arcface``: ``cos(theta + m)`` where ``theta <= pi - m``, else ``cos(theta) - m * sin(m)``
-    (keeps the logit decreasing in ``theta``); ``m`` in radians. ``cosface``: ``cos(theta) - m``.
-    """
+    """The target class's cosine after the additive margin (before the scale): the loss zoo's
+    :func:`~deepmetric.losses.classification.arc_margin` for ``arcface`` (``cos(theta + m)`` where
+    ``theta <= pi - m``, else ``cos(theta) - m * sin(m)``; ``m`` in radians), ``cos(theta) - m`` for
+    ``cosface``."""
     if margin_type == "cosface":
         return cos_t - margin
-    cos_t = cos_t.clamp(-1.0, 1.0)
-    sin_t = torch.sqrt((1.0 - cos_t * cos_t).clamp_min(_SIN_EPS))
-    phi = cos_t * math.cos(margin) - sin_t * math.sin(margin)
-    threshold = math.cos(math.pi - margin)
-    return torch.where(cos_t > threshold, phi, cos_t - margin * math.sin(margin))
+    return arc_margin(cos_t, margin, easy_margin=False)
 
 
 class _DistSoftmaxCE(torch.autograd.Function):
@@ -121,8 +113,7 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-@LOSSES.register("partial_fc")
-class PartialFC(nn.Module):
+class PartialFC(Loss):
     """Sharded ArcFace/CosFace head; call ``loss = pfc(embeddings, labels)`` with this rank's batch.
 
     Args:

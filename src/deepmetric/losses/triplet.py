@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..registry import LOSSES
 from .functional import (DISTANCES, REDUCTIONS, PairBatch, chain_unit_distance_, check_choice, eager_loss,
                          unit_distances)
 from .miners import batch_hard_terms, random_triplet_terms, triplet_margin_terms
@@ -17,7 +16,6 @@ from .pairwise import PairLoss
 MININGS = ("all", "hard", "semihard", "random")
 
 
-@LOSSES.register("triplet")
 class TripletLoss(PairLoss):
     """Triplet margin loss (Weinberger & Saul 2009; Schroff et al., FaceNet, CVPR 2015):
     ``[d_ap - d_an + margin]_+`` over the mined triplets, reduced by ``reduction``:
@@ -84,7 +82,6 @@ class TripletLoss(PairLoss):
                 f"reduction={self.reduction!r}")
 
 
-@LOSSES.register("quadruplet", "msml")
 class QuadrupletLoss(PairLoss):
     """Paddle's ``QuadrupletLoss``, which is the Margin Sample Mining Loss (MSML, Xiao et al.,
     arXiv 1710.00478): one term for the whole batch,
@@ -109,7 +106,6 @@ class QuadrupletLoss(PairLoss):
         return F.relu(hardest_pos - hardest_neg + self.margin)
 
 
-@LOSSES.register("eml")
 class EMLLoss(PairLoss):
     """Paddle's ``EmlLoss`` (Ensemble Metric Learning, Xu et al., arXiv 1212.6094) on *raw* features
     (not normalised) with squared Euclidean distances ``d``. Per anchor ``i``:

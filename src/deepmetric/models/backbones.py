@@ -1,18 +1,16 @@
-"""Backbone catalogue: each constructor returns a module mapping images ``(B, C, H, W)`` to a
-feature map ``(B, F, h, w)`` and sets ``out_channels = F``.
+"""Backbones: each constructor returns a module mapping images ``(B, C, H, W)`` to a feature map
+``(B, F, h, w)`` and sets ``out_channels = F``.
 
-Registered: ``resnet18/34/50/101`` (torchvision layout, so torchvision and timm ResNet state dicts
-load by key), ``small_cnn`` (tiny grayscale images such as digits and Fashion-MNIST), and any timm
-model as ``timm:<name>``.
+Catalogued in :data:`deepmetric.models.BACKBONES`: ``resnet18/34/50/101`` (torchvision layout, so
+torchvision and timm ResNet state dicts load by key), ``small_cnn`` (tiny grayscale images such as
+digits and Fashion-MNIST), and any timm model as ``timm:<name>``.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import nn
 
-from ..registry import BACKBONES
+from ..core.errors import ParameterError
 
 
 class ResNetTrunk(nn.Module):
@@ -58,8 +56,7 @@ def _resnet(depth: int):
     return build
 
 
-for _depth in (18, 34, 50, 101):
-    BACKBONES.register(f"resnet{_depth}")(_resnet(_depth))
+resnet18, resnet34, resnet50, resnet101 = (_resnet(depth) for depth in (18, 34, 50, 101))
 
 
 NORMS = ("batch", "group", "none")
@@ -79,7 +76,7 @@ class SmallCNN(nn.Module):
     def __init__(self, in_chans: int = 1, width: int = 64, norm: str = "batch", grid: int = 0) -> None:
         super().__init__()
         if norm not in NORMS:
-            raise ValueError(f"model.backbone_options.norm must be one of {', '.join(NORMS)}, got '{norm}'")
+            raise ParameterError(f"{{norm}} must be one of {', '.join(NORMS)}, got '{norm}'", "norm")
         chans = [in_chans, width, width, 2 * width, 2 * width]
         layers: list[nn.Module] = []
         for i in range(4):
@@ -128,7 +125,6 @@ def _bin_matrix(n, g: int, dtype: torch.dtype) -> torch.Tensor:
     return inside / inside.sum(1, keepdim=True)
 
 
-@BACKBONES.register("small_cnn")
 def small_cnn(in_chans: int = 1, width: int = 64, norm: str = "batch", grid: int = 0) -> SmallCNN:
     return SmallCNN(in_chans=in_chans, width=width, norm=norm, grid=grid)
 
@@ -143,7 +139,7 @@ class TimmTrunk(nn.Module):
         try:
             self.model = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", in_chans=in_chans, **kwargs)
         except RuntimeError as e:  # timm says "Unknown model (x)"
-            raise ValueError(f"model.backbone: timm has no model '{name}' ({e})") from None
+            raise ParameterError(f"{{name}}: timm has no model '{name}' ({e})", "name") from None
         self.out_channels = int(self.model.num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,13 +149,6 @@ class TimmTrunk(nn.Module):
         return y
 
 
-def build_backbone(name: str, in_chans: int = 3, **options) -> nn.Module:
-    """``resnet50``, ``small_cnn``, or ``timm:<any timm name>``."""
-    if name.startswith("timm:"):
-        return TimmTrunk(name[len("timm:"):], in_chans=in_chans, **options)
-    return BACKBONES.build(name, in_chans=in_chans, **options)
-
-
-def backbone_state_prefix(backbone: nn.Module) -> Optional[str]:
+def backbone_state_prefix(backbone: nn.Module) -> str:
     """Prefix to add to plain torchvision/timm keys so they match this trunk's own keys."""
     return "model." if isinstance(backbone, TimmTrunk) else ""

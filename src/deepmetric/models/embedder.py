@@ -9,8 +9,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .backbones import TimmTrunk, build_backbone
-from ..errors import UserError
+from ..core.errors import UserError
+from .backbones import backbone_state_prefix
 from .heads import EmbeddingHead
 
 log = logging.getLogger("deepmetric")
@@ -67,14 +67,6 @@ class Embedder(nn.Module):
     def forward(self, x: torch.Tensor, all_outputs: bool = False):
         out = self.forward_train(x)
         return out if all_outputs else out["embedding"]
-
-
-def build_embedder(backbone: str = "resnet50", embedding_dim: int = 0, pooling: str = "avg",
-                   bnneck: bool = False, normalize: bool = True, in_chans: int = 3,
-                   backbone_options: Optional[dict] = None) -> Embedder:
-    trunk = build_backbone(backbone, in_chans=in_chans, **(backbone_options or {}))
-    head = EmbeddingHead(trunk.out_channels, embedding_dim, pooling, bnneck, normalize)
-    return Embedder(trunk, head)
 
 
 @dataclass
@@ -219,12 +211,12 @@ def load_pretrained(model: Embedder, pretrained: str, backbone_name: str) -> Loa
     else:
         state = read_state_dict(pretrained)
         source = str(pretrained)
-    prefix = "model." if isinstance(model.backbone, TimmTrunk) else ""
-    if isinstance(model.backbone, TimmTrunk) is False and model.backbone.conv1.weight.shape[1] != 3:
+    stem = getattr(model.backbone, "conv1", None)  # the ResNet trunks' first convolution
+    if stem is not None and stem.weight.shape[1] != 3:
         w = state.get("conv1.weight")
         if w is not None and w.shape[1] == 3:  # grayscale input: average the RGB filters
             state = dict(state, **{"conv1.weight": w.mean(dim=1, keepdim=True)})
-    report = load_weights(model.backbone, state, source, prefix=prefix)
+    report = load_weights(model.backbone, state, source, prefix=backbone_state_prefix(model.backbone))
     log.info(report.summary())
     return report
 

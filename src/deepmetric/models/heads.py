@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.errors import ParameterError
+
 
 class GeM(nn.Module):
     """Generalised-mean pooling (Radenovic et al. 2018): ``(mean x^p)^(1/p)``, ``p`` learnable."""
@@ -47,7 +49,7 @@ class EmbeddingHead(nn.Module):
                  bnneck: bool = False, normalize: bool = True) -> None:
         super().__init__()
         if pooling not in POOLINGS:
-            raise ValueError(f"model.pooling must be one of {', '.join(POOLINGS)}, got '{pooling}'")
+            raise ParameterError(f"{{pooling}} must be one of {', '.join(POOLINGS)}, got '{pooling}'", "pooling")
         self.pool = {"avg": nn.AdaptiveAvgPool2d(1), "max": nn.AdaptiveMaxPool2d(1), "gem": GeM(),
                      "avgmax": AvgMaxPool()}[pooling]
         self.pooling = pooling

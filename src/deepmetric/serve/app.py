@@ -49,7 +49,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 STATIC = Path(__file__).parent / "static"
 UPLOAD_ROUTES = ("/embed", "/search")
@@ -266,7 +266,7 @@ def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_p
     to the model's input). ``allowed_hosts``: ``Host`` names served (``None``: any; ``deepmetric serve``
     passes the loopback names when bound to loopback). ``api_key``: required from clients beyond loopback.
     """
-    from .. import __version__
+    from ..core import __version__
 
     predictor.check_index(index)
     upload_limit = int(max_upload_mb * 1024 * 1024)

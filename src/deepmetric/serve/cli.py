@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Any, List, Optional
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 log = logging.getLogger("deepmetric")
 

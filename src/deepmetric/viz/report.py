@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from ..core.files import atomic_write
+from ..core.results import EvalResult
 from . import plots
 
 #: the metrics drawn as curves over training, when computed
@@ -19,7 +21,7 @@ def _ks(metrics: Dict[str, Any]) -> List[int]:
     return sorted(int(k.split("@")[1]) for k in metrics if k.startswith("recall@"))
 
 
-def write_eval_plots(out_dir: Path, result, cfg=None, dataset=None, before: Optional[Dict[str, Any]] = None,
+def write_eval_plots(out_dir: Path, result: EvalResult, cfg=None, dataset=None, before: Optional[Dict[str, Any]] = None,
                      gallery_dataset=None, class_names: Optional[Dict[int, str]] = None,
                      after_name: str = "trained") -> List[Path]:
     """Pictures of one evaluation: Recall@K (beside ``before``, the untrained network's, if given),
@@ -31,10 +33,10 @@ def write_eval_plots(out_dir: Path, result, cfg=None, dataset=None, before: Opti
     if ks:
         cols = {"untrained": before, after_name: m} if before else {"model": m}
         made.append(plots.recall_bars(out / "recall_at_k.png", cols, ks))
-    nb = result.extras.get("neighbours")
+    nb = result.neighbours
     ref_ds = dataset if result.gallery is None else gallery_dataset
     if nb is not None and dataset is not None and ref_ds is not None and len(result.query):
-        idx, qlab = nb["indices"], result.query.labels
+        idx, qlab = nb.indices, result.query.labels
         ref = result.gallery if result.gallery is not None else result.query
         wrong = np.flatnonzero(ref.labels[idx[:, 0]] != qlab)[:4]
         sample = np.random.default_rng(0).choice(len(qlab), size=min(4, len(qlab)), replace=False)
@@ -42,11 +44,11 @@ def write_eval_plots(out_dir: Path, result, cfg=None, dataset=None, before: Opti
         made.append(plots.retrieval_grid(out / "retrieval_grid.png", dataset.load, rows, idx, qlab, ref.labels,
                                          load_ref=ref_ds.load, class_names=class_names,
                                          title="top: random queries; bottom: queries whose first neighbour is wrong"))
-    if result.query is not None and len(result.query) and result.extras.get("distances") is None:
+    if result.protocol != "verification" and result.query is not None and len(result.query):
         made.append(plots.projection_plot(out / "projection.png", result.query.vectors.numpy(), result.query.labels,
                                           class_names=class_names))
-    if result.extras.get("distances") is not None:
-        made.append(plots.roc_plot(out / "roc.png", result.extras["distances"], result.extras["is_same"]))
+    if result.pairs is not None:
+        made.append(plots.roc_plot(out / "roc.png", result.pairs.distances, result.pairs.is_same))
     return made
 
 
@@ -103,7 +105,7 @@ def _plain_table(metrics: Dict[str, Any]) -> str:
     return f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table>"
 
 
-def write_report(run_dir: Path, history: List[Dict[str, Any]], result, cfg=None, dataset=None,
+def write_report(run_dir: Path, history: List[Dict[str, Any]], result: EvalResult, cfg=None, dataset=None,
                  summary: Optional[Dict[str, Any]] = None, gallery_dataset=None,
                  class_names: Optional[Dict[int, str]] = None) -> Path:
     """The run's page: the end-of-run table (untrained beside the selected checkpoint, validation
@@ -130,8 +132,4 @@ figure{{display:inline-block;margin:8px;vertical-align:top}}img{{max-width:520px
 <p>run directory <code>{html.escape(str(run_dir))}</code></p>
 <h2>metrics</h2>{table}{selection}
 <h2>pictures</h2>{imgs}</body></html>"""
-    from ..config import atomic_write_text
-
-    path = run_dir / "report.html"
-    atomic_write_text(path, page)
-    return path
+    return atomic_write(run_dir / "report.html", page)

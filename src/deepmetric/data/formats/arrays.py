@@ -9,7 +9,6 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ...registry import DATASETS
 from ..base import DataError, DataSplits, MetricDataset
 
 FASHION_MNIST_DEFAULT = "/usr/share/datasets/fashion-mnist"
@@ -36,7 +35,6 @@ class ArrayDataset(MetricDataset):
         return self.images[i]
 
 
-@DATASETS.register("digits")
 def digits(root: Optional[str] = None, *, train_transform=None, test_transform=None) -> DataSplits:
     """scikit-learn's 1,797 8x8 handwritten digits (real data shipped with scikit-learn).
 
@@ -77,10 +75,9 @@ def _find_idx(root: Path, stem: str) -> Path:
         if (root / name).is_file():
             return root / name
     raise DataError(f"Fashion-MNIST root {root}: missing {stem}[.gz] (expected the four IDX files; "
-                    f"install Debian's dataset-fashion-mnist or set data.root)")
+                    "install Debian's dataset-fashion-mnist or set {root})", "root")
 
 
-@DATASETS.register("fashion_mnist")
 def fashion_mnist(root: Optional[str] = None, *, train_transform=None, test_transform=None,
                   train_limit: int = 0, test_limit: int = 0) -> DataSplits:
     """Fashion-MNIST from its IDX files: the train split trains, leave-one-out retrieval on the test split.
@@ -91,7 +88,8 @@ def fashion_mnist(root: Optional[str] = None, *, train_transform=None, test_tran
     """
     base = Path(root or FASHION_MNIST_DEFAULT)
     if not base.is_dir():
-        raise DataError(f"Fashion-MNIST root {base} does not exist (install Debian's dataset-fashion-mnist or set data.root)")
+        raise DataError(f"Fashion-MNIST root {base} does not exist (install Debian's dataset-fashion-mnist or set "
+                        "{root})", "root")
     out = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
         images = read_idx(_find_idx(base, f"{prefix}-images-idx3-ubyte"))
@@ -104,5 +102,5 @@ def fashion_mnist(root: Optional[str] = None, *, train_transform=None, test_tran
         out[split] = (images, labels)
     train = ArrayDataset(*out["train"], train_transform, "fashion_mnist-train", FASHION_MNIST_CLASSES)
     query = ArrayDataset(*out["test"], test_transform, "fashion_mnist-test", FASHION_MNIST_CLASSES)
-    return DataSplits(train=train, query=query, info={"class_names": list(FASHION_MNIST_CLASSES)},
+    return DataSplits(train=train, query=query,
                       class_names=dict(enumerate(FASHION_MNIST_CLASSES)))

@@ -13,7 +13,6 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ...registry import DATASETS
 from ..base import DataError, DataSplits
 from ..io import require_in, require_root
 from .cub import first_classes_split, retrieval_splits
@@ -41,7 +40,6 @@ def read_cars_annos(path: str) -> tuple[list[str], np.ndarray]:
     return paths, labels
 
 
-@DATASETS.register("cars", "cars196")
 def build_cars(
     root: Optional[str],
     *,

@@ -1,7 +1,7 @@
 """``csv``: a CSV list with a header naming the path and label columns (your own data, any layout).
 
 Paths are relative to the CSV's folder. Labels that are all integers are used as class ids;
-otherwise labels are class names, numbered in sorted order (``info["class_names"]``). A split
+otherwise labels are class names, numbered in sorted order (``splits.class_names``). A split
 column (``train``/``query``/``gallery``/``test``, any case) chooses the protocol: ``query`` +
 ``gallery`` rows give query/gallery retrieval, ``test`` rows leave-one-out retrieval; without a
 split column every row trains and is queried, and ``data.train_classes`` splits the classes.
@@ -13,7 +13,6 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ...registry import DATASETS
 from ..base import DataError, DataSplits
 from ..io import ImageListDataset, read_csv, require_root, to_int
 from .folder import all_classes_splits
@@ -21,7 +20,6 @@ from .folder import all_classes_splits
 _SPLITS = ("train", "query", "gallery", "test")
 
 
-@DATASETS.register("csv")
 def build_csv(
     root: Optional[str],
     *,
@@ -41,7 +39,7 @@ def build_csv(
     path = os.path.join(root, file)
     if not os.path.isfile(path):
         raise DataError(f"csv root {root}: missing {file} (expected a CSV with a header row naming "
-                        f"'{path_column}' and '{label_column}' columns; set data.file to its name)")
+                        f"'{path_column}' and '{label_column}' columns; set {{file}} to its name)", "file")
     required = [path_column, label_column] + [c for c in (split_column, camera_column) if c]
     rows = read_csv(path, required, delimiter=delimiter)
     if not rows:
@@ -60,12 +58,9 @@ def build_csv(
         camids = np.array([to_int(r[camera_column], path, line, camera_column) for line, r in rows], dtype=np.int64)
     paths = [r[path_column] for _, r in rows]
     base = ImageListDataset(paths, labels, camids=camids, root=root, name="csv")
-    info = {"format": "csv", "root": root, "file": path}
-    if class_names is not None:
-        info["class_names"] = class_names
 
     if split_column is None:
-        return all_classes_splits(base, class_names, train_transform, test_transform, info)
+        return all_classes_splits(base, class_names, train_transform, test_transform)
 
     split = []
     for line, r in rows:
@@ -92,13 +87,11 @@ def build_csv(
         train_ids, inverse = np.unique(train.labels, return_inverse=True)
         train.labels = inverse.astype(np.int64)
     if has["test"]:
-        query, gallery = view("test", test_transform), None
-        info["protocol"] = "leave-one-out on the test rows"
+        query, gallery = view("test", test_transform), None  # leave-one-out on the test rows
     else:
         query, gallery = view("query", test_transform), view("gallery", test_transform)
-        info["protocol"] = "query/gallery retrieval"
     names = None if class_names is None else dict(enumerate(class_names))
-    return DataSplits(train=train, query=query, gallery=gallery, info=info, train_class_ids=train_ids,
+    return DataSplits(train=train, query=query, gallery=gallery, train_class_ids=train_ids,
                       class_names=names)
 
 

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ...registry import DATASETS
+from ...core.errors import ParameterError
 from ..base import DataError, DataSplits, relabel
 from ..io import ImageListDataset, descend, read_table, require_in, require_root, to_int
 
@@ -24,7 +24,8 @@ def first_classes_split(labels: np.ndarray, num_train_classes: Optional[int], fm
     classes = np.unique(labels)
     n = len(classes) // 2 if num_train_classes is None else int(num_train_classes)
     if not 0 < n < len(classes):
-        raise ValueError(f"{fmt}: num_train_classes must be in 1..{len(classes) - 1}, got {num_train_classes}")
+        raise ParameterError(f"{fmt}: {{num_train_classes}} must be in 1..{len(classes) - 1}, got {num_train_classes}",
+                             "num_train_classes")
     return np.isin(labels, classes[:n])
 
 
@@ -35,12 +36,10 @@ def retrieval_splits(paths, labels, root, train_mask, fmt, train_transform, test
                              transform=train_transform, name=f"{fmt}/train")
     query = ImageListDataset([paths[i] for i in te], labels[te], root=root,
                              transform=test_transform, name=f"{fmt}/test")
-    info = {"format": fmt, "root": root, "protocol": "leave-one-out on the test classes"}
-    return DataSplits(train=train, query=query, gallery=None, info=info,
+    return DataSplits(train=train, query=query, gallery=None,
                       train_class_ids=np.unique(labels[tr]).astype(np.int64))
 
 
-@DATASETS.register("cub", "cub200")
 def build_cub(
     root: Optional[str],
     *,

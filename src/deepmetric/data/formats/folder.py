@@ -12,9 +12,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ...registry import DATASETS
 from ..base import DataError, DataSplits, MetricDataset, relabel
-from ..io import IMAGE_EXTENSIONS, ImageListDataset, require_root
+from ..io import IMAGE_EXTENSIONS, ImageListDataset, find_images, require_root
 
 _EXPECTED = "a folder with one subfolder of images per class"
 
@@ -22,42 +21,29 @@ _EXPECTED = "a folder with one subfolder of images per class"
 def scan_class_folders(
     root: str, extensions: Sequence[str], fmt: str
 ) -> tuple[list[str], list[str], np.ndarray]:
-    """Class names (sorted subfolders), image paths relative to ``root``, and folder-index labels.
+    """Class names (sorted subfolders), image paths relative to ``root``, and folder-index labels
+    (:func:`~deepmetric.data.io.find_images`, images lying directly in ``root`` left out).
 
-    Images are found recursively inside each class folder; hidden files and folders are skipped.
     Raises :class:`DataError` for a root with no class folder or a class folder with no image.
     """
-    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-    with os.scandir(root) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    names = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    names, paths, labels = find_images(root, extensions)
+    loose = int((labels < 0).sum())
     if not names:
-        loose = sum(1 for e in entries if e.is_file() and e.name.lower().endswith(exts))
         hint = f"; found {loose} images directly in it: move them into one subfolder per class" if loose else ""
         raise DataError(f"{fmt} root {root}: no class subfolders (expected {_EXPECTED}){hint}")
-    paths: list[str] = []
-    labels: list[int] = []
-    for label, name in enumerate(names):
-        found = []
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            rel = os.path.relpath(dirpath, root)
-            found.extend(
-                os.path.join(rel, f) for f in sorted(filenames)
-                if not f.startswith(".") and f.lower().endswith(exts)
-            )
-        if not found:
-            raise DataError(
-                f"{fmt} class folder {os.path.join(root, name)}: no images with extensions "
-                f"{' '.join(exts)} (remove the empty folder or add images)"
-            )
-        paths.extend(found)
-        labels.extend([label] * len(found))
-    return names, paths, np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels[labels >= 0], minlength=len(names))
+    if (counts == 0).any():
+        exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+        raise DataError(
+            f"{fmt} class folder {os.path.join(root, names[int(np.argmin(counts))])}: no images with extensions "
+            f"{' '.join(exts)} (remove the empty folder or add images)"
+        )
+    keep = labels >= 0
+    return names, [p for p, k in zip(paths, keep) if k], labels[keep]
 
 
 def all_classes_splits(base: MetricDataset, class_names: Optional[list[str]], train_transform: Optional[Callable],
-                       test_transform: Optional[Callable], info: dict) -> DataSplits:
+                       test_transform: Optional[Callable]) -> DataSplits:
     """One pool for ``image_folder`` and ``csv``: every class trains and is queried leave-one-out.
 
     Split it with ``data.train_classes`` / ``data.test_classes`` (folder names or ids) for the
@@ -69,10 +55,9 @@ def all_classes_splits(base: MetricDataset, class_names: Optional[list[str]], tr
     query = base.with_transform(test_transform)
     train.name, query.name = f"{base.name}/train", f"{base.name}/query"
     names = None if class_names is None else dict(enumerate(class_names))
-    return DataSplits(train=train, query=query, gallery=None, info=info, train_class_ids=ids, class_names=names)
+    return DataSplits(train=train, query=query, gallery=None, train_class_ids=ids, class_names=names)
 
 
-@DATASETS.register("image_folder")
 def build_image_folder(
     root: Optional[str],
     *,
@@ -87,11 +72,9 @@ def build_image_folder(
     root = require_root(root, "image_folder", _EXPECTED)
     names, paths, labels = scan_class_folders(root, extensions, "image_folder")
     base = ImageListDataset(paths, labels, root=root, name="image_folder")
-    info = {"format": "image_folder", "root": root, "class_names": names}
-    return all_classes_splits(base, names, train_transform, test_transform, info)
+    return all_classes_splits(base, names, train_transform, test_transform)
 
 
-@DATASETS.register("identity_folder")
 def build_identity_folder(
     root: Optional[str],
     *,
@@ -102,7 +85,8 @@ def build_identity_folder(
 ) -> DataSplits:
     """MS-Celeb style: one folder per identity, training only (evaluate with e.g. ``lfw``).
 
-    ``min_images`` drops identities with fewer images (``info["dropped_identities"]`` counts them).
+    ``min_images`` drops identities with fewer images (``splits.class_names`` keeps every folder,
+    ``splits.train_class_ids`` the ones kept).
     ``test_transform`` is accepted for the common builder signature and unused.
     """
     del test_transform
@@ -117,10 +101,5 @@ def build_identity_folder(
         [p for p, k in zip(paths, keep) if k], relabel(labels[keep]), root=root,
         transform=train_transform, name="identity_folder/train",
     )
-    info = {
-        "format": "identity_folder", "root": root, "protocol": "training only",
-        "train_class_names": [names[i] for i in keep_ids],
-        "dropped_identities": int(len(names) - len(keep_ids)),
-    }
-    return DataSplits(train=train, info=info, train_class_ids=keep_ids.astype(np.int64),
+    return DataSplits(train=train, train_class_ids=keep_ids.astype(np.int64),
                       class_names=dict(enumerate(names)))

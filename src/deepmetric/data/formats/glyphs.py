@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ...registry import DATASETS
+from ...core.errors import ParameterError
 from ..base import DataError, DataSplits
 from ..glyphs import character_names, distinct_glyphs, matplotlib_faces, render_glyphs, shared_characters
 from .arrays import ArrayDataset
@@ -40,7 +40,6 @@ def _faces(root: Optional[str]) -> list[Path]:
     return faces
 
 
-@DATASETS.register("glyphs")
 def build_glyphs(root: Optional[str] = None, *, train_transform: Optional[Callable] = None,
                  test_transform: Optional[Callable] = None, size: int = 32, font_size: Optional[int] = None,
                  lookalike_threshold: float = 0.005) -> DataSplits:
@@ -48,7 +47,7 @@ def build_glyphs(root: Optional[str] = None, *, train_transform: Optional[Callab
     default three quarters of ``size``); characters alike within ``lookalike_threshold`` (mean
     absolute difference on a 0-1 scale) in every face are kept once."""
     if not 8 <= int(size) <= 256:
-        raise ValueError(f"size must be in 8..256 pixels, got {size}")
+        raise ParameterError(f"{{size}} must be in 8..256 pixels, got {size}", "size")
     faces = _faces(root)
     try:
         chars = shared_characters(faces)
@@ -64,7 +63,6 @@ def build_glyphs(root: Optional[str] = None, *, train_transform: Optional[Callab
     labels = np.repeat(np.arange(n_chars, dtype=np.int64), n_faces)
     faces_of = np.tile(np.arange(n_faces, dtype=np.int64), n_chars)
     names = character_names(chars)
-    info = {"format": "glyphs", "faces": [p.name for p in faces], "characters": n_chars}
     return DataSplits(train=ArrayDataset(flat, labels, train_transform, "glyphs-train", names, camids=faces_of),
                       query=ArrayDataset(flat, labels, test_transform, "glyphs-test", names, camids=faces_of),
-                      info=info, class_names=dict(enumerate(names)))
+                      class_names=dict(enumerate(names)))

@@ -14,7 +14,6 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ...registry import DATASETS
 from ..base import DataError, DataSplits, relabel
 from ..io import ImageListDataset, read_table, require_root
 
@@ -30,7 +29,6 @@ def _find_list(root: str) -> str:
     raise DataError(f"In-shop root {root}: missing list_eval_partition.txt (expected {_EXPECTED})")
 
 
-@DATASETS.register("inshop", "in_shop")
 def build_inshop(
     root: Optional[str],
     *,
@@ -69,6 +67,5 @@ def build_inshop(
     train = view("train", relabel, train_transform)
     query = view("query", lambda x: x, test_transform)
     gallery = view("gallery", lambda x: x, test_transform)
-    info = {"format": "inshop", "root": root, "protocol": "query/gallery retrieval"}
-    return DataSplits(train=train, query=query, gallery=gallery, info=info,
+    return DataSplits(train=train, query=query, gallery=gallery,
                       train_class_ids=np.unique(items[status == "train"]).astype(np.int64))

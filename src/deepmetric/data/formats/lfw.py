@@ -17,7 +17,6 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ...registry import DATASETS
 from ..base import DataError, DataSplits, VerificationPairs
 from ..io import ImageListDataset, read_rows, require_root, to_int
 
@@ -63,7 +62,6 @@ def parse_pairs(path: str) -> tuple[list[tuple[str, int, str, int]], np.ndarray,
     return pairs, np.asarray(same, dtype=bool), np.asarray(fold, dtype=np.int64), lines
 
 
-@DATASETS.register("lfw")
 def build_lfw(
     root: Optional[str],
     *,
@@ -98,6 +96,4 @@ def build_lfw(
     images = ImageListDataset(image_paths, [person[n] for n in image_names], root=root,
                               transform=test_transform, name="lfw/images")
     verification = VerificationPairs(images=images, left=left, right=right, is_same=is_same, fold=fold)
-    info = {"format": "lfw", "root": root, "pairs_file": pairs_path, "protocol": "10-fold verification",
-            "n_folds": int(fold.max()) + 1, "people": people}
-    return DataSplits(train=None, pairs=verification, info=info)
+    return DataSplits(train=None, pairs=verification)

@@ -16,7 +16,6 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ...registry import DATASETS
 from ..base import DataError, DataSplits, relabel
 from ..io import ImageListDataset, descend, require_root
 
@@ -64,16 +63,10 @@ def build_reid_folders(root, fmt, archive_dirs, train_transform, test_transform)
     train = ImageListDataset(tr_paths, relabel(tr_pids), tr_cams, root=root, transform=train_transform, name=f"{fmt}/train")
     query = ImageListDataset(*parts["query"], root=root, transform=test_transform, name=f"{fmt}/query")
     gallery = ImageListDataset(*parts["bounding_box_test"], root=root, transform=test_transform, name=f"{fmt}/gallery")
-    g_pids = parts["bounding_box_test"][1]
-    info = {
-        "format": fmt, "root": root, "protocol": "re-ID query/gallery (same pid and camera excluded)",
-        "distractors": int((g_pids == 0).sum()),
-    }
-    return DataSplits(train=train, query=query, gallery=gallery, info=info,
+    return DataSplits(train=train, query=query, gallery=gallery,
                       train_class_ids=np.unique(tr_pids).astype(np.int64))
 
 
-@DATASETS.register("market1501", "market")
 def build_market1501(
     root: Optional[str],
     *,
@@ -84,7 +77,6 @@ def build_market1501(
                               train_transform, test_transform)
 
 
-@DATASETS.register("dukemtmc", "dukemtmc_reid", "duke")
 def build_dukemtmc(
     root: Optional[str],
     *,

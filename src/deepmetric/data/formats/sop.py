@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ...registry import DATASETS
+from ...core.errors import ParameterError
 from ..base import DataError, DataSplits, relabel
 from ..io import ImageListDataset, descend, read_table, require_root, to_int
 
@@ -47,7 +47,6 @@ def _read_paddleclas(path: str) -> tuple[list[str], np.ndarray]:
 _READERS = {"ebay": _read_ebay, "paddleclas": _read_paddleclas}
 
 
-@DATASETS.register("sop", "stanford_online_products")
 def build_sop(
     root: Optional[str],
     *,
@@ -66,7 +65,8 @@ def build_sop(
             raise DataError(f"SOP root {root}: missing Ebay_train.txt (expected {expected_any})")
         list_format = found[0]
     if list_format not in _FILES:
-        raise ValueError(f"sop: list_format must be 'auto', 'ebay' or 'paddleclas', got {list_format!r}")
+        raise ParameterError(f"sop: {{list_format}} must be 'auto', 'ebay' or 'paddleclas', got {list_format!r}",
+                             "list_format")
     splits = {}
     for which, name in zip(("train", "test"), _FILES[list_format]):
         path = os.path.join(root, name)
@@ -79,9 +79,5 @@ def build_sop(
     (tr_paths, tr_labels), (te_paths, te_labels) = splits["train"], splits["test"]
     train = ImageListDataset(tr_paths, relabel(tr_labels), root=root, transform=train_transform, name="sop/train")
     query = ImageListDataset(te_paths, te_labels, root=root, transform=test_transform, name="sop/test")
-    info = {
-        "format": "sop", "root": root, "list_format": list_format,
-        "protocol": "leave-one-out on the test classes",
-    }
-    return DataSplits(train=train, query=query, gallery=None, info=info,
+    return DataSplits(train=train, query=query, gallery=None,
                       train_class_ids=np.unique(tr_labels).astype(np.int64))

@@ -1,5 +1,8 @@
 """Distributed helpers for DDP training under ``torchrun``: pure functions, no trainer or config.
 
+Used by the trainer and evaluator (:mod:`deepmetric.engine`) and by losses that gather across ranks
+themselves (:class:`~deepmetric.losses.PartialFC`), so they live at the bottom of the house.
+
 Every helper also works in a plain single process (nothing initialised, or world size 1): the
 collectives become identities, so callers never branch on "am I distributed?".
 
@@ -27,36 +30,33 @@ Each term must be computed on exactly one rank (own queries only). (A rank that 
 the whole loss ``L`` over all gathered queries gives ``L_r = L``, so ``sum_r L_r = W * L`` holds with
 factor 1, at ``W`` times the compute.) Self pairs: when the references include the rank's own
 rows, exclude query ``i`` against reference ``offset_r + i``, with
-``offset_r = B_0 + ... + B_{r-1}`` (see :func:`rank_offsets`).
+``offset_r = B_0 + ... + B_{r-1}``.
 """
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 __all__ = [
     "DistInfo",
     "init_distributed",
-    "cleanup",
+    "rank_device",
     "is_dist_initialized",
     "get_rank",
     "get_world_size",
     "is_main_process",
     "dist_info",
     "all_gather_with_grad",
-    "rank_offsets",
     "gather_embeddings",
     "all_gather_object",
     "broadcast_object",
     "barrier",
-    "seed_all",
+    "any_rank",
 ]
 
 Group = Optional["dist.ProcessGroup"]
@@ -140,29 +140,20 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -
     return DistInfo(rank, world_size, local_rank)
 
 
-def cleanup() -> None:
-    """Destroy the default process group if one exists (safe to call in any process)."""
-    if is_dist_initialized():
-        dist.destroy_process_group()
+def rank_device(name: str, info: DistInfo) -> torch.device:
+    """The torch device ``name`` for this process: ``auto`` is CUDA where available, else the CPU;
+    under ``torchrun`` CUDA means this rank's own GPU (``LOCAL_RANK``)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if info.is_distributed and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    return device
 
 
 def barrier(group: Group = None) -> None:
     if is_dist_initialized():
         dist.barrier(group=group)
-
-
-def seed_all(seed: int, rank: Optional[int] = None) -> int:
-    """Seed Python, NumPy and torch (all devices) with ``seed + rank``; returns that seed.
-
-    ``rank`` defaults to this process's rank, so augmentations and samplers differ across ranks
-    while a rerun with the same seed and world size repeats itself.
-    """
-    rank = get_rank() if rank is None else rank
-    s = int(seed) + int(rank)
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)  # also seeds every CUDA device
-    return s
 
 
 # ----------------------------------------------------------------------------- gathers
@@ -223,20 +214,6 @@ def all_gather_with_grad(tensor: torch.Tensor, group: Group = None, same_size: b
     if not tensor.requires_grad:
         return _all_gather_varlen(tensor, group, same_size)[0]
     return _AllGatherWithGrad.apply(tensor, group, same_size)
-
-
-def rank_offsets(local_size: int, group: Group = None) -> List[int]:
-    """Start row of every rank's block in an :func:`all_gather_with_grad` result, plus the total.
-
-    ``offsets[r]:offsets[r + 1]`` are rank ``r``'s rows. Collective: every rank must call it.
-    """
-    if get_world_size(group) == 1:
-        return [0, int(local_size)]
-    sizes = _gather_sizes(int(local_size), _comm_device(group), group)
-    out = [0]
-    for s in sizes:
-        out.append(out[-1] + s)
-    return out
 
 
 def _comm_device(group: Group) -> torch.device:
