@@ -177,8 +177,8 @@ def carve_validation(splits: DataSplits, val_classes: ClassSpec, *, layout: str 
     left = len(classes) - len(val_ids)
     if len(val_ids) < 2 or left < min_train_classes:
         raise ClassSplitError("val_classes", f"{len(val_ids)} of the {len(classes)} training classes would leave "
-                                             f"{left} to train on and {len(val_ids)} to validate on; "
-                                             f"both need >= {max(2, min_train_classes)}")
+                                             f"{left} to train on (needs >= {min_train_classes}) and {len(val_ids)} "
+                                             f"to validate on (needs >= 2)")
     in_val = np.isin(original, val_ids)
     pool = splits.train.subset(np.flatnonzero(in_val), name=f"{splits.train.name}/val")
     pool.labels = original[in_val]
