@@ -11,7 +11,6 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .config import RECIPES, list_recipes, resolve_recipe  # noqa: F401  (RECIPES: re-exported)
 from .core import __version__
 from .core.errors import UserError
 from .inference import cli as inference_cli
@@ -64,7 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import load_config, resolve_recipe
     from .data.check import find_unreadable, format_summary, summarize
     from .engine.build import build_data
 
@@ -95,6 +94,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from .config import list_recipes
     from .data.formats import DATASETS
     from .losses import LOSSES, MINERS
     from .models import BACKBONES

@@ -193,3 +193,16 @@ def test_onnx_metadata_input_shape_gives_the_size_of_a_size_free_export(tmp_path
     assert Predictor.from_onnx(tmp_path / "free.onnx").input_shape is None
     shaped = Predictor.from_onnx(tmp_path / "shaped.onnx")
     assert shaped.input_shape == (1, 8, 8) and shaped.embed_images([noise(64, 64)]).shape == (1, 16)
+
+
+def test_export_writes_the_recorded_training_shape(tmp_path):
+    """``deepmetric export`` of a checkpoint whose state.json records input_shape: the ONNX metadata
+    carries it, so the exported model is fed the size it was trained at."""
+    from deepmetric.inference.export import export_checkpoint, read_onnx_metadata
+
+    export_checkpoint(digits_checkpoint(tmp_path / "ckpt", [1, 8, 8]), "onnx", tmp_path / "m.onnx")
+    meta = read_onnx_metadata(tmp_path / "m.onnx")
+    assert meta["input_shape"] == [1, 8, 8] and meta["input_size"] is None
+    assert Predictor.from_onnx(tmp_path / "m.onnx").input_shape == (1, 8, 8)
+    export_checkpoint(digits_checkpoint(tmp_path / "plain", None), "onnx", tmp_path / "plain.onnx")
+    assert "input_shape" not in read_onnx_metadata(tmp_path / "plain.onnx")

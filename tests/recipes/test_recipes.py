@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from deepmetric.cli import RECIPES, list_recipes, main
+from deepmetric.cli import main
+from deepmetric.config import RECIPES, list_recipes
 from deepmetric.config import Config, load_config
 from deepmetric.data import synthetic
 

@@ -25,25 +25,6 @@ def run_blocked(code: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-def _index_module_needs_torch() -> str:
-    """Where ``import deepmetric.inference.index`` imports torch ('' when it does not)."""
-    r = run_blocked("import deepmetric.inference.index")
-    if r.returncode == 0:
-        return ""
-    lines = r.stderr.splitlines()
-    frames = [i for i, line in enumerate(lines) if "deepmetric" in line and line.strip().startswith("File")]
-    if not frames:
-        return lines[-1] if lines else "unknown"
-    where = lines[frames[-1]].strip().split("deepmetric/", 1)[-1].replace('", line', ' line').split(",")[0]
-    return f"{where}: {lines[frames[-1] + 1].strip()}"
-
-
-INDEX_NEEDS_TORCH = _index_module_needs_torch()
-
-
-@pytest.mark.xfail(bool(INDEX_NEEDS_TORCH), strict=True,
-                   reason=f"importing deepmetric.inference.index imports torch ({INDEX_NEEDS_TORCH}); "
-                          "the index module and the inference package's __init__ must import torch lazily")
 def test_onnx_serving_path_never_imports_torch(onnx_gallery, image_folder):
     model, index = onnx_gallery
     query = sorted(image_folder.glob("class_01/*.jpg"))[0]

@@ -77,8 +77,7 @@ def read_image_tensor(path: str | os.PathLike, max_pixels: Optional[int] = None)
     """Decode ``path`` into a ``(3, H, W) uint8`` tensor, the fast way where it is safe.
 
     JPEG and 8-bit PNG files are decoded by ``torchvision.io`` (libjpeg-turbo / libpng into a
-    tensor, no PIL image in between: with tensor transforms, 1.5-2x Pillow per core, see
-    ``benchmarks/bench_decode.py``). The pixels are the ones :func:`load_image` gives (the same
+    tensor, no PIL image in between; ``benchmarks/bench_decode.py`` compares it with Pillow). The pixels are the ones :func:`load_image` gives (the same
     libjpeg-turbo decode; CMYK and grey JPEGs and RGBA PNGs become RGB alike, pinned by tests).
     The file is read once; its header is checked against ``max_pixels`` before decoding. Any other
     format, 16-bit PNGs, and any file torchvision refuses go through :func:`load_image`, so errors

@@ -134,10 +134,10 @@ def loader_settings(num_workers: int | str, pin_memory: bool | str, device: torc
     """Resolve ``data.num_workers``/``data.pin_memory`` (``auto`` or explicit) for one rank.
 
     ``auto`` workers: on CUDA, this rank's share of the CPUs (``cpus // local_world_size``) less one
-    for the training process itself, between 1 and 16 (reading, decoding and augmenting 500x375
-    JPEGs with the ``imagenet`` preset runs at about 400 images/s per core, ``benchmarks/bench_gpu.py
-    --pipeline --variants deepmetric``, so 15 workers feed about 6,000 images/s); on CPU, 0: the
-    model already uses every core and decoding is a small share of a CPU training step. ``auto``
+    for the training process itself, between 1 and 16 (a GPU consumes images faster than one core
+    decodes and augments them; ``benchmarks/bench_gpu.py --pipeline --variants deepmetric`` measures
+    the images per second per core); on CPU, 0: the model already uses every core and decoding is a
+    small share of a CPU training step. ``auto``
     pinning: on CUDA. With workers, each keeps 2 batches in flight (PyTorch's default: 15 workers
     hold 30 batches, plenty to smooth decoding times without filling a container's ``/dev/shm``)
     and workers persist across epochs (safe: see the module doc).

@@ -389,7 +389,7 @@ def build_transform(
         mean, std: per-channel normalisation replacing the preset's (``x`` in [0, 1]).
         decoder: what image files are decoded into (the pipeline's ``decoder`` attribute tells the
             dataset): ``"torchvision"`` uint8 tensors (libjpeg-turbo straight into a tensor, then
-            tensor resizing: 1.5-2x Pillow per core), ``"pil"`` PIL images, or ``"auto"``:
+            tensor resizing: faster, see ``benchmarks/bench_decode.py``), ``"pil"`` PIL images, or ``"auto"``:
             torchvision where every step of the preset takes tensors, else PIL. The two decode
             identical pixels; antialiased bilinear resizing differs from PIL's by rounding
             (about one grey level).

@@ -60,16 +60,15 @@ def build_data(cfg: Config) -> DataSplits:
         raise ConfigError(f"data.format: {e}") from None
     train_tf, test_tf = build_transforms(cfg)
     opts = dict(cfg.data.options)
-    params = inspect.signature(builder).parameters
+    valid = [p for p in inspect.signature(builder).parameters if p not in ("root", "train_transform", "test_transform")]
     for key in opts:
-        if key not in params or key in ("root", "train_transform", "test_transform"):
-            valid = [p for p in params if p not in ("root", "train_transform", "test_transform")]
+        if key not in valid:
             raise ConfigError(f"data.options.{key}: format '{cfg.data.format}' has no option '{key}' "
                               f"(valid: {', '.join(valid) or 'none'})")
     try:
         splits = builder(cfg.data.root, train_transform=train_tf, test_transform=test_tf, **opts)
     except DataError as e:  # names a file; and the root or option to change, as keys
-        raise e.renamed({**KEYS, **{key: f"data.options.{key}" for key in params}}) from None
+        raise e.renamed({**KEYS, **{key: f"data.options.{key}" for key in valid}}) from None
     except ParameterError as e:  # an option with a bad value
         raise ConfigError(f"data.options ({cfg.data.format}): {e}") from None
     return apply_protocol(splits, cfg, test_tf)

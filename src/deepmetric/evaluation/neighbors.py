@@ -29,11 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.distances import DISTANCES
+
 __all__ = ["DISTANCES", "RankingKeys", "pairwise_distances", "topk_neighbors", "stable_topk", "member_ranks",
            "encode_labels", "LabelGroups", "chunked_member_ranks"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
-DISTANCES = ("cosine", "euclidean", "squared_euclidean")
 BLOCK = 64  # key rows are padded to a multiple of BLOCK columns (+inf) and screened block by block
 _CHUNK_ELEMENTS = 1 << 24  # default chunk: about 16M keys (64 MB in float32) per query chunk
 _CANDIDATE_BUDGET = 1 << 22  # candidates sorted at once; a chunk with more is re-run a few rows at a time

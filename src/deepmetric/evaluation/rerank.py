@@ -1,8 +1,8 @@
 """k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification with k-reciprocal Encoding",
 CVPR 2017), computing exactly what torchreid's ``re_ranking`` computes, vectorised and by chunks.
 
-torchreid builds five dense (Q+G)² float32 matrices and loops in Python over every row (≈9 GB and ≈50 s at
-Market-1501 size on 2 CPU cores). Here only the top-k lists and the sparse k-reciprocal vectors V are kept:
+torchreid builds five dense (Q+G)² float32 matrices and loops in Python over every row (its memory and
+time against ours: ``benchmarks/bench_eval.py --only rerank``). Here only the top-k lists and the sparse k-reciprocal vectors V are kept:
 neighbour lists come from chunks of rows, V is sparse (a few dozen non-zeros per row), the local query
 expansion is a sparse row average and the Jaccard term Σ_k min(V_ik, V_jk) runs through an inverted index
 (gallery entries grouped by column) with one scatter-add per chunk of queries.
@@ -60,81 +60,113 @@ def k_reciprocal_rerank(q_g_dist: ArrayLike, q_q_dist: ArrayLike, g_g_dist: Arra
 
 
 def _rerank(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value, chunk_size, device) -> np.ndarray:
-    qg = _tensor(q_g_dist, device)
-    dev = qg.device
-    qq, gg = _tensor(q_q_dist, dev), _tensor(g_g_dist, dev)
-    n_q, n_g = qg.shape
-    if tuple(qq.shape) != (n_q, n_q) or tuple(gg.shape) != (n_g, n_g):
-        raise ValueError(f"shapes must be q_g (Q, G), q_q (Q, Q), g_g (G, G); got {tuple(qg.shape)}, "
-                         f"{tuple(qq.shape)}, {tuple(gg.shape)}")
-    if n_q == 0 or n_g == 0:
-        raise ValueError("k_reciprocal_rerank: empty query set or gallery")
+    m = _Distances.of(q_g_dist, q_q_dist, g_g_dist, device)
     if k1 < 1 or k2 < 1:
         raise ValueError(f"k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
-    dt = torch.promote_types(torch.promote_types(qg.dtype, qq.dtype), gg.dtype)
-    if not dt.is_floating_point:
-        dt = torch.float64
-    qg, qq, gg = qg.to(dt), qq.to(dt), gg.to(dt)
-    n = n_q + n_g
-    f32 = torch.float32
-    rows = chunk_size or max(16, (1 << 24) // n)
+    n = m.n
+    top, colmax = _top_lists(m, min(max(k1 + 1, k2), n), chunk_size or max(16, (1 << 24) // n))
+    kk, kh = min(k1 + 1, n), min(int(round(k1 / 2.0)) + 1, n)
+    row, col, val = _sparse_v(m, top[:, :kk].contiguous(), top[:, :kh].contiguous(), colmax)
+    k2 = min(k2, n)
+    if k2 != 1:
+        row, col, val = _local_query_expansion(row, col, val, top[:, :k2].reshape(-1), k2, n)
+    return _jaccard_blend(m, row, col, val, colmax, lambda_value)
 
-    def sq(x: torch.Tensor) -> torch.Tensor:
-        return (x * x).to(f32)
 
-    # 1. rows of d are columns of M: transposed tile by tile (a 64-row tile stays in cache; numpy's strided
-    # copy is ~2x torch's on CPU) and squared on the way in the input precision, then cast to float32 and
-    # divided by the row maximum (the column maximum of M², as torchreid); then the stable top lists.
-    k_top = min(max(k1 + 1, k2), n)
-    top = torch.empty(n, k_top, dtype=torch.long, device=dev)
-    colmax = torch.empty(n, dtype=f32, device=dev)
+class _Distances:
+    """M = [[q_q, q_g], [q_gᵀ, g_g]] (``N = Q + G`` rows) without building it: its three blocks, in
+    their common floating precision, on one device."""
+
+    def __init__(self, qg: torch.Tensor, qq: torch.Tensor, gg: torch.Tensor) -> None:
+        self.qg, self.qq, self.gg = qg, qq, gg
+        self.n_q, self.n_g = qg.shape
+        self.n, self.dev, self.dt = self.n_q + self.n_g, qg.device, qg.dtype
+
+    @classmethod
+    def of(cls, q_g_dist: ArrayLike, q_q_dist: ArrayLike, g_g_dist: ArrayLike, device) -> "_Distances":
+        qg = _tensor(q_g_dist, device)
+        qq, gg = _tensor(q_q_dist, qg.device), _tensor(g_g_dist, qg.device)
+        n_q, n_g = qg.shape
+        if tuple(qq.shape) != (n_q, n_q) or tuple(gg.shape) != (n_g, n_g):
+            raise ValueError(f"shapes must be q_g (Q, G), q_q (Q, Q), g_g (G, G); got {tuple(qg.shape)}, "
+                             f"{tuple(qq.shape)}, {tuple(gg.shape)}")
+        if n_q == 0 or n_g == 0:
+            raise ValueError("k_reciprocal_rerank: empty query set or gallery")
+        dt = torch.promote_types(torch.promote_types(qg.dtype, qq.dtype), gg.dtype)
+        if not dt.is_floating_point:
+            dt = torch.float64
+        return cls(qg.to(dt), qq.to(dt), gg.to(dt))
+
+    def d_at(self, colmax: torch.Tensor, i: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """``d(i, e) = M[e, i]² / colmax[i]`` for index tensors ``i`` and ``e``."""
+        n_q, n_g = self.n_q, self.n_g
+        e_q, i_q = e < n_q, i < n_q
+        eg, ig = e - n_q, i - n_q
+        idx = torch.where(e_q, torch.where(i_q, e * n_q + i, e * n_g + ig),
+                          torch.where(i_q, i * n_g + eg, eg * n_g + ig))
+        out = torch.empty(i.shape, dtype=self.dt, device=self.dev)
+        for sel, block in ((e_q & i_q, self.qq), (e_q ^ i_q, self.qg), (~e_q & ~i_q, self.gg)):
+            out[sel] = block.reshape(-1)[idx[sel]]
+        return _sq(out) / colmax[i]
+
+
+def _sq(x: torch.Tensor) -> torch.Tensor:
+    return (x * x).to(torch.float32)
+
+
+def _square_transposed(dst: torch.Tensor, src_cols: torch.Tensor) -> None:
+    """``dst = (src_colsᵀ)²``, tile by tile on CPU (a 64-row tile stays in cache, and numpy's strided
+    copy beats torch's there)."""
+    if dst.device.type == "cpu":
+        d_np, s_np = dst.numpy(), src_cols.numpy()
+        for r in range(0, s_np.shape[0], 64):
+            tile = s_np[r : r + 64].T
+            np.multiply(tile, tile, out=d_np[:, r : r + 64])
+    else:
+        dst.copy_(src_cols.T * src_cols.T)
+
+
+def _square_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst = src²`` without a (rows × G) temporary."""
+    if dst.device.type == "cpu":
+        np.multiply(src.numpy(), src.numpy(), out=dst.numpy())
+    else:
+        dst.copy_(src * src)
+
+
+def _top_lists(m: _Distances, k_top: int, rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Step 1: ``(top (N, k_top), colmax (N,))``. Rows of d are columns of M, squared on the way in the
+    input precision, then cast to float32 and divided by the row maximum (the column maximum of M², as
+    torchreid); each row's stable top list follows (ties: lower index)."""
+    n, n_q = m.n, m.n_q
+    top = torch.empty(n, k_top, dtype=torch.long, device=m.dev)
+    colmax = torch.empty(n, dtype=torch.float32, device=m.dev)
     width = max(1, min(rows, 512))
-    rowbuf = torch.full((width, padded_width(n)), float("inf"), dtype=f32, device=dev)
-
-    def square_transposed(dst: torch.Tensor, src_cols: torch.Tensor) -> None:
-        if dev.type == "cpu":
-            d_np, s_np = dst.numpy(), src_cols.numpy()
-            for r in range(0, s_np.shape[0], 64):
-                tile = s_np[r : r + 64].T
-                np.multiply(tile, tile, out=d_np[:, r : r + 64])
-        else:
-            dst.copy_(src_cols.T * src_cols.T)
-
-    def square_into(dst: torch.Tensor, src: torch.Tensor) -> None:  # no (rows × G) temporary
-        if dev.type == "cpu":
-            np.multiply(src.numpy(), src.numpy(), out=dst.numpy())
-        else:
-            dst.copy_(src * src)
-
+    rowbuf = torch.full((width, padded_width(n)), float("inf"), dtype=torch.float32, device=m.dev)
     for lo, hi in ((0, n_q), (n_q, n)):
         for a in range(lo, hi, width):
             b = min(hi, a + width)
             d = rowbuf[: b - a]
             if b <= n_q:
-                square_transposed(d[:, :n_q], qq[:, a:b])
-                square_into(d[:, n_q:n], qg[a:b])
+                _square_transposed(d[:, :n_q], m.qq[:, a:b])
+                _square_into(d[:, n_q:n], m.qg[a:b])
             else:
-                square_transposed(d[:, :n_q], qg[:, a - n_q : b - n_q])
-                square_transposed(d[:, n_q:n], gg[:, a - n_q : b - n_q])
+                _square_transposed(d[:, :n_q], m.qg[:, a - n_q : b - n_q])
+                _square_transposed(d[:, n_q:n], m.gg[:, a - n_q : b - n_q])
             colmax[a:b] = d[:, :n].amax(1)
             d[:, :n].div_(colmax[a:b, None])
             top[a:b] = stable_topk(d, k_top)[1]
+    return top, colmax
 
-    flat = {name: m.reshape(-1) for name, m in (("qq", qq), ("qg", qg), ("gg", gg))}
 
-    def d_at(i: torch.Tensor, e: torch.Tensor) -> torch.Tensor:  # d(i, e) = M[e, i]² / colmax[i]
-        e_q, i_q = e < n_q, i < n_q
-        eg, ig = e - n_q, i - n_q
-        idx = torch.where(e_q, torch.where(i_q, e * n_q + i, e * n_g + ig),
-                          torch.where(i_q, i * n_g + eg, eg * n_g + ig))
-        out = torch.empty(i.shape, dtype=dt, device=dev)
-        for sel, name in ((e_q & i_q, "qq"), (e_q ^ i_q, "qg"), (~e_q & ~i_q, "gg")):
-            out[sel] = flat[name][idx[sel]]
-        return sq(out) / colmax[i]
-
-    # 2. k-reciprocal sets at k1+1 (R) and round(k1/2)+1 (R½), as masks over the top lists
-    kk, kh = min(k1 + 1, n), min(int(round(k1 / 2.0)) + 1, n)
-    top_k, top_h = top[:, :kk].contiguous(), top[:, :kh].contiguous()
+def _sparse_v(m: _Distances, top_k: torch.Tensor, top_h: torch.Tensor, colmax: torch.Tensor
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 2 and 3: the k-reciprocal sets R (at ``k1 + 1``, the columns of ``top_k``) and R½ (at
+    ``round(k1/2) + 1``, ``top_h``) as masks over the top lists, each R expanded by the accepted R½ of
+    its members, and the sparse rows of V over the expanded sets: ``(row, col, val)``, CSR order with
+    columns ascending."""
+    n, dev = m.n, m.dev
+    kk, kh = top_k.shape[1], top_h.shape[1]
     recip = torch.empty(n, kk, dtype=torch.bool, device=dev)
     hrecip = torch.empty(n, kh, dtype=torch.bool, device=dev)
     step = max(1, (1 << 22) // (kk * kh * kk))
@@ -142,8 +174,6 @@ def _rerank(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value, chunk_size, devi
         idx = torch.arange(a, min(n, a + step), device=dev)[:, None, None]
         recip[a : a + step] = (top_k[top_k[a : a + step]] == idx).any(-1)
         hrecip[a : a + step] = (top_h[top_h[a : a + step]] == idx).any(-1)
-
-    # 3. expanded sets and the sparse rows of V (CSR, columns ascending as np.unique gives them)
     v_row, v_col, v_val = [], [], []
     for a in range(0, n, step):
         s, sm = top_k[a : a + step], recip[a : a + step]
@@ -160,27 +190,37 @@ def _rerank(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value, chunk_size, devi
         first = (e < n) & torch.cat([torch.ones_like(e[:, :1], dtype=torch.bool), e[:, 1:] != e[:, :-1]], 1)
         r_loc, pos = first.nonzero(as_tuple=True)
         i, j = r_loc + a, e[r_loc, pos]
-        w = torch.exp(-d_at(i, j))
-        total = torch.zeros(s.shape[0], dtype=f32, device=dev).index_add_(0, r_loc, w)
+        w = torch.exp(-m.d_at(colmax, i, j))
+        total = torch.zeros(s.shape[0], dtype=torch.float32, device=dev).index_add_(0, r_loc, w)
         v_row.append(i), v_col.append(j), v_val.append(w / total[r_loc])
-    row, col, val = torch.cat(v_row), torch.cat(v_col), torch.cat(v_val)
+    return torch.cat(v_row), torch.cat(v_col), torch.cat(v_val)
+
+
+def _csr(row: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(count, start)`` of each of the ``n`` rows of sorted CSR entries."""
     cnt = torch.bincount(row, minlength=n)
-    start = torch.cumsum(cnt, 0) - cnt
+    return cnt, torch.cumsum(cnt, 0) - cnt
 
-    # 4. local query expansion: V[i] <- mean of V over the k2 nearest (sparse sum in neighbour order, then / k2)
-    k2 = min(k2, n)
-    if k2 != 1:
-        nb = top[:, :k2].reshape(-1)
-        owner, p = _segments(start[nb], cnt[nb])
-        key = (owner // k2) * n + col[p]
-        order = torch.sort(key, stable=True).indices
-        uniq, inv = torch.unique_consecutive(key[order], return_inverse=True)
-        sums = torch.zeros(uniq.numel(), dtype=f32, device=dev).index_add_(0, inv, val[p][order])
-        row, col, val = uniq // n, uniq % n, sums / k2
-        cnt = torch.bincount(row, minlength=n)
-        start = torch.cumsum(cnt, 0) - cnt
 
-    # 5. Jaccard through the inverted index of gallery rows, 6. blend with d
+def _local_query_expansion(row: torch.Tensor, col: torch.Tensor, val: torch.Tensor, neighbours: torch.Tensor,
+                           k2: int, n: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 4: ``V[i] <- mean of V over its k2 nearest`` (``neighbours``: the (N, k2) top lists, flat),
+    summed sparsely in neighbour order, then divided by ``k2``."""
+    cnt, start = _csr(row, n)
+    owner, p = _segments(start[neighbours], cnt[neighbours])
+    key = (owner // k2) * n + col[p]
+    order = torch.sort(key, stable=True).indices
+    uniq, inv = torch.unique_consecutive(key[order], return_inverse=True)
+    sums = torch.zeros(uniq.numel(), dtype=torch.float32, device=row.device).index_add_(0, inv, val[p][order])
+    return uniq // n, uniq % n, sums / k2
+
+
+def _jaccard_blend(m: _Distances, row: torch.Tensor, col: torch.Tensor, val: torch.Tensor, colmax: torch.Tensor,
+                   lambda_value: float) -> np.ndarray:
+    """Steps 5 and 6: the Jaccard distance of each query row of V to each gallery row, through the
+    inverted index of gallery rows (entries grouped by column), blended with d: ``(Q, G)`` float32."""
+    n_q, n_g, n, dev = m.n_q, m.n_g, m.n, m.dev
+    cnt, start = _csr(row, n)
     gsel = row >= n_q
     g_order = torch.sort(col[gsel], stable=True).indices
     g_row, g_col, g_val = (row[gsel] - n_q)[g_order], col[gsel][g_order], val[gsel][g_order]
@@ -190,21 +230,20 @@ def _rerank(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value, chunk_size, devi
     out = np.empty((n_q, n_g), dtype=np.float32)
     out_t = torch.from_numpy(out)
     for a, b in _chunks_by_work(q_work.cpu().numpy(), max_rows=max(1, (1 << 22) // n_g)):
-        o = out_t[a:b] if dev.type == "cpu" else torch.empty((b - a, n_g), dtype=f32, device=dev)
+        o = out_t[a:b] if dev.type == "cpu" else torch.empty((b - a, n_g), dtype=torch.float32, device=dev)
         # where V_i and V_j share no column the Jaccard distance is exactly 1: (1 − λ)·1 + λ·d
-        blk = qg[a:b]
-        square_into(o, blk)
+        _square_into(o, m.qg[a:b])
         o.div_(colmax[a:b, None]).mul_(lambda_value).add_(1 - lambda_value)
         # elsewhere Σ_k min(V_ik, V_jk) through the inverted index, summed in column order like torchreid
         ents = torch.arange(int(start[a]), int(start[b - 1] + cnt[b - 1]), device=dev)
         owner, p = _segments(col_start[col[ents]], col_cnt[col[ents]])
         key = (row[ents][owner] - a) * n_g + g_row[p]
         uniq, inv = torch.unique(key, return_inverse=True)
-        temp = torch.zeros(uniq.numel(), dtype=f32, device=dev).index_add_(
+        temp = torch.zeros(uniq.numel(), dtype=torch.float32, device=dev).index_add_(
             0, inv, torch.minimum(val[ents][owner], g_val[p]))
         jac = 1 - temp / (2.0 - temp)
         qi, gj = uniq // n_g + a, uniq % n_g
-        o.view(-1)[uniq] = jac * (1 - lambda_value) + (sq(qg[qi, gj]) / colmax[qi]) * lambda_value
+        o.view(-1)[uniq] = jac * (1 - lambda_value) + (_sq(m.qg[qi, gj]) / colmax[qi]) * lambda_value
         if dev.type != "cpu":
             out_t[a:b] = o.cpu()
     return out

@@ -8,6 +8,7 @@ as metadata (ONNX ``metadata_props``; TorchScript extra file ``deepmetric.json``
 | ``input_name`` / ``output_name`` | ``images`` / ``embeddings`` | graph input and output |
 | ``input_layout`` | ``NCHW`` | float32, batch axis dynamic |
 | ``input_size`` | ``[224, 224]`` | ``H, W`` after the preset's resize/crop (``null``: any size) |
+| ``input_shape`` | ``[1, 8, 8]`` | ``C, H, W`` of the training inputs (the checkpoint's ``state.json``), when recorded |
 | ``channels``, ``color`` | ``3``, ``RGB`` | ``L`` for one-channel models |
 | ``preset`` | ``imagenet`` | the ``deepmetric.data.transforms`` test pipeline (resize, crop) |
 | ``mean``, ``std``, ``pixel_range`` | ImageNet, ``0-1`` | input = ``(pixel/255 - mean) / std`` |
@@ -21,19 +22,19 @@ model without a fixed ``input_size`` also at several image sizes, odd ones inclu
 absolute difference above ``atol`` (1e-4) raises :class:`ExportParityError` and removes the file.
 
 ONNX export needs the optional ``onnx`` and ``onnxruntime`` packages (the :data:`ONNX_EXTRA` extra);
-without them an :class:`ExportError` says what to install, before anything is loaded. Files are written whole (a temporary sibling,
+without them a :class:`~deepmetric.inference.onnx.MissingPackageError` says what to install, before
+anything is loaded. Files are written whole (a temporary sibling,
 fsynced, renamed) with the permissions of any file the user creates (``0o666 & ~umask``).
 """
 from __future__ import annotations
 
-import importlib
 import io
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -42,33 +43,27 @@ from torch import nn
 
 from ..core.errors import UserError
 from ..core.files import atomic_write, file_fingerprint
+from .onnx import ONNX_EXTRA, RUNTIME_EXTRA, onnx_session, optional_module, read_onnx_metadata
+
+__all__ = ["export_checkpoint", "export_onnx", "export_torchscript", "onnx_bytes", "preprocessing_metadata",
+           "read_onnx_metadata", "read_torchscript_metadata", "onnx_session", "ExportError", "ExportParityError",
+           "ExportReport", "ONNX_EXTRA", "RUNTIME_EXTRA"]
+
+log = logging.getLogger("deepmetric")
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 DEFAULT_ATOL = 1e-4
 FORMATS = ("onnx", "torchscript")
-#: the ``pip install 'deepmetric[...]'`` extra that brings ``onnx`` and ``onnxruntime`` with PyTorch
-ONNX_EXTRA = "serve"
-#: the extra that brings ``onnxruntime`` alone (running an exported model)
-RUNTIME_EXTRA = "onnx"
 #: image sizes a size-free (``input_size: null``) export is checked at, besides ``fallback_size``
 DYNAMIC_CHECK_SIZES = ((8, 8), (32, 32), (29, 37))
 
 
 class ExportError(UserError):
-    """An export that cannot be done (unknown format, missing dependency)."""
+    """An export that cannot be done (unknown format, parity lost)."""
 
 
 class ExportParityError(ExportError):
     """The exported model's outputs differ from PyTorch's by more than the tolerance."""
-
-
-def optional_module(name: str, purpose: str, extra: str = ONNX_EXTRA) -> ModuleType:
-    """Import ``name`` (``onnx``, ``onnxruntime``) or raise an :class:`ExportError` naming the extra."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise ExportError(f"{purpose} needs the '{name}' package, which is not installed: "
-                          f"pip install 'deepmetric[{extra}]'") from None
 
 
 @dataclass
@@ -108,7 +103,25 @@ def preprocessing_metadata(cfg, model: nn.Module, ckpt_dir: Optional[Path] = Non
         weights = Path(ckpt_dir) / "model.safetensors"
         if weights.is_file():
             meta["source_fingerprint"] = file_fingerprint(weights)
+        shape = _input_shape(Path(ckpt_dir))
+        if shape is not None:
+            meta["input_shape"] = shape
     return meta
+
+
+def _input_shape(ckpt_dir: Path) -> Optional[List[int]]:
+    """The ``input_shape`` ``[C, H, W]`` the trainer recorded in the checkpoint's ``state.json`` (the size
+    its inputs had; None if absent or malformed)."""
+    from ..engine.checkpoint import STATE, read_checkpoint
+
+    source = ckpt_dir / STATE
+    shape = read_checkpoint(ckpt_dir)[1].get("input_shape")
+    if shape is None:
+        return None
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
+        log.warning("%s: state.json input_shape %r is not [C, H, W] of positive ints; ignoring it", source, shape)
+        return None
+    return [int(v) for v in shape]
 
 
 def _per_channel(values: Sequence[float], channels: int) -> list:
@@ -168,32 +181,6 @@ def onnx_bytes(model: nn.Module, meta: Dict[str, Any], *, normalization_in_graph
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     proto.producer_name = "deepmetric"
     return proto.SerializeToString(), meta
-
-
-def read_onnx_metadata(model: str | os.PathLike | bytes) -> Dict[str, Any]:
-    """The ``metadata_props`` of an ONNX file (or bytes) as a dict, JSON values decoded."""
-    onnx = optional_module("onnx", "reading ONNX metadata")
-    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(os.fspath(model), load_external_data=False)
-    return {p.key: _decode(p.value) for p in proto.metadata_props}
-
-
-def _decode(value: str) -> Any:
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
-
-
-def onnx_session(model: str | os.PathLike | bytes, threads: Optional[int] = None):
-    """An onnxruntime CPU ``InferenceSession`` (``threads`` intra-op threads; default: onnxruntime's)."""
-    ort = optional_module("onnxruntime", "running an ONNX model", RUNTIME_EXTRA)
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    # idle worker threads sleep instead of spinning: a server calls run() from many threads at once
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    source = model if isinstance(model, bytes) else os.fspath(model)
-    return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def _check_sizes(meta: Dict[str, Any], fallback_size: Tuple[int, int]) -> List[Tuple[int, int]]:

@@ -47,8 +47,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..core.distances import DISTANCES
 from . import index_file
-from .backends import BACKENDS, FaissMissingError, SearchIndexError, make_backend
+from .backends import ExactBackend, FaissMissingError, SearchIndexError
+from .faiss_backends import FlatBackend, HNSWBackend, IVFBackend, IVFPQBackend
 from .index_file import MODES, IndexFileError, StringTable, few
 
 __all__ = ["SearchIndex", "Hit", "StringTable", "edit_index", "label_centroids", "canonical_metric", "BACKENDS",
@@ -57,10 +59,22 @@ __all__ = ["SearchIndex", "Hit", "StringTable", "edit_index", "label_centroids",
 
 log = logging.getLogger("deepmetric")
 
-#: names of ``deepmetric.evaluation.neighbors.DISTANCES`` (tested); not plain ``euclidean``, which ranks as
-#: squared does (and FAISS reports squared)
-METRICS = ("cosine", "squared_euclidean")
+#: the :data:`~deepmetric.core.distances.DISTANCES` an index scores by; not plain ``euclidean``, which ranks
+#: as squared does (and FAISS reports squared)
+METRICS = tuple(d for d in DISTANCES if d != "euclidean")
 METRIC_ALIASES = {"l2": "squared_euclidean"}
+
+
+#: backend name -> class ``(dim, metric, params)`` (:mod:`.backends`, :mod:`.faiss_backends`)
+BACKENDS = {b.name: b for b in (ExactBackend, FlatBackend, IVFBackend, IVFPQBackend, HNSWBackend)}
+
+
+def make_backend(name: str, dim: int, metric: str, params: Dict[str, Any]):
+    try:
+        make = BACKENDS[name]
+    except KeyError:
+        raise SearchIndexError(f"unknown index backend {name!r} (valid: {', '.join(BACKENDS)})") from None
+    return make(dim, metric, params)
 
 
 class UnknownItemError(SearchIndexError):
@@ -430,7 +444,7 @@ class SearchIndex:
             index._restore(h, read_arrays(index_file.expected_arrays(h, index.backend)))
             return index
 
-        return index_file.read(Path(path), open_index)
+        return index_file.read(Path(path), open_index, BACKENDS)
 
     def _restore(self, h: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> None:
         """Fill a new index from a file's checked arrays (their values are checked here)."""

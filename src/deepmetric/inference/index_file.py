@@ -23,13 +23,13 @@ import operator
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..core.errors import UserError
 from ..core.files import atomic_write
-from .backends import BACKENDS, FaissMissingError, SearchIndexError
+from .backends import FaissMissingError, SearchIndexError
 
 FORMAT = "deepmetric-index"
 FORMAT_VERSION = 2
@@ -105,10 +105,12 @@ def write(path: Path, arrays: Dict[str, np.ndarray], header: Dict[str, Any]) -> 
     return atomic_write(path, lambda f: _write_safetensors(f, arrays, meta))
 
 
-def read(path: Path, open_index: Callable[[Dict[str, Any], Callable[[Dict[str, Spec]], Dict[str, np.ndarray]]], Any]) -> Any:
-    """Read a format-2 index file: ``open_index(header, read_arrays)`` makes the index from the checked
-    header, calling ``read_arrays(expected)`` for the arrays it expects (names -> :data:`Spec`), which
-    are checked before and after they are read. Every error is an :class:`IndexFileError` naming ``path``."""
+def read(path: Path, open_index: Callable[[Dict[str, Any], Callable[[Dict[str, Spec]], Dict[str, np.ndarray]]], Any],
+         backends: Collection[str]) -> Any:
+    """Read a format-2 index file: ``open_index(header, read_arrays)`` makes the index from the header,
+    checked (its backend one of ``backends``), calling ``read_arrays(expected)`` for the arrays it expects
+    (names -> :data:`Spec`), which are checked before and after they are read. Every error is an
+    :class:`IndexFileError` naming ``path``."""
     _check_file_start(path)
     try:
         from safetensors import SafetensorError, safe_open
@@ -117,7 +119,7 @@ def read(path: Path, open_index: Callable[[Dict[str, Any], Callable[[Dict[str, S
                              "pip install 'deepmetric[train]'") from None
     try:
         with safe_open(str(path), framework="numpy") as f:
-            h = _parse_header(f.metadata() or {})
+            h = _parse_header(f.metadata() or {}, backends)
             return open_index(h, lambda expected: _read_arrays(f, h, expected))
     except SafetensorError as e:
         raise IndexFileError(f"{path}: not a valid index file; it is truncated or damaged (safetensors: "
@@ -170,7 +172,7 @@ def _field(h: Dict[str, Any], key: str, kind: Any, lo: int = 0, hi: int = 1 << 6
     return value
 
 
-def _parse_header(meta: Dict[str, str]) -> Dict[str, Any]:
+def _parse_header(meta: Dict[str, str], backends: Collection[str]) -> Dict[str, Any]:
     """The checked header of a format-2 file's metadata: every field's type and range."""
     if meta.get("format") != FORMAT:
         raise _Bad("a safetensors file, but not a deepmetric index (its metadata has no format=deepmetric-index)")
@@ -185,7 +187,7 @@ def _parse_header(meta: Dict[str, str]) -> Dict[str, Any]:
     h = json.loads(text)
     if not isinstance(h, dict):
         raise _Bad("the header is not a JSON object")
-    if _field(h, "backend", str) not in BACKENDS:
+    if _field(h, "backend", str) not in backends:
         raise _Bad(f"unknown backend {h['backend'][:40]!r}")
     _field(h, "metric", str)
     if _field(h, "mode", str) not in MODES:

@@ -36,7 +36,8 @@ from PIL import Image
 
 from ..core.errors import UserError
 from ..core.files import atomic_write, file_fingerprint
-from .preprocess import Preprocessing, decode_metadata
+from .onnx import decode_metadata, onnx_session
+from .preprocess import Preprocessing
 
 if TYPE_CHECKING:
     from ..core.embeddings import EmbeddingSet
@@ -140,31 +141,6 @@ class _ImageFiles:
         return self.preprocess(self.preprocess.decode_file(self.paths[i]))
 
 
-def _input_shape(state: Dict[str, Any], source: Any) -> Optional[List[int]]:
-    """The ``input_shape`` ``[C, H, W]`` a trainer recorded in ``state.json`` (None if absent or malformed)."""
-    shape = state.get("input_shape")
-    if shape is None:
-        return None
-    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
-        log.warning("%s: state.json input_shape %r is not [C, H, W] of positive ints; ignoring it", source, shape)
-        return None
-    return [int(v) for v in shape]
-
-
-def _onnx_session(model: str | bytes, threads: Optional[int]):
-    """An onnxruntime CPU session (as ``export.onnx_session``, which cannot be imported without torch)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise UserError("running an ONNX model needs onnxruntime: pip install 'deepmetric[onnx]'") from None
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    # idle worker threads sleep instead of spinning: a server calls run() from many threads at once
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
-
-
 class Predictor:
     """A model and its preprocessing: PIL images, image bytes or paths in, ``(B, D) float32`` embeddings out.
 
@@ -232,16 +208,12 @@ class Predictor:
                             "'deepmetric[serve]', or export the model to ONNX on a machine with PyTorch "
                             "and load the .onnx file") from None
         from ..engine.build import load_for_inference
-        from ..engine.checkpoint import read_checkpoint
         from .export import onnx_bytes, preprocessing_metadata
 
         model, cfg, ckpt = load_for_inference(path, prefer=prefer, device=device if runtime == "torch" else "cpu")
         meta = preprocessing_metadata(cfg, model, ckpt)
-        shape = _input_shape(read_checkpoint(ckpt)[1], ckpt / "state.json")
-        if shape is not None:
-            meta["input_shape"] = shape
-            if meta["input_size"] is None:  # a size-free preset (tensor): the size it was trained at
-                meta["input_size"] = shape[1:]
+        if meta["input_size"] is None and meta.get("input_shape"):  # a size-free preset (tensor): the size
+            meta["input_size"] = meta["input_shape"][1:]  # it was trained at
         if runtime == "onnx":
             data, meta = onnx_bytes(model, meta)
             return cls._onnx(data, meta, str(ckpt), meta.get("source_fingerprint"), threads)
@@ -262,7 +234,7 @@ class Predictor:
         if not path.is_file():
             raise UserError(f"ONNX model not found: {path}")
         try:
-            session = _onnx_session(str(path), threads)
+            session = onnx_session(str(path), threads)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -276,7 +248,7 @@ class Predictor:
     @classmethod
     def _onnx(cls, data: bytes, meta: Dict[str, Any], source: str, fingerprint: Optional[str],
               threads: Optional[int]) -> "Predictor":
-        return cls._wrap_session(_onnx_session(data, threads), meta, source, fingerprint)
+        return cls._wrap_session(onnx_session(data, threads), meta, source, fingerprint)
 
     @classmethod
     def _wrap_session(cls, session: Any, meta: Dict[str, Any], source: str, fingerprint: Optional[str]) -> "Predictor":

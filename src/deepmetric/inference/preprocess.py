@@ -26,7 +26,6 @@ Bounded decoding (uploads are untrusted; a 236 KB all-black 9000x9000 PNG is 243
 from __future__ import annotations
 
 import io
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -79,17 +78,6 @@ def default_max_pixels(input_size: Optional[Size]) -> int:
     if input_size is None:
         return UNSIZED_MAX_PIXELS
     return max(MIN_MAX_PIXELS, PIXELS_PER_INPUT_PIXEL * int(input_size[0]) * int(input_size[1]))
-
-
-def decode_metadata(props: Dict[str, str]) -> Dict[str, Any]:
-    """ONNX ``metadata_props`` (all strings) -> values, JSON-decoded where they are JSON."""
-    out: Dict[str, Any] = {}
-    for key, value in props.items():
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
 
 
 # -- the preset test pipelines, as (resize, crop) steps -----------------------------------------------

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core.distances import DISTANCES  # noqa: F401  (the losses' distance choices)
+
 EPS_SQ = 1e-12  # clamp on squared distances before sqrt, as Centroids-ReID's ``euclidean_dist``
 
 
@@ -153,9 +155,6 @@ def distance_matrix(query: Tensor, ref: Optional[Tensor], kind: str, unit: bool)
     return sq.clamp_min(EPS_SQ).sqrt()
 
 
-DISTANCES = ("euclidean", "squared_euclidean", "cosine")
-
-
 def unit_distances(sim: Tensor, kind: str) -> Tensor:
     """Distances between unit vectors from their cosine similarities (no autograd needed):
     ``euclidean`` = ``sqrt(max(2 - 2s, 1e-12))``, ``squared_euclidean`` = ``max(2 - 2s, 0)``,
@@ -248,8 +247,8 @@ class _SimilarityLoss(torch.autograd.Function):
                 grad_q += torch.sparse.mm(sparse.t(), q)
             grad_r = torch.sparse.mm(sparse.t(), q) if want_ref else None
         else:
-            # (G + G^T) q: a contiguous copy of G^T plus G is 3-5x faster than `grad + grad.T`,
-            # whose strided reads miss the cache (0.16 vs 0.56 ms at 512, 0.77 vs 3.9 ms at 1024)
+            # (G + G^T) q: a contiguous copy of G^T plus G, not `grad + grad.T`, whose strided reads miss
+            # the cache (benchmarks/bench_losses.py times the losses this serves)
             grad_q = grad.T.clone(memory_format=torch.contiguous_format).add_(grad) @ q if same else grad @ r
             grad_r = grad.T @ q if want_ref else None
         grad_q = _through_normalize(grad_q, q, q_inv).mul_(upstream)
@@ -288,7 +287,7 @@ def exp_log_weights_(x: Tensor) -> Tensor:
     """In place ``exp(x)`` for log-weights that are <= 0 where they matter (``x - logsumexp``).
 
     Clamps to ``[-80, 0]`` first: entries that are outside a mask (and discarded afterwards) may hold
-    anything, and exps of very negative numbers or of denormal results run ~10-30x slower on CPU.
+    anything, and exps of very negative numbers or of denormal results take a slow path on CPUs.
     """
     return x.clamp_(EXP_FLOOR, 0.0).exp_()
 

@@ -39,6 +39,7 @@ import ipaddress
 import mimetypes
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -269,11 +270,8 @@ def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_p
     from ..core import __version__
 
     predictor.check_index(index)
-    upload_limit = int(max_upload_mb * 1024 * 1024)
-    pixel_limit = predictor.pixel_limit(max_pixels)
-    workers = int(workers or min(4, os.cpu_count() or 1))
-    score_meaning = ("cosine similarity, higher is closer" if index.metric == "cosine"
-                     else "squared L2 distance, lower is closer")
+    limits = _Limits(upload=int(max_upload_mb * 1024 * 1024), pixels=predictor.pixel_limit(max_pixels),
+                     top_k=max_top_k, workers=int(workers or min(4, os.cpu_count() or 1)), queue=max(0, int(queue)))
     guarded: Dict[Union[int, str], Dict[str, Any]] = {}
     if allowed_hosts is not None:
         guarded[400] = _error("Host header not in the allowed hosts")
@@ -282,20 +280,31 @@ def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_p
     app = FastAPI(title=title, version=__version__,
                   description="Image similarity search: embed an uploaded image and return the nearest gallery images.")
     app.state.predictor, app.state.index = predictor, index
-    # Decoding, embedding and search run in worker threads, at most `workers` at once and served in
-    # arrival order (anyio's limiter is FIFO): a bounded queue instead of dozens of threads fighting
-    # over the GIL, which starves the event loop and gives long latency tails.
-    limiter = anyio.CapacityLimiter(workers)
-
-    async def run_limited(fn, *args):
-        return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
-
     # added last = outermost: Host first, then the key, then the upload gate
-    app.add_middleware(UploadGate, file_limit=upload_limit, capacity=workers + max(0, int(queue)))
+    app.add_middleware(UploadGate, file_limit=limits.upload, capacity=limits.workers + limits.queue)
     if api_key:
         app.add_middleware(ApiKeyGuard, key=api_key)
     if allowed_hosts is not None:
         app.add_middleware(HostGuard, allowed=list(allowed_hosts))
+    _add_error_handlers(app)
+    _add_search_routes(app, predictor, index, limits, guarded, __version__)
+    _add_gallery_routes(app, index, guarded)
+    return app
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """What one server takes on: bytes per upload, pixels per image, hits per search, requests at once."""
+
+    upload: int
+    pixels: int
+    top_k: int
+    workers: int
+    queue: int
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Validation errors as one ``detail`` line (plus ``errors``), :class:`UserError` s with their status."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -308,6 +317,21 @@ def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_p
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:
         return _json(getattr(exc, "status", 400), str(exc))
+
+
+def _add_search_routes(app: FastAPI, predictor: Any, index: Any, limits: _Limits,
+                       guarded: Dict[Union[int, str], Dict[str, Any]], version: str) -> None:
+    """``/health``, ``/embed`` and ``/search``."""
+    upload_limit, pixel_limit = limits.upload, limits.pixels
+    score_meaning = ("cosine similarity, higher is closer" if index.metric == "cosine"
+                     else "squared L2 distance, lower is closer")
+    # Decoding, embedding and search run in worker threads, at most `workers` at once and served in
+    # arrival order (anyio's limiter is FIFO): a bounded queue instead of dozens of threads fighting
+    # over the GIL, which starves the event loop and gives long latency tails.
+    limiter = anyio.CapacityLimiter(limits.workers)
+
+    async def run_limited(fn, *args):
+        return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
 
     async def read_upload(request: Request, file: UploadFile) -> bytes:
         if len((await request.form()).getlist("file")) > 1:  # the form FastAPI parsed, cached
@@ -328,11 +352,11 @@ def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_p
     def health() -> HealthOut:
         info = {k: v for k, v in index.info().items() if k != "source"}  # no server paths in responses
         shape = predictor.input_shape
-        return HealthOut(status="ok", version=__version__, runtime=predictor.runtime, model=predictor.fingerprint,
+        return HealthOut(status="ok", version=version, runtime=predictor.runtime, model=predictor.fingerprint,
                          embedding_dim=predictor.embedding_dim, input_shape=list(shape) if shape else None,
                          index=IndexOut(**info), max_upload_bytes=upload_limit, max_pixels=pixel_limit,
-                         max_request_bytes=upload_limit + 4 * pixel_limit, max_top_k=max_top_k, workers=workers,
-                         queue=max(0, int(queue)))
+                         max_request_bytes=upload_limit + 4 * pixel_limit, max_top_k=limits.top_k,
+                         workers=limits.workers, queue=limits.queue)
 
     @app.post("/embed", response_model=EmbedOut, summary="Embed one image", responses={**UPLOAD_ERRORS, **guarded})
     async def embed(request: Request, file: UploadFile = File(..., description="one image file")) -> EmbedOut:
@@ -347,13 +371,17 @@ def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_p
     @app.post("/search", response_model=SearchOut, summary="Nearest gallery images of an uploaded image",
               responses={**UPLOAD_ERRORS, **guarded})
     async def search(request: Request, file: UploadFile = File(..., description="the query image"),
-                     top_k: int = Query(10, ge=1, le=max_top_k, description="number of hits")) -> SearchOut:
+                     top_k: int = Query(10, ge=1, le=limits.top_k, description="number of hits")) -> SearchOut:
         hits, took = await run_limited(search_bytes, await read_upload(request, file), top_k)
         out = [HitOut(rank=r, id=h.id, score=h.score, label=h.label, label_name=h.label_name,
                       name=os.path.basename(h.path) if h.path else None,
                       image_url=f"/images/{h.id}" if h.path else None) for r, h in enumerate(hits, start=1)]
         return SearchOut(metric=index.metric, score_meaning=score_meaning, top_k=top_k, hits=out,
                          took_ms=round(took, 3))
+
+
+def _add_gallery_routes(app: FastAPI, index: Any, guarded: Dict[Union[int, str], Dict[str, Any]]) -> None:
+    """``/images/{id}`` (only paths stored in the index are ever served), the page and its static files."""
 
     def gallery_path(item_id: int) -> Optional[str]:
         """The stored path of ``item_id``: a stable id where the index has them (``path_of``), else a row."""
@@ -373,8 +401,7 @@ def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_p
                         404: _error("no such gallery item, or its file is gone"),
                         422: {"model": ValidationErrorOut, "description": "the id is not an integer"}, **guarded})
     def image(item_id: int) -> FileResponse:
-        # Only paths stored in the index are ever served: the id is the sole input.
-        path = gallery_path(item_id)
+        path = gallery_path(item_id)  # the id is the sole input
         if not path:
             raise HTTPException(404, f"gallery item {item_id} has no stored image path")
         if not os.path.isfile(path):
@@ -387,7 +414,6 @@ def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_p
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
 
 
 def default_allowed_hosts(bind: str) -> Optional[List[str]]:

@@ -9,7 +9,7 @@ split column every row trains and is queried, and ``data.train_classes`` splits 
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -44,40 +44,48 @@ def build_csv(
     rows = read_csv(path, required, delimiter=delimiter)
     if not rows:
         raise DataError(f"{path}: no data rows after the header")
-
-    raw = [r[label_column] for _, r in rows]
-    numeric = all(_is_int(v) for v in raw)
-    if numeric:
-        labels = np.array([int(v) for v in raw], dtype=np.int64)
-        class_names = None
-    else:
-        class_names, labels = np.unique(np.array(raw, dtype=object).astype(str), return_inverse=True)
-        class_names, labels = class_names.tolist(), labels.astype(np.int64)
+    labels, class_names = _labels([r[label_column] for _, r in rows])
     camids = None
     if camera_column:
         camids = np.array([to_int(r[camera_column], path, line, camera_column) for line, r in rows], dtype=np.int64)
-    paths = [r[path_column] for _, r in rows]
-    base = ImageListDataset(paths, labels, camids=camids, root=root, name="csv")
-
+    base = ImageListDataset([r[path_column] for _, r in rows], labels, camids=camids, root=root, name="csv")
     if split_column is None:
         return all_classes_splits(base, class_names, train_transform, test_transform)
+    return _column_splits(base, _split_of_rows(rows, split_column, path), class_names, train_transform, test_transform)
 
+
+def _labels(raw: List[str]) -> Tuple[np.ndarray, Optional[List[str]]]:
+    """``(labels (N,) int64, class names)``: integer labels as they are (no names), else names
+    numbered in sorted order."""
+    if all(_is_int(v) for v in raw):
+        return np.array([int(v) for v in raw], dtype=np.int64), None
+    names, labels = np.unique(np.array(raw, dtype=object).astype(str), return_inverse=True)
+    return labels.astype(np.int64), names.tolist()
+
+
+def _split_of_rows(rows: List[Tuple[int, dict]], column: str, path: str) -> np.ndarray:
+    """Each row's split (``train``/``query``/``gallery``/``test``), refusing a mix of protocols."""
     split = []
     for line, r in rows:
-        value = r[split_column].strip().lower()
+        value = r[column].strip().lower()
         if value not in _SPLITS:
-            raise DataError(f"{path} line {line}: column '{split_column}' must be one of {', '.join(_SPLITS)}, got {r[split_column]!r}")
+            raise DataError(f"{path} line {line}: column '{column}' must be one of {', '.join(_SPLITS)}, got {r[column]!r}")
         split.append(value)
     split = np.array(split)
     has = {s: bool((split == s).any()) for s in _SPLITS}
     if has["test"] and (has["query"] or has["gallery"]):
-        raise DataError(f"{path}: column '{split_column}' mixes 'test' (leave-one-out) with 'query'/'gallery' rows; use one protocol")
+        raise DataError(f"{path}: column '{column}' mixes 'test' (leave-one-out) with 'query'/'gallery' rows; use one protocol")
     if has["query"] != has["gallery"]:
-        raise DataError(f"{path}: column '{split_column}' has {'query' if has['query'] else 'gallery'} rows but no "
+        raise DataError(f"{path}: column '{column}' has {'query' if has['query'] else 'gallery'} rows but no "
                         f"{'gallery' if has['query'] else 'query'} rows (query/gallery retrieval needs both)")
+    return split
 
+
+def _column_splits(base: ImageListDataset, split: np.ndarray, class_names: Optional[List[str]],
+                   train_transform: Optional[Callable], test_transform: Optional[Callable]) -> DataSplits:
+    """The splits the split column names: ``test`` rows leave-one-out, else ``query`` + ``gallery``."""
     def view(s: str, transform):
-        if not has[s]:
+        if not (split == s).any():
             return None
         return base.subset(np.flatnonzero(split == s), name=f"csv/{s}").with_transform(transform)
 
@@ -86,13 +94,12 @@ def build_csv(
     if train is not None:
         train_ids, inverse = np.unique(train.labels, return_inverse=True)
         train.labels = inverse.astype(np.int64)
-    if has["test"]:
+    if (split == "test").any():
         query, gallery = view("test", test_transform), None  # leave-one-out on the test rows
     else:
         query, gallery = view("query", test_transform), view("gallery", test_transform)
     names = None if class_names is None else dict(enumerate(class_names))
-    return DataSplits(train=train, query=query, gallery=gallery, train_class_ids=train_ids,
-                      class_names=names)
+    return DataSplits(train=train, query=query, gallery=gallery, train_class_ids=train_ids, class_names=names)
 
 
 def _is_int(v: str) -> bool:
