@@ -58,3 +58,14 @@ def test_required_part_must_load_whole_and_nothing_is_copied_otherwise():
     report = load_weights(model, donor, "src", require=("backbone.",))
     assert all(torch.equal(model.state_dict()[k], donor[k]) for k in donor if k.startswith("backbone."))
     assert report.shape_mismatch and all(s.startswith("head.") for s in report.shape_mismatch)
+
+
+def test_pretrained_weights_for_a_backbone_without_a_resnet_stem(tmp_path):
+    """small_cnn has no conv1: its own weights load (this raised AttributeError)."""
+    source = _small()
+    path = tmp_path / "small.pth"
+    torch.save(source.backbone.state_dict(), path)
+    target = _small()
+    report = load_pretrained(target, str(path), "small_cnn")
+    assert not report.missing and not report.unexpected
+    assert all(torch.equal(a, b) for a, b in zip(source.backbone.state_dict().values(), target.backbone.state_dict().values()))

@@ -273,12 +273,6 @@ class Predictor:
         (:class:`~deepmetric.inference.preprocess.ImageError` and subclasses say what is wrong)."""
         return self.preprocess.decode(data, self.pixel_limit(max_pixels))
 
-    def embed_batch(self, batch: Any) -> np.ndarray:
-        """Preprocessed ``(B, C, H, W)`` float array (or tensor) -> ``(B, D) float32``."""
-        if not isinstance(batch, np.ndarray) and hasattr(batch, "numpy"):
-            batch = batch.detach().cpu().numpy()
-        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
-
     def _prepare(self, image: Image.Image | str | os.PathLike) -> np.ndarray:
         if not isinstance(image, Image.Image):
             image = self.preprocess.decode_file(image)
@@ -289,7 +283,7 @@ class Predictor:
         (paths that fail raise :class:`~deepmetric.inference.preprocess.ImageError`, naming the file)."""
         if self.preprocess.input_size is None:  # each image at its own size: one forward pass per image
             batch_size = 1
-        out = [self.embed_batch(np.stack([self._prepare(im) for im in images[start:start + batch_size]]))
+        out = [self._run(np.stack([self._prepare(im) for im in images[start:start + batch_size]]))
                for start in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.embedding_dim), np.float32)
 
@@ -300,14 +294,14 @@ class Predictor:
             batch_size = 1
         if num_workers <= 0:
             for start in range(0, len(paths), batch_size):
-                yield self.embed_batch(np.stack([self._prepare(p) for p in paths[start:start + batch_size]]))
+                yield self._run(np.stack([self._prepare(p) for p in paths[start:start + batch_size]]))
             return
         from torch.utils.data import DataLoader
 
         loader = DataLoader(_ImageFiles(paths, self.preprocess), batch_size=batch_size, shuffle=False,
                             num_workers=num_workers)
         for images in loader:
-            yield self.embed_batch(images)
+            yield self._run(np.ascontiguousarray(images.numpy(), dtype=np.float32))  # the collated tensor
 
     def embed_list(self, paths: Sequence[str], labels: Optional[Sequence[int]] = None, batch_size: int = 64,
                    num_workers: int = 0, progress: bool = True) -> EmbeddingSet:
