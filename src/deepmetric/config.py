@@ -219,6 +219,9 @@ class EvalConfig(_Section):
     lfw_pairs: Optional[str] = None
     max_rank: int = Field(50, ge=1)
     worst_queries: int = Field(8, ge=0)
+    #: the report's 2-D picture of the test embeddings (at most 20 classes, 1000 points): ``pca``
+    #: (fast, deterministic), ``tsne``, ``umap`` (needs umap-learn) or ``none``
+    projection: Literal["pca", "tsne", "umap", "none"] = "pca"
 
 
 class Config(_Section):

@@ -4,6 +4,7 @@ Every function takes plain data and returns a saved PNG path; nothing here knows
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -11,16 +12,19 @@ import matplotlib
 import numpy as np
 
 from ..core.files import atomic_write
+from ..core.results import RetrievalResults
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+log = logging.getLogger("deepmetric")
 
 
 def _save(fig, path: Path) -> Path:
     try:
         return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     finally:
-        plt.close(fig)
+        plt.close(fig)  # a no-op for a Figure pyplot does not manage
 
 
 def curve_plot(path: Path, series: Dict[str, Sequence[tuple]], title: str, ylabel: str) -> Path:
@@ -56,54 +60,53 @@ def recall_bars(path: Path, columns: Dict[str, Dict[str, float]], ks: Sequence[i
     return _save(fig, path)
 
 
-def _as_image(x) -> np.ndarray:
-    if hasattr(x, "convert"):  # PIL
-        return np.asarray(x.convert("RGB"))
-    a = np.asarray(x)
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
-        a = np.transpose(a, (1, 2, 0))
-    return a.squeeze()
-
-
 def _name(names: Optional[Dict[int, str]], label: int) -> str:
     return names.get(int(label), str(label)) if names else str(label)
 
 
-def retrieval_grid(path: Path, load, query_ids: Sequence[int], neighbours: np.ndarray, query_labels: np.ndarray,
-                   ref_labels: np.ndarray, load_ref=None, title: str = "queries and their top neighbours",
-                   class_names: Optional[Dict[int, str]] = None) -> Path:
-    """Rows: a query, then its top-k neighbours framed green (same label) or red (different).
-    Labels are shown by ``class_names`` (class id -> name) where given."""
-    load_ref = load_ref or load
-    k = neighbours.shape[1]
-    rows = len(query_ids)
-    fig, axes = plt.subplots(rows, k + 1, figsize=(1.3 * (k + 1), 1.35 * rows), squeeze=False)
-    for r, q in enumerate(query_ids):
-        ax = axes[r, 0]
-        ax.imshow(_as_image(load(int(q))), cmap="gray")
-        ax.set_title(f"query {_name(class_names, query_labels[q])}", fontsize=7)
-        for j in range(k):
-            n = int(neighbours[q, j])
-            a = axes[r, j + 1]
-            a.imshow(_as_image(load_ref(n)), cmap="gray")
-            ok = ref_labels[n] == query_labels[q]
-            for s in a.spines.values():
-                s.set_color("#1a9850" if ok else "#d73027")
-                s.set_linewidth(3)
-            a.set_title(f"{_name(class_names, ref_labels[n])} {'✓' if ok else '✗'}", fontsize=7,
-                        color="#1a9850" if ok else "#d73027")
-        for a in axes[r]:
-            a.set_xticks([])
-            a.set_yticks([])
-    fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+def retrieval_grid(path: Path, results: RetrievalResults, queries: Sequence[int], top_k: int = 5,
+                   title: str = "queries and their top neighbours") -> Path:
+    """Bound ``results`` (:meth:`RetrievalResults.from_eval`) drawn by :meth:`RetrievalResults.plot`:
+    rows of a query, then its top-k framed green (same class) or red (another), titled by class name."""
+    return _save(results.plot(queries=queries, top_k=min(top_k, results.k), title=title), path)
+
+
+PROJECTIONS = ("pca", "tsne", "umap")
+
+
+def _project(v: np.ndarray, method: str, seed: int) -> tuple:
+    """``(xy (N, 2), the method's name)``: PCA (exact, deterministic, milliseconds), t-SNE, or UMAP
+    (if ``umap-learn`` is installed; PCA otherwise, with a warning). Fewer than 10 points: PCA."""
+    if method == "umap":
+        try:
+            import umap
+        except ImportError:
+            log.warning("eval.projection=umap but umap-learn is not installed (pip install umap-learn): "
+                        "drawing PCA instead")
+            method = "pca"
+        else:
+            if len(v) >= 10:
+                return umap.UMAP(n_components=2, random_state=seed).fit_transform(v), "UMAP"
+    if method == "tsne" and len(v) >= 10:
+        from sklearn.manifold import TSNE
+
+        return TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, len(v) // 4)).fit_transform(v), \
+            "t-SNE"
+    if method not in PROJECTIONS:
+        raise ValueError(f"unknown projection {method!r} (valid: {', '.join(PROJECTIONS)})")
+    from sklearn.decomposition import PCA
+
+    n = min(2, *v.shape)
+    xy = PCA(n_components=n, svd_solver="full").fit_transform(v) if n else np.zeros((len(v), 0))
+    return np.pad(xy, ((0, 0), (0, 2 - n))), "PCA"  # one point or one dimension: the rest is 0
 
 
 def projection_plot(path: Path, vectors: np.ndarray, labels: np.ndarray, seed: int = 0,
                     class_names: Optional[Dict[int, str]] = None, max_classes: int = 20,
-                    max_points: int = 1000) -> Path:
-    """2-D t-SNE of the embeddings of at most ``max_classes`` classes (drawn with ``seed`` when
-    there are more) and ``max_points`` points, coloured by class: bounded time on any test set."""
+                    max_points: int = 1000, method: str = "pca") -> Path:
+    """2-D ``method`` projection (:data:`PROJECTIONS`; see :func:`_project`) of the embeddings of at most
+    ``max_classes`` classes (drawn with ``seed`` when there are more) and ``max_points`` points,
+    coloured and named by class: bounded time on any test set (t-SNE of 1000 points: seconds)."""
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
     classes = np.unique(labels)
@@ -113,16 +116,7 @@ def projection_plot(path: Path, vectors: np.ndarray, labels: np.ndarray, seed: i
     if len(idx) > max_points:
         idx = np.sort(rng.choice(idx, max_points, replace=False))
     v, y = np.asarray(vectors, dtype=np.float32)[idx], labels[idx]
-    if len(v) >= 10:
-        from sklearn.manifold import TSNE
-
-        xy = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, len(v) // 4)).fit_transform(v)
-        method = "t-SNE"
-    else:
-        from sklearn.decomposition import PCA
-
-        xy = PCA(n_components=2).fit_transform(v)
-        method = "PCA"
+    xy, method = _project(v, method, seed)
     fig, ax = plt.subplots(figsize=(5, 4.2))
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     for i, c in enumerate(np.unique(y)):

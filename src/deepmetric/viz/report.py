@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from ..core.files import atomic_write
-from ..core.results import EvalResult
+from ..core.results import EvalResult, RetrievalResults
 from . import plots
 
 #: the metrics drawn as curves over training, when computed
@@ -21,11 +21,17 @@ def _ks(metrics: Dict[str, Any]) -> List[int]:
     return sorted(int(k.split("@")[1]) for k in metrics if k.startswith("recall@"))
 
 
+def projection_of(cfg=None) -> str:
+    """The report's embedding projection: ``eval.projection`` of the recipe (``pca`` without one)."""
+    return getattr(getattr(cfg, "eval", None), "projection", "pca")
+
+
 def write_eval_plots(out_dir: Path, result: EvalResult, cfg=None, dataset=None, before: Optional[Dict[str, Any]] = None,
                      gallery_dataset=None, class_names: Optional[Dict[int, str]] = None,
                      after_name: str = "trained") -> List[Path]:
     """Pictures of one evaluation: Recall@K (beside ``before``, the untrained network's, if given),
-    a retrieval grid, an embedding projection, ROC. ``class_names`` labels grids and legends."""
+    a retrieval grid, an embedding projection (``eval.projection`` of ``cfg``: PCA by default, or
+    t-SNE, UMAP, none), ROC. ``class_names`` labels grids and legends."""
     out = Path(out_dir) / "plots"
     made: List[Path] = []
     m = result.metrics
@@ -36,17 +42,14 @@ def write_eval_plots(out_dir: Path, result: EvalResult, cfg=None, dataset=None, 
     nb = result.neighbours
     ref_ds = dataset if result.gallery is None else gallery_dataset
     if nb is not None and dataset is not None and ref_ds is not None and len(result.query):
-        idx, qlab = nb.indices, result.query.labels
-        ref = result.gallery if result.gallery is not None else result.query
-        wrong = np.flatnonzero(ref.labels[idx[:, 0]] != qlab)[:4]
-        sample = np.random.default_rng(0).choice(len(qlab), size=min(4, len(qlab)), replace=False)
-        rows = np.concatenate([sample, wrong]).astype(int)
-        made.append(plots.retrieval_grid(out / "retrieval_grid.png", dataset.load, rows, idx, qlab, ref.labels,
-                                         load_ref=ref_ds.load, class_names=class_names,
+        bound = RetrievalResults.from_eval(result, dataset=dataset, gallery_dataset=gallery_dataset,
+                                           class_names=class_names)
+        made.append(plots.retrieval_grid(out / "retrieval_grid.png", bound, bound.pick_queries(4, wrong_first=4),
                                          title="top: random queries; bottom: queries whose first neighbour is wrong"))
-    if result.protocol != "verification" and result.query is not None and len(result.query):
+    method = projection_of(cfg)
+    if method != "none" and result.protocol != "verification" and result.query is not None and len(result.query):
         made.append(plots.projection_plot(out / "projection.png", result.query.vectors.numpy(), result.query.labels,
-                                          class_names=class_names))
+                                          class_names=class_names, method=method))
     if result.pairs is not None:
         made.append(plots.roc_plot(out / "roc.png", result.pairs.distances, result.pairs.is_same))
     return made
