@@ -9,6 +9,8 @@ Public names are imported lazily, so ``import deepmetric`` stays cheap.
 """
 from __future__ import annotations
 
+import logging
+
 from .core import __version__
 from .core.lazy import lazy_exports
 
@@ -19,6 +21,8 @@ _EXPORTS = {
     "UserError": "deepmetric.core.errors",
     "EmbeddingSet": "deepmetric.core.embeddings",
     "Trainer": "deepmetric.engine.trainer",
+    "Callback": "deepmetric.engine.callbacks",
+    "MLflowCallback": "deepmetric.engine.tracking",
     "Evaluator": "deepmetric.engine.evaluator",
     "build_data": "deepmetric.engine.build",
     "build_model": "deepmetric.engine.build",
@@ -39,5 +43,8 @@ _EXPORTS = {
     "Predictor": "deepmetric.inference.predictor",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+# A library stays quiet until its user configures logging (the CLI does); it never calls basicConfig.
+logging.getLogger("deepmetric").addHandler(logging.NullHandler())
 
 __all__ = ["__version__", *_EXPORTS]

@@ -224,6 +224,25 @@ class EvalConfig(_Section):
     projection: Literal["pca", "tsne", "umap", "none"] = "pca"
 
 
+class MLflowConfig(_Section):
+    """MLflow tracking (the ``mlflow`` extra): params, per-step metrics, artefacts at the end."""
+
+    #: where runs go; null: ``$MLFLOW_TRACKING_URI``, else ``./mlruns`` in the current directory (a
+    #: file store, which ``mlflow ui --backend-store-uri ./mlruns`` shows)
+    tracking_uri: Optional[str] = None
+    experiment: str = Field("deepmetric", min_length=1)
+    #: null: the recipe's ``name``
+    run_name: Optional[str] = None
+    #: also upload ``checkpoints/best`` (the weights) as an artefact
+    log_checkpoint: bool = True
+
+
+class TrackingConfig(_Section):
+    """Experiment trackers, each off while null (``tracking.mlflow={}`` turns MLflow on)."""
+
+    mlflow: Optional[MLflowConfig] = None
+
+
 class Config(_Section):
     name: str = "run"
     seed: int = 0
@@ -235,6 +254,7 @@ class Config(_Section):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return self.model_dump(mode="json")

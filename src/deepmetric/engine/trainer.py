@@ -17,28 +17,32 @@ evaluation embeds a shard per rank, gathers the embeddings and computes exact me
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import Config, ConfigError, save_config
+from ..config import Config, ConfigError, LossTerm, save_config
 from ..core.distributed import all_gather_with_grad, any_rank, barrier, broadcast_object, init_distributed, rank_device
 from ..core.files import atomic_write
-from ..data.base import DataError, DataSplits
+from ..data.base import DataError, DataSplits, MetricDataset, relabel
 from ..data.loading import SeededBatchSampler, SeededDataset, loader_settings
 from ..data.protocol import describe_splits, restrict_train
 from .build import (apply_protocol, build_data, build_device_normalisation, build_losses, build_model, build_optimizers,
                     build_sampler, own_optimizer_key)
-from .checkpoint import CheckpointError, load_model_weights, load_train_state, read_checkpoint, save_checkpoint
+from .callbacks import Callback, LogRecords, ProgressLog, run_callbacks
+from .checkpoint import (CheckpointError, load_model_weights, load_train_state, read_checkpoint, resolve_checkpoint,
+                         save_checkpoint)
 from .evaluator import Evaluator
 from .interrupt import StopRequest
 from .schedule import LRSchedule
@@ -97,16 +101,152 @@ def check_training_set(splits: DataSplits, cfg: Config) -> DataSplits:
     return splits
 
 
+class _NoteCollector(logging.Handler):
+    """The ``deepmetric`` logger's warnings, as notes of a run (its summary's ``notes``)."""
+
+    def __init__(self, notes: List[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.notes = notes
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message not in self.notes:
+            self.notes.append(message)
+
+
+class _collect_notes:
+    """While inside, the warnings logged through ``deepmetric`` are appended to ``notes``."""
+
+    def __init__(self, notes: List[str]) -> None:
+        self.handler = _NoteCollector(notes)
+
+    def __enter__(self) -> None:
+        log.addHandler(self.handler)
+
+    def __exit__(self, *exc) -> None:
+        log.removeHandler(self.handler)
+
+
+PYTHON = "python:"  # config.yaml's name for a model or loss given as a Python object
+
+
+def _mark_python_objects(cfg: Config, model: Optional[torch.nn.Module], loss: Optional[torch.nn.Module]) -> Config:
+    """The recipe with a Python model or loss named ``python:<class>`` in ``model.backbone`` /
+    ``losses``, so the run's ``config.yaml`` says what it trained; settings that only the recipe's
+    own model can honour are refused; so is a run of Python objects continued without them."""
+    m = cfg.model
+    if model is None and m.backbone.startswith(PYTHON):
+        raise ConfigError(f"model.backbone: '{m.backbone}' was a model made in Python; it cannot be rebuilt from "
+                          f"the config: pass it again (Trainer(cfg, run_dir, model=..., resume=True))")
+    if loss is None and any(t.name.startswith(PYTHON) for t in cfg.losses):
+        raise ConfigError(f"losses: '{cfg.losses[0].name}' was a loss made in Python; pass it again "
+                          f"(Trainer(cfg, run_dir, loss=..., resume=True))")
+    if model is not None:
+        for key, bad in (("model.pretrained", m.pretrained), ("model.init_from", m.init_from),
+                         ("model.freeze_bn", m.freeze_bn),
+                         ("train.freeze_backbone_steps", cfg.train.freeze_backbone_steps and not hasattr(model, "backbone"))):
+            if bad:
+                raise ConfigError(f"{key}: applies to the recipe's model, not to {type(model).__name__} given in "
+                                  f"Python; unset it (load weights or freeze layers in your model yourself)")
+        if loss is None and any(t.input != "embedding" for t in cfg.losses):
+            raise ConfigError("losses.N.input: a model given in Python gives embeddings only; "
+                              "set every losses.N.input to embedding")
+        cfg = cfg.model_copy(update={"model": m.model_copy(update={"backbone": PYTHON + type(model).__name__})})
+    if loss is not None:
+        cfg = cfg.model_copy(update={"losses": [LossTerm(name=PYTHON + type(loss).__name__)]})
+    return cfg
+
+
+def embedding_dim(model: torch.nn.Module, splits: DataSplits, device: torch.device) -> int:
+    """``model.embedding_dim``, or for a model without it the D of ``model(image)`` on one evaluation
+    image (which checks that it gives ``(B, D)`` embeddings)."""
+    dim = getattr(model, "embedding_dim", None)
+    if isinstance(dim, int) and dim > 0:
+        return dim
+    dataset = splits.query if splits.query is not None else splits.train
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(dataset[0][0][None].to(device))
+    model.train(was_training)
+    if not torch.is_tensor(out) or out.ndim != 2:
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ConfigError(f"model: {type(model).__name__} must map images (B, C, H, W) to embeddings (B, D); "
+                          f"it gave {shape} for one image")
+    return int(out.shape[1])
+
+
+class TorchTrainingSet(MetricDataset):
+    """A torch ``Dataset`` of ``(image, label)`` or ``(image, label, index)`` as a training set:
+    labels from its ``targets`` or ``labels`` attribute (torchvision's), else read once from every
+    item; relabelled ``0..C-1`` (the original ids in ``train_class_ids``). Images come as the
+    dataset makes them (its own transform and augmentation, under each sample's seed)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        labels = getattr(dataset, "targets", None)
+        if labels is None:
+            labels = getattr(dataset, "labels", None)
+        if labels is None:
+            labels = [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+        self.class_ids = np.unique(np.asarray(labels, dtype=np.int64))
+        super().__init__(relabel(np.asarray(labels, dtype=np.int64)), name=type(dataset).__name__)
+        self.dataset = dataset
+
+    def load(self, i: int) -> Any:
+        return self.dataset[i][0]
+
+
+def with_training_set(splits: Optional[DataSplits], dataset: torch.utils.data.Dataset, cfg: Config) -> DataSplits:
+    """``Trainer(train_dataset=...)``: ``dataset`` trains; the evaluation splits are ``splits``'
+    (as given) or the recipe's test split. A validation split must come with ``splits`` (``val``):
+    one cannot be carved from a plain torch dataset."""
+    if splits is None:
+        splits = build_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"val_classes": None})}))
+    if splits.val is None and cfg.data.val_classes is not None:
+        raise ConfigError("data.val_classes: a validation split cannot be carved from train_dataset (a torch "
+                          "Dataset); set data.val_classes=null, or pass splits=DataSplits(..., val=...)")
+    train = TorchTrainingSet(dataset)
+    return dataclasses.replace(splits, train=train, train_class_ids=train.class_ids)
+
+
 class Trainer:
-    """Train one recipe into ``run_dir``. See the module docstring."""
+    """Train one recipe into ``run_dir``. See the module docstring.
+
+    Objects of your own replace the recipe's parts: ``model`` (any ``nn.Module`` mapping images
+    ``(B, C, H, W)`` to embeddings ``(B, D)``; ``model.*`` keys are then unused), ``loss`` (any
+    ``nn.Module`` called as ``loss(embeddings, labels)`` -> scalar; its parameters join the main
+    optimizer; it replaces ``losses``), ``splits`` (a :class:`~deepmetric.data.DataSplits`) or
+    ``train_dataset`` (a torch ``Dataset`` of ``(image, label)`` or ``(image, label, index)``; the
+    evaluation splits stay the recipe's, or those of ``splits``). Checkpoints hold their weights like
+    any others: resume by passing the same objects again. ``config.yaml`` names them
+    ``python:<class>`` and ``state.json`` / the summary record ``sources``; ``deepmetric eval`` cannot
+    rebuild such a model: evaluate it in Python (``Evaluator(cfg, splits).run(model)``).
+    ``callbacks``: :class:`~deepmetric.engine.callbacks.Callback` s; ``on_log(row)`` is called with
+    each ``metrics.jsonl`` row.
+    """
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False,
-                 splits: Optional[DataSplits] = None, on_log: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
-        self.cfg = cfg = resolve_paths(cfg)
+                 splits: Optional[DataSplits] = None, on_log: Optional[Callable[[Dict[str, Any]], None]] = None,
+                 *, callbacks: Sequence[Callback] = (), model: Optional[torch.nn.Module] = None,
+                 loss: Optional[torch.nn.Module] = None, train_dataset: Optional[torch.utils.data.Dataset] = None) -> None:
+        self.notes: List[str] = []  # the run's facts and warnings, also in the summary
+        with _collect_notes(self.notes):
+            self._build(cfg, run_dir, resume, splits, on_log, callbacks, model, loss, train_dataset)
+
+    def _build(self, cfg, run_dir, resume, splits, on_log, callbacks, model, loss, train_dataset) -> None:
+        cfg = resolve_paths(cfg)
+        self.sources = {"model": "config" if model is None else "python",
+                        "loss": "config" if loss is None else "python",
+                        "splits": "config" if splits is None and train_dataset is None else "python"}
+        self.cfg = cfg = _mark_python_objects(cfg, model, loss)
         self.run_dir = Path(run_dir)
         self.resume = resume
-        self.on_log = on_log
+        self.should_stop = False  # a callback sets it: the run ends after the current step
+        self.final_test = False  # true while the selected checkpoint is tested (see callbacks)
         self.dist = init_distributed()
+        self.callbacks: List[Callback] = []  # rank 0 alone calls them, as it alone writes
+        if self.dist.is_main:
+            self.callbacks = [*([LogRecords(on_log)] if on_log is not None else []), *callbacks]
         self.device = rank_device(cfg.train.device, self.dist)
         self.is_main = self.dist.is_main
         if not resume and (self.run_dir / "checkpoints").exists():
@@ -116,14 +256,25 @@ class Trainer:
             self._ckpt, self._state = read_checkpoint(self.run_dir, prefer="last")
         seed_everything(cfg.seed)
         # Everything that can fail on bad input is built before the run directory is touched.
-        self.splits_source = "config" if splits is None else "python"
-        if splits is None:
+        self.splits_source = self.sources["splits"]
+        if train_dataset is not None:
+            splits = with_training_set(splits, train_dataset, cfg)
+        elif splits is None:
             splits = build_data(cfg)
         else:  # a user's own splits are taken as given; the recipe's validation split is carved from them
             splits = apply_protocol(splits, cfg, getattr(splits.query, "transform", None), class_split=False)
         self.splits = check_training_set(splits, cfg)
-        self.model = build_model(cfg, load_weights=not resume).to(self.device)
-        self.losses = build_losses(cfg, self.splits.num_classes, self.model.embedding_dim).to(self.device)
+        if model is None:
+            self.model = build_model(cfg, load_weights=not resume).to(self.device)
+            if cfg.model.init_from and not resume:
+                self.notes.append(f"model.init_from: the model started from {resolve_checkpoint(cfg.model.init_from)}")
+        else:
+            self.model = model.to(self.device)
+        dim = embedding_dim(self.model, self.splits, self.device)
+        if loss is None:
+            self.losses = build_losses(cfg, self.splits.num_classes, dim).to(self.device)
+        else:
+            self.losses = torch.nn.ModuleList([loss]).to(self.device)
         self.optimizers = build_optimizers(cfg, self.model, self.losses)
         # a loss term's own optimizer (Centroids-ReID's centre loss) keeps its fixed lr, as in the seed
         self.schedule = LRSchedule(cfg.scheduler, [self.optimizers["main"]], cfg.train.max_steps)
@@ -166,12 +317,17 @@ class Trainer:
         self.untrained: Dict[str, Dict[str, Any]] = {}
         self.input_shape: Optional[list] = None
         self.stopped_early = False
+        self.stopped_by_callback = False
         self.history: list[Dict[str, Any]] = []
         self.last_result = None  # EvalResult of the latest test evaluation (the selected one after fit)
         self._final_test = None
         self.summary: Dict[str, Any] = {}
         if resume:
             self._restore()
+        if cfg.tracking.mlflow is not None and self.is_main:
+            from .tracking import MLflowCallback
+
+            self.callbacks.append(MLflowCallback.from_config(cfg.tracking.mlflow, cfg))
 
     def _check_selection(self) -> None:
         """Selection settings that cannot work, refused before the first step."""
@@ -197,6 +353,12 @@ class Trainer:
         self.evaluations = s.get("evaluations", 0)
         self.untrained = s.get("untrained") or {}
         self.input_shape = s.get("input_shape")
+        was = s.get("sources") or {"model": "config", "loss": "config"}
+        for part in ("model", "loss"):
+            if was.get(part, "config") != self.sources[part]:
+                raise CheckpointError(f"{self._ckpt}: the run's {part} came from {was.get(part, 'config')}, this "
+                                      f"Trainer's from {self.sources[part]}; resume with the same {part} "
+                                      f"(Trainer(..., {part}=...) for one made in Python)")
         self.schedule.load_state_dict(s["scheduler"])
         self.loader_generator.set_state(torch.tensor(s["loader_generator"], dtype=torch.uint8))
         if self.scaler.is_enabled() and s.get("grad_scaler"):  # fp16: the loss scale it had reached
@@ -211,13 +373,14 @@ class Trainer:
                  "best_value": self.best_value, "best_step": self.best_step, "best_val": self.best_val,
                  "stale_evaluations": self.stale_evaluations, "evaluations": self.evaluations,
                  "metric": self.cfg.eval.metric, "metrics": metrics, "untrained": self.untrained,
-                 "input_shape": self.input_shape,
+                 "input_shape": self.input_shape, "sources": self.sources,
                  "scheduler": self.schedule.state_dict(),
                  "loader_generator": self.loader_generator.get_state().tolist(),
                  "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
         save_checkpoint(self.run_dir / "checkpoints" / name, cfg=self.cfg, model=self.model,
                         losses=self.losses, optimizers=self.optimizers, state=state)
         barrier()
+        run_callbacks(self.callbacks, "on_checkpoint", self, name, self.run_dir / "checkpoints" / name)
 
     # -- loop ----------------------------------------------------------------------------------------
     def _batches(self):
@@ -232,14 +395,17 @@ class Trainer:
 
     def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            local = self.net(images, all_outputs=True)
+            if self.sources["model"] == "python":  # a model of one's own gives embeddings only
+                local = {"embedding": self.net(images)}
+            else:
+                local = self.net(images, all_outputs=True)
             out, all_labels = local, labels
             if self.dist.is_distributed:  # every rank computes the full loss on the global batch
                 all_labels = all_gather_with_grad(labels)
                 out = {k: all_gather_with_grad(v) for k, v in local.items()}
             total = images.new_zeros((), dtype=torch.float32)
             for term, fn in zip(self.cfg.losses, self.losses):
-                if fn.gathers_inputs:  # Partial FC shards classes and gathers itself
+                if getattr(fn, "gathers_inputs", False):  # Partial FC shards classes and gathers itself
                     total = total + term.weight * fn(local[term.input], labels)
                 else:
                     total = total + term.weight * fn(out[term.input], all_labels)
@@ -292,7 +458,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         barrier()
         try:
-            return self._fit()
+            with _collect_notes(self.notes):
+                return self._fit()
         except BaseException:
             # Nothing half-made may pass for a run: remove a fresh run dir that never got a checkpoint.
             if self.is_main and created and not self.resume and not (self.run_dir / "checkpoints").exists():
@@ -314,21 +481,30 @@ class Trainer:
 
         if self.val_evaluator is None:
             log.warning("no validation split (data.val_classes): the last step is reported, not selected")
+        show = cfg.train.progress and self.is_main
+        on_terminal = sys.stderr.isatty()
+        progress = ProgressLog(cfg.train.max_steps, self.step) if show and not on_terminal else None
+        if progress is not None:  # off a terminal the bar is off: log lines instead
+            self.callbacks.insert(0, progress)
         try:
             if not self.resume and cfg.eval.untrained:
                 self._evaluate_untrained(log_file, writer)
             bar = tqdm(total=cfg.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                       disable=not cfg.train.progress or not sys.stderr.isatty() or not self.is_main)
+                       disable=not (show and on_terminal))
             try:
                 self._train_loop(bar, log_file, writer)
             finally:
-                bar.close()
-            return self._final(log_file, writer)
+                bar.close()  # before the final test: a bar must not sit at 100% while it runs
+            summary = self._final(log_file, writer, announce=show)
+            run_callbacks(self.callbacks, "on_fit_end", self, summary)
+            return summary
         finally:
             if log_file is not None:
                 log_file.close()
             if writer is not None:
                 writer.close()
+            if progress is not None:
+                self.callbacks.remove(progress)
 
     def _train_loop(self, bar, log_file, writer) -> None:
         cfg = self.cfg
@@ -338,7 +514,7 @@ class Trainer:
         batches = self._batches()
         stop = StopRequest().__enter__()  # Ctrl-C / SIGTERM: finish the step, save, stop
         try:
-            while self.step < cfg.train.max_steps and not self.stopped_early:
+            while self.step < cfg.train.max_steps and not self.stopped_early and not self.stopped_by_callback:
                 if self._should_stop(stop):
                     self._stop_here()
                 try:
@@ -359,6 +535,7 @@ class Trainer:
                 running = loss if running is None else running + loss
                 seen += images.shape[0]
                 bar.update(1)
+                rec = {"step": self.step, "epoch": self.epoch}
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                     dt = time.perf_counter() - t0
                     n = (self.step - 1) % cfg.train.log_every + 1
@@ -371,14 +548,31 @@ class Trainer:
                     self._record(rec, log_file, writer)
                     bar.set_postfix(loss=f"{value:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['images_per_s']:.0f}")
                     running, seen, t0 = None, 0, time.perf_counter()
+                run_callbacks(self.callbacks, "on_step_end", self, rec)
+                last = self.step == cfg.train.max_steps or self._callback_stop()
                 eval_now = cfg.train.eval_every and self.step % cfg.train.eval_every == 0
-                if eval_now or self.step == cfg.train.max_steps:
-                    self._evaluate_and_checkpoint(log_file, writer)
+                if eval_now or last:
+                    self._evaluate_and_checkpoint(log_file, writer, final=last)
                     t0 = time.perf_counter()
                 elif cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                     self._save("last", {})
         finally:
             stop.__exit__()
+
+    def _callback_stop(self, sync: bool = False) -> bool:
+        """Whether a callback has set ``should_stop``. Under DDP (callbacks run on rank 0) the ranks
+        agree at logging steps, or now with ``sync`` (an evaluation already synchronises them)."""
+        if self.stopped_by_callback:
+            return True
+        requested = self.should_stop
+        if self.dist.is_distributed:
+            due = sync or self.step % self.cfg.train.log_every == 0 or self.step == self.cfg.train.max_steps
+            requested = bool(due and any_rank(requested))
+        if requested:
+            self.stopped_by_callback = True
+            self.notes.append(f"stopped at step {self.step} by a callback (trainer.should_stop)")
+            log.info("step %d: a callback stopped the run (trainer.should_stop)", self.step)
+        return requested
 
     def _should_stop(self, stop: StopRequest) -> bool:
         """A stop was requested (see :mod:`deepmetric.engine.interrupt`). Under DDP the ranks agree
@@ -395,13 +589,25 @@ class Trainer:
         raise KeyboardInterrupt
 
     # -- evaluation and selection ----------------------------------------------------------------------
-    def _evaluate(self, split: str, log_file, writer, neighbours: bool = False, record: bool = True):
+    def _evaluate(self, split: str, log_file, writer, neighbours: bool = False, record: bool = True,
+                  notify: bool = True):
+        """Evaluate ``split``; ``record`` it in the logs; ``notify`` the callbacks (or the caller will).
+        Warnings of the metrics (skipped queries) become notes of the run and are warned again."""
         evaluator = self.val_evaluator if split == "val" else self.evaluator
-        result = evaluator.run(self.model, neighbours=neighbours)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = evaluator.run(self.model, neighbours=neighbours)
+        for w in caught:
+            note = f"step {self.step}, {split}: {w.message}"
+            if note not in self.notes:
+                self.notes.append(note)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         result.metrics = broadcast_object(result.metrics)
         self.model.train()
         if record:
             self._record({"step": self.step, "split": split, "eval": result.metrics}, log_file, writer)
+        if notify:
+            run_callbacks(self.callbacks, "on_evaluation", self, split, result.metrics)
         return result
 
     def _evaluate_untrained(self, log_file, writer) -> None:
@@ -410,16 +616,16 @@ class Trainer:
             self.untrained["val"] = self._evaluate("val", log_file, writer).metrics
         self.untrained["test"] = self._evaluate("test", log_file, writer).metrics
 
-    def _evaluate_and_checkpoint(self, log_file, writer) -> None:
-        """A periodic evaluation. With a validation split it alone selects ``best`` and drives the
-        plateau schedule and early stopping; the test split is only logged (``eval.test_during_training``,
-        or always when there is no validation split) and never selects."""
+    def _evaluate_and_checkpoint(self, log_file, writer, final: bool = False) -> None:
+        """A periodic evaluation (``final``: the run's last step). With a validation split it alone
+        selects ``best`` and drives the plateau schedule and early stopping; the test split is only
+        logged (``eval.test_during_training``, or always when there is no validation split) and never
+        selects."""
         cfg = self.cfg
-        final = self.step == cfg.train.max_steps
         self.evaluations += 1
         improved = False
         if self.val_evaluator is not None:
-            metrics = self._evaluate("val", log_file, writer).metrics
+            metrics = self._evaluate("val", log_file, writer, notify=False).metrics
             value = metrics.get(cfg.eval.metric)
             if not isinstance(value, (int, float)):
                 raise ConfigError(f"eval.metric: '{cfg.eval.metric}' was not computed on the validation split "
@@ -433,6 +639,8 @@ class Trainer:
                 self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
             else:
                 self.stale_evaluations += 1
+            run_callbacks(self.callbacks, "on_evaluation", self, "val", metrics)  # with this selection
+            final = final or self._callback_stop(sync=True)
             if cfg.train.early_stopping and self.stale_evaluations >= cfg.train.early_stopping and not final:
                 self.stopped_early = True
                 log.info("step %d: validation %s has not improved for %d evaluations (train.early_stopping); "
@@ -442,27 +650,32 @@ class Trainer:
         if self.val_evaluator is None or cfg.eval.test_during_training:
             # the final step's test evaluation of a run without validation is its reported one
             self.last_result = self._evaluate("test", log_file, writer, neighbours=final and self.val_evaluator is None)
+            stopped_here = self.val_evaluator is None and not final and self._callback_stop(sync=True)
             if self.val_evaluator is None:
                 self.best_step, metrics = self.step, self.last_result.metrics
                 if final:  # the reported evaluation of a run without validation
                     self._final_test = self.last_result
+                final = final or stopped_here  # then _final tests this step again, with neighbours
         self._save("last", metrics)
         if improved or (self.val_evaluator is None and final):
             self._save("best", metrics)
 
-    def _final(self, log_file, writer) -> Dict[str, Any]:
+    def _final(self, log_file, writer, announce: bool = False) -> Dict[str, Any]:
         """Test the selected checkpoint once (the last step without a validation split); write
-        ``metrics.json``; return the summary."""
+        ``metrics.json``; return the summary. ``announce``: log the phase (it may take a while)."""
         cfg = self.cfg
         selected = self.best_step if self.best_step is not None else self.step
-        if self.val_evaluator is not None:
-            if selected != self.step:
+        self.final_test = True
+        if self._final_test is not None and self.val_evaluator is None:
+            result = self._final_test
+            run_callbacks(self.callbacks, "on_evaluation", self, "test", result.metrics)
+        else:  # with validation; or stopped by a callback, or resumed at max_steps, without
+            if announce:
+                log.info("evaluating the selected checkpoint (step %d) on the test split", selected)
+            if self.val_evaluator is not None and selected != self.step:
                 self._load_selected()
             result = self._evaluate("test", log_file, writer, neighbours=True, record=False)
-        elif self._final_test is not None:
-            result = self._final_test
-        else:  # resumed at max_steps: nothing trained in this process
-            result = self._evaluate("test", log_file, writer, neighbours=True, record=False)
+        self.final_test = False
         self.last_result = result
         summary = {
             "checkpoint": str(self.run_dir / "checkpoints" / "best"),
@@ -476,6 +689,8 @@ class Trainer:
             "val": self.best_val if self.val_evaluator is not None else None,
             "untrained": self.untrained,
             "splits": _split_sizes(self.splits),
+            "sources": dict(self.sources),
+            "notes": self.notes,
         }
         self.summary = summary
         if self.is_main:
@@ -511,8 +726,6 @@ class Trainer:
             for k, v in flat.items():
                 if isinstance(v, (int, float)) and k != "step":
                     writer.add_scalar(prefix + k, v, rec["step"])
-        if self.on_log is not None:
-            self.on_log(rec)
 
 
 def _split_sizes(splits: DataSplits) -> Dict[str, str]:
