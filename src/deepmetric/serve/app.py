@@ -8,6 +8,7 @@ FastAPI app.
 | ``POST /embed`` | multipart ``file`` (one image) | ``{"embedding": [...], "dim", "l2_normalized"}`` |
 | ``POST /search?top_k=10`` | multipart ``file`` | ``{"hits": [{"rank", "id", "score", "label", "label_name", "name", "image_url"}], ...}`` |
 | ``GET /images/{id}`` | gallery id | the gallery image file stored in the index (404 for any other id) |
+| ``POST /items``, ``DELETE /items/{id}`` | images (+ labels), an id | add to / remove from the live index, with the API key (:mod:`.items`) |
 | ``GET /docs``, ``/openapi.json`` | | the OpenAPI schema (every status below is in it) and its viewer |
 
 Every error is JSON ``{"detail": "<message>"}`` (422 adds ``errors``), never a 500:
@@ -15,7 +16,8 @@ Every error is JSON ``{"detail": "<message>"}`` (422 adds ``errors``), never a 5
 | status | when |
 |---|---|
 | 400 | empty, corrupt or truncated image; more than one file; a ``Host`` not in ``allowed_hosts`` |
-| 401 | ``api_key`` is set and a client beyond loopback did not send it (``X-API-Key`` or ``Authorization: Bearer``) |
+| 401 | ``api_key`` is set and a client beyond loopback did not send it (``X-API-Key`` or ``Authorization: Bearer``); ``/items`` from any client |
+| 403 | ``/items`` on a server without ``api_key`` (read-only) |
 | 413 | body above ``max_upload_bytes`` (refused before it is read), image above ``max_pixels`` (from its header) |
 | 415 | not an image |
 | 422 | missing ``file`` field, bad ``top_k`` or id |
@@ -51,6 +53,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from ..core.errors import UserError
+from . import items
+from .items import IndexLock, ItemStore, WriteGuard
 
 STATIC = Path(__file__).parent / "static"
 UPLOAD_ROUTES = ("/embed", "/search")
@@ -188,15 +192,11 @@ class ApiKeyGuard:
     def __init__(self, app: Any, key: str) -> None:
         self.app, self.key = app, key.encode()
 
-    def _sent(self, headers: Dict[bytes, bytes]) -> bytes:
-        auth = headers.get(b"authorization", b"")
-        return headers.get(b"x-api-key") or (auth[7:].strip() if auth[:7].lower() == b"bearer " else b"")
-
     async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and not is_loopback((scope.get("client") or (None,))[0]):
             path = scope["path"]
             public = scope["method"] in ("GET", "HEAD") and (path == "/" or path.startswith(PUBLIC_PATHS[1]))
-            if not public and not hmac.compare_digest(self._sent(dict(scope["headers"])), self.key):
+            if not public and not hmac.compare_digest(items.sent_key(dict(scope["headers"])), self.key):
                 return await _json(401, "this server needs an API key from clients beyond its own machine: send "
                                         "it in the X-API-Key header", {"WWW-Authenticate": "Bearer"})(scope, receive, send)
         return await self.app(scope, receive, send)
@@ -259,13 +259,18 @@ class UploadGate:
 def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_pixels: Optional[int] = None,
                max_top_k: int = 100, workers: Optional[int] = None, queue: int = 16,
                allowed_hosts: Optional[Sequence[str]] = None, api_key: Optional[str] = None,
-               title: str = "deepmetric search") -> FastAPI:
+               items_dir: Optional[Union[str, Path]] = None, index_path: Optional[Union[str, Path]] = None,
+               save_every: int = 1, title: str = "deepmetric search") -> FastAPI:
     """A FastAPI app serving ``index`` with ``predictor``; both are loaded once, by the caller.
 
     ``workers``: image requests processed at once (default: CPU count, at most 4); ``queue``: more
     that may wait, beyond which uploads get 503. ``max_pixels``: largest accepted image (default sized
     to the model's input). ``allowed_hosts``: ``Host`` names served (``None``: any; ``deepmetric serve``
-    passes the loopback names when bound to loopback). ``api_key``: required from clients beyond loopback.
+    passes the loopback names when bound to loopback). ``api_key``: required from clients beyond loopback,
+    and from every client to change the index (``POST /items``, ``DELETE /items/{id}``; without a key
+    the server is read-only). Uploaded items keep their image in ``items_dir`` (None: no image) and
+    the index is saved to ``index_path`` every ``save_every`` changes (0: when the server stops) and
+    when it stops; see :mod:`.items`.
     """
     from ..core import __version__
 
@@ -277,18 +282,25 @@ def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_p
         guarded[400] = _error("Host header not in the allowed hosts")
     if api_key:
         guarded[401] = _error("API key missing or wrong (clients beyond loopback)")
-    app = FastAPI(title=title, version=__version__,
+    lock = IndexLock()
+    store = ItemStore(index, lock, None if items_dir is None else Path(items_dir),
+                      None if index_path is None else Path(index_path), save_every)
+    app = FastAPI(title=title, version=__version__, lifespan=items.lifespan(store),
                   description="Image similarity search: embed an uploaded image and return the nearest gallery images.")
-    app.state.predictor, app.state.index = predictor, index
-    # added last = outermost: Host first, then the key, then the upload gate
-    app.add_middleware(UploadGate, file_limit=limits.upload, capacity=limits.workers + limits.queue)
+    app.state.predictor, app.state.index, app.state.items = predictor, index, store
+    # added last = outermost: Host first, then the key, then the write key, then the upload gate
+    app.add_middleware(UploadGate, file_limit=limits.upload, capacity=limits.workers + limits.queue,
+                       routes=UPLOAD_ROUTES + items.ITEM_ROUTES)
+    app.add_middleware(WriteGuard, key=api_key)
     if api_key:
         app.add_middleware(ApiKeyGuard, key=api_key)
     if allowed_hosts is not None:
         app.add_middleware(HostGuard, allowed=list(allowed_hosts))
     _add_error_handlers(app)
-    _add_search_routes(app, predictor, index, limits, guarded, __version__)
-    _add_gallery_routes(app, index, guarded)
+    run_limited = _add_search_routes(app, predictor, index, lock, limits, guarded, __version__)
+    items.add_item_routes(app, predictor, store, run_limited, limits.pixels, limits.upload, UPLOAD_ERRORS,
+                          documented=bool(api_key))
+    _add_gallery_routes(app, index, lock, guarded)
     return app
 
 
@@ -319,9 +331,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _json(getattr(exc, "status", 400), str(exc))
 
 
-def _add_search_routes(app: FastAPI, predictor: Any, index: Any, limits: _Limits,
-                       guarded: Dict[Union[int, str], Dict[str, Any]], version: str) -> None:
-    """``/health``, ``/embed`` and ``/search``."""
+def _add_search_routes(app: FastAPI, predictor: Any, index: Any, lock: IndexLock, limits: _Limits,
+                       guarded: Dict[Union[int, str], Dict[str, Any]], version: str):
+    """``/health``, ``/embed`` and ``/search``; returns the worker-pool runner the item routes share."""
     upload_limit, pixel_limit = limits.upload, limits.pixels
     score_meaning = ("cosine similarity, higher is closer" if index.metric == "cosine"
                      else "squared L2 distance, lower is closer")
@@ -350,7 +362,8 @@ def _add_search_routes(app: FastAPI, predictor: Any, index: Any, limits: _Limits
     @app.get("/health", summary="Service status, model, index and limits", response_model=HealthOut,
              responses=guarded)
     def health() -> HealthOut:
-        info = {k: v for k, v in index.info().items() if k != "source"}  # no server paths in responses
+        with lock.reading():
+            info = {k: v for k, v in index.info().items() if k != "source"}  # no server paths in responses
         shape = predictor.input_shape
         return HealthOut(status="ok", version=version, runtime=predictor.runtime, model=predictor.fingerprint,
                          embedding_dim=predictor.embedding_dim, input_shape=list(shape) if shape else None,
@@ -365,7 +378,9 @@ def _add_search_routes(app: FastAPI, predictor: Any, index: Any, limits: _Limits
 
     def search_bytes(data: bytes, top_k: int):
         start = time.perf_counter()
-        hits = index.search(embed_bytes(data), k=top_k)[0]
+        vector = embed_bytes(data)
+        with lock.reading():
+            hits = index.search(vector, k=top_k)[0]
         return hits, (time.perf_counter() - start) * 1000
 
     @app.post("/search", response_model=SearchOut, summary="Nearest gallery images of an uploaded image",
@@ -379,8 +394,10 @@ def _add_search_routes(app: FastAPI, predictor: Any, index: Any, limits: _Limits
         return SearchOut(metric=index.metric, score_meaning=score_meaning, top_k=top_k, hits=out,
                          took_ms=round(took, 3))
 
+    return run_limited
 
-def _add_gallery_routes(app: FastAPI, index: Any, guarded: Dict[Union[int, str], Dict[str, Any]]) -> None:
+
+def _add_gallery_routes(app: FastAPI, index: Any, lock: IndexLock, guarded: Dict[Union[int, str], Dict[str, Any]]) -> None:
     """``/images/{id}`` (only paths stored in the index are ever served), the page and its static files."""
 
     def gallery_path(item_id: int) -> Optional[str]:
@@ -401,7 +418,8 @@ def _add_gallery_routes(app: FastAPI, index: Any, guarded: Dict[Union[int, str],
                         404: _error("no such gallery item, or its file is gone"),
                         422: {"model": ValidationErrorOut, "description": "the id is not an integer"}, **guarded})
     def image(item_id: int) -> FileResponse:
-        path = gallery_path(item_id)  # the id is the sole input
+        with lock.reading():
+            path = gallery_path(item_id)  # the id is the sole input
         if not path:
             raise HTTPException(404, f"gallery item {item_id} has no stored image path")
         if not os.path.isfile(path):

@@ -53,11 +53,27 @@ def build_app(args: argparse.Namespace) -> Any:
         torch.set_num_threads(args.threads)
     index = SearchIndex.load(args.index)
     predictor = Predictor.load(args.checkpoint, device=args.device, runtime=args.runtime, threads=args.threads)
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = api_key_of(args)
     allowed = _hosts(args.allowed_hosts, args.host)
+    items_dir = args.items_dir or f"{args.index}.items"
     return create_app(predictor, index, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
                       max_top_k=args.max_top_k, workers=args.workers, queue=args.queue, allowed_hosts=allowed,
-                      api_key=api_key)
+                      api_key=api_key, items_dir=items_dir, index_path=args.index, save_every=args.save_every)
+
+
+def api_key_of(args: argparse.Namespace, warn: bool = True) -> Optional[str]:
+    """The server's key: the environment variable ``--api-key-env`` names (default
+    ``DEEPMETRIC_API_KEY``), or the older ``--api-key`` (visible to other users in the process list)."""
+    name = getattr(args, "api_key_env", None)
+    if name and not os.environ.get(name):
+        raise UserError(f"--api-key-env {name}: the environment variable {name} is not set (or empty); "
+                        f"export {name}=<key> first")
+    if getattr(args, "api_key", None):
+        if warn:
+            log.warning("--api-key puts the key in the process list, where other users can read it; "
+                        "set it in an environment variable and pass --api-key-env NAME instead")
+        return args.api_key
+    return os.environ.get(name or API_KEY_ENV) or None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -70,14 +86,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     predictor, index = app.state.predictor, app.state.index
     if not is_loopback(args.host):
-        if not (args.api_key or os.environ.get(API_KEY_ENV)):
+        if not api_key_of(args, warn=False):
             log.warning("serving on %s without an API key: anyone who can reach this address can search and "
-                        "download the gallery images (set %s or --api-key)", args.host, API_KEY_ENV)
+                        "download the gallery images (set %s, or name another variable with --api-key-env)", args.host, API_KEY_ENV)
         if args.allowed_hosts is None:
             log.warning("serving on %s for any Host header; name the host names clients use with --allowed-hosts",
                         args.host)
+    writable = (f"; POST /items and DELETE /items/{{id}} with the API key change {args.index}"
+                if api_key_of(args, warn=False) else "; read-only (no API key)")
     print(f"serving {len(index)} {'centroids' if index.mode == 'centroids' else 'images'} "
-          f"({index.backend_name}, {index.metric}) with {predictor.runtime} at http://{args.host}:{args.port}/")
+          f"({index.backend_name}, {index.metric}) with {predictor.runtime} at http://{args.host}:{args.port}/"
+          f"{writable}")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -106,8 +125,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-hosts", default=None, metavar="NAMES",
                    help="comma-separated Host names served ('*' any; '*.example.com' subdomains); default: "
                         "the loopback names when --host is loopback, else any")
-    p.add_argument("--api-key", default=None,
-                   help=f"key clients beyond this machine must send (X-API-Key header); prefer the {API_KEY_ENV} "
-                        "environment variable, which other users cannot see in the process list")
+    p.add_argument("--api-key-env", default=None, metavar="NAME",
+                   help=f"environment variable holding the API key (default {API_KEY_ENV}): clients beyond this "
+                        "machine must send it (X-API-Key header) to search, and every client to add or remove "
+                        "items (POST /items, DELETE /items/{id}); without a key the server is read-only")
+    p.add_argument("--api-key", default=None, help=argparse.SUPPRESS)  # older, in clear: use --api-key-env
+    p.add_argument("--items-dir", default=None, metavar="DIR",
+                   help="where images added with POST /items are kept (default: INDEX.items next to the index)")
+    p.add_argument("--save-every", type=int, default=1, metavar="N",
+                   help="save the index file (atomically) after every N changes; 0: only when the server stops "
+                        "(default 1)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
