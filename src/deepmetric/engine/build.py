@@ -52,8 +52,9 @@ def build_transforms(cfg: Config):
         raise ConfigError(f"{key}: {e.naming(KEYS)}") from None
 
 
-def build_data(cfg: Config) -> DataSplits:
-    """The recipe's splits: the format's, then the class split and the validation split of ``data``."""
+def build_data(cfg: Config, validation: bool = True) -> DataSplits:
+    """The recipe's splits: the format's, then the class split and (with ``validation``) the
+    validation split of ``data``. Evaluating a trained model needs no validation split."""
     try:
         builder = DATASETS.get(cfg.data.format)
     except UnknownNameError as e:
@@ -71,10 +72,11 @@ def build_data(cfg: Config) -> DataSplits:
         raise e.renamed({**KEYS, **{key: f"data.options.{key}" for key in valid}}) from None
     except ParameterError as e:  # an option with a bad value
         raise ConfigError(f"data.options ({cfg.data.format}): {e}") from None
-    return apply_protocol(splits, cfg, test_tf)
+    return apply_protocol(splits, cfg, test_tf, validation=validation)
 
 
-def apply_protocol(splits: DataSplits, cfg: Config, eval_transform=None, class_split: bool = True) -> DataSplits:
+def apply_protocol(splits: DataSplits, cfg: Config, eval_transform=None, class_split: bool = True,
+                   validation: bool = True) -> DataSplits:
     """``data.train_classes`` / ``test_classes`` (class split, with ``class_split``) and
     ``data.val_classes`` (validation split for ``eval.protocol``, unless ``splits.val`` is set) on a
     format's splits, or on splits a user made in Python (``class_split=False``: taken as given)."""
@@ -82,7 +84,7 @@ def apply_protocol(splits: DataSplits, cfg: Config, eval_transform=None, class_s
     try:
         if class_split:
             splits = split_classes(splits, d.train_classes, d.test_classes)
-        if splits.val is None:
+        if validation and splits.val is None:
             splits = carve_validation(splits, d.val_classes, layout=cfg.eval.protocol, seed=d.val_seed,
                                       transform=eval_transform, min_train_classes=_min_train_classes(cfg))
     except ClassSplitError as e:

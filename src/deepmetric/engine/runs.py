@@ -80,7 +80,7 @@ def evaluate(target: str, overrides: Sequence[str] = (), checkpoint: Optional[st
     ckpt, ckpt_state = read_checkpoint(ckpt_path)
     dist = init_distributed()
     device = rank_device(cfg.train.device, dist)
-    splits = build_data(cfg)
+    splits = build_data(cfg, validation=False)
     if run_dir is not None and not any(o.startswith("data.") for o in overrides):
         check_recorded_splits(run_dir, splits)
     model = build_model(cfg, load_weights=False)
