@@ -15,6 +15,7 @@ DATASETS = Registry("dataset", {
     "fashion_mnist": "deepmetric.data.formats.arrays:fashion_mnist",
     "cars": "deepmetric.data.formats.cars:build_cars",
     "cars196": "deepmetric.data.formats.cars:build_cars",
+    "concat": "deepmetric.data.formats.concat:build_concat",
     "csv": "deepmetric.data.formats.csv_list:build_csv",
     "cub": "deepmetric.data.formats.cub:build_cub",
     "cub200": "deepmetric.data.formats.cub:build_cub",
