@@ -20,6 +20,8 @@ _EXPORTS = {
     "load_config": "deepmetric.config",
     "UserError": "deepmetric.core.errors",
     "EmbeddingSet": "deepmetric.core.embeddings",
+    "EvalResult": "deepmetric.core.results",
+    "RetrievalResults": "deepmetric.core.results",
     "Trainer": "deepmetric.engine.trainer",
     "Callback": "deepmetric.engine.callbacks",
     "MLflowCallback": "deepmetric.engine.tracking",
