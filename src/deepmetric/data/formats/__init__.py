@@ -9,13 +9,23 @@ from __future__ import annotations
 
 from ...core.registry import Registry
 
+
+def concat(root=None, *, train_transform=None, test_transform=None, parts=()):
+    """``concat``: several formats in one run (:mod:`.concat`), each part built from this catalogue
+    (handed to it, so that ``concat.py`` needs no import of this package)."""
+    from .concat import build_concat
+
+    return build_concat(root, train_transform=train_transform, test_transform=test_transform, parts=parts,
+                        formats=DATASETS)
+
+
 #: every format by name (aliases included): ``name -> "module:builder"``
 DATASETS = Registry("dataset", {
     "digits": "deepmetric.data.formats.arrays:digits",
     "fashion_mnist": "deepmetric.data.formats.arrays:fashion_mnist",
     "cars": "deepmetric.data.formats.cars:build_cars",
     "cars196": "deepmetric.data.formats.cars:build_cars",
-    "concat": "deepmetric.data.formats.concat:build_concat",
+    "concat": concat,
     "csv": "deepmetric.data.formats.csv_list:build_csv",
     "cub": "deepmetric.data.formats.cub:build_cub",
     "cub200": "deepmetric.data.formats.cub:build_cub",

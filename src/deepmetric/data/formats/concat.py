@@ -82,15 +82,13 @@ def _part_spec(i: int, part: Any, root: Optional[str]) -> Dict[str, Any]:
     return spec
 
 
-def _build_part(i: int, spec: Dict[str, Any], train_transform, test_transform) -> DataSplits:
-    """One part's splits by its registered format, its option names checked as ``data.options``' are."""
-    from . import DATASETS
-
+def _build_part(i: int, spec: Dict[str, Any], train_transform, test_transform, formats: Any) -> DataSplits:
+    """One part's splits by its format in ``formats``, its option names checked as ``data.options``' are."""
     try:
-        builder = DATASETS.get(spec["format"])
+        builder = formats.get(spec["format"])
     except UnknownNameError as e:
         raise ParameterError(f"{{parts}}[{i}].format: {e}", "parts") from None
-    if builder is build_concat:
+    if builder is formats.get("concat"):
         raise ParameterError(f"{{parts}}[{i}].format: a concat part cannot itself be concat; list its parts here",
                              "parts")
     valid = [p for p in inspect.signature(builder).parameters if p not in _FIXED]
@@ -119,9 +117,12 @@ def _own_ids(s: DataSplits) -> np.ndarray:
 
 
 def build_concat(root: Optional[str] = None, *, train_transform: Optional[Callable] = None,
-                 test_transform: Optional[Callable] = None, parts: Sequence[Mapping[str, Any]] = ()) -> DataSplits:
+                 test_transform: Optional[Callable] = None, parts: Sequence[Mapping[str, Any]] = (),
+                 formats: Any) -> DataSplits:
     """The union of ``parts`` (see the module docstring): training, query and gallery sets
-    concatenated, class ids offset per part, class names prefixed with the part's name."""
+    concatenated, class ids offset per part, class names prefixed with the part's name. ``formats``
+    is the catalogue the parts' formats are looked up in (:data:`~deepmetric.data.formats.DATASETS`,
+    which registers this builder with itself)."""
     if isinstance(parts, (str, bytes)) or not isinstance(parts, Sequence) or len(parts) < 1:
         raise ParameterError("{parts}: a list of parts ({format: ..., root: ..., options: {...}}), got "
                              f"{parts!r}", "parts")
@@ -131,7 +132,7 @@ def build_concat(root: Optional[str] = None, *, train_transform: Optional[Callab
         if n in names[:i]:
             raise ParameterError(f"{{parts}}[{i}]: name {n!r} is taken by parts[{names.index(n)}]; give each part "
                                  "a distinct 'name'", "parts")
-    built = [_build_part(i, s, train_transform, test_transform) for i, s in enumerate(specs)]
+    built = [_build_part(i, s, train_transform, test_transform, formats) for i, s in enumerate(specs)]
     for i, s in enumerate(built):
         if s.pairs is not None:
             raise DataError(f"{{parts}}[{i}] ({names[i]}): a verification format (pairs) cannot be concatenated; "
