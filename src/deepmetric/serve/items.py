@@ -12,6 +12,9 @@ decoded and embedded exactly as ``/search`` does (the pixel limit, the worker po
 files of one request together at most ``max_upload_bytes``), its image kept under ``items_dir`` (so
 ``/images/{id}`` serves it) and added to the index. With ``index_path`` the index is saved there
 atomically every ``save_every`` changes (0: only when the server stops) and when the server stops.
+The server owns that file while it runs: a ``deepmetric index add`` / ``remove`` on it meanwhile is
+overwritten by the server's next save (stop the server, or change the index through these routes).
+Labels are all an item carries besides its image (the index stores a label and a path per item).
 
 Searches and changes share the index under :class:`IndexLock`: any number of searches at once, a
 change alone (:class:`~deepmetric.inference.index.SearchIndex` is not safe to change during a search).
