@@ -29,6 +29,10 @@ from .checkpoint import CONFIG, load_model_weights, read_checkpoint, resolve_che
 
 log = logging.getLogger("deepmetric")
 
+#: config.yaml's prefix for a model or loss given as a Python object (``python:TinyNet``), see
+#: :mod:`.python_objects`: a name no catalogue holds, which no config can rebuild
+PYTHON = "python:"
+
 #: the recipe key of each parameter that components name in their errors
 KEYS = {
     "classes_per_batch": "data.classes_per_batch", "samples_per_class": "data.samples_per_class",

@@ -17,7 +17,6 @@ evaluation embeds a shard per rank, gathers the embeddings and computes exact me
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -32,10 +31,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import Config, ConfigError, LossTerm, save_config
+from ..config import Config, ConfigError, save_config
 from ..core.distributed import all_gather_with_grad, any_rank, barrier, broadcast_object, init_distributed, rank_device
 from ..core.files import atomic_write
-from ..data.base import DataError, DataSplits, MetricDataset, relabel
+from ..data.base import DataError, DataSplits
 from ..data.loading import SeededBatchSampler, SeededDataset, loader_settings
 from ..data.protocol import describe_splits, restrict_train
 from .build import (apply_protocol, build_data, build_device_normalisation, build_losses, build_model, build_optimizers,
@@ -45,6 +44,7 @@ from .checkpoint import (CheckpointError, load_model_weights, load_train_state, 
                          save_checkpoint)
 from .evaluator import Evaluator
 from .interrupt import StopRequest
+from .python_objects import check_sources, embedding_dim, mark_python_objects, object_sources, with_training_set
 from .schedule import LRSchedule
 
 log = logging.getLogger("deepmetric")
@@ -127,88 +127,6 @@ class _collect_notes:
         log.removeHandler(self.handler)
 
 
-PYTHON = "python:"  # config.yaml's name for a model or loss given as a Python object
-
-
-def _mark_python_objects(cfg: Config, model: Optional[torch.nn.Module], loss: Optional[torch.nn.Module]) -> Config:
-    """The recipe with a Python model or loss named ``python:<class>`` in ``model.backbone`` /
-    ``losses``, so the run's ``config.yaml`` says what it trained; settings that only the recipe's
-    own model can honour are refused; so is a run of Python objects continued without them."""
-    m = cfg.model
-    if model is None and m.backbone.startswith(PYTHON):
-        raise ConfigError(f"model.backbone: '{m.backbone}' was a model made in Python; it cannot be rebuilt from "
-                          f"the config: pass it again (Trainer(cfg, run_dir, model=..., resume=True))")
-    if loss is None and any(t.name.startswith(PYTHON) for t in cfg.losses):
-        raise ConfigError(f"losses: '{cfg.losses[0].name}' was a loss made in Python; pass it again "
-                          f"(Trainer(cfg, run_dir, loss=..., resume=True))")
-    if model is not None:
-        for key, bad in (("model.pretrained", m.pretrained), ("model.init_from", m.init_from),
-                         ("model.freeze_bn", m.freeze_bn),
-                         ("train.freeze_backbone_steps", cfg.train.freeze_backbone_steps and not hasattr(model, "backbone"))):
-            if bad:
-                raise ConfigError(f"{key}: applies to the recipe's model, not to {type(model).__name__} given in "
-                                  f"Python; unset it (load weights or freeze layers in your model yourself)")
-        if loss is None and any(t.input != "embedding" for t in cfg.losses):
-            raise ConfigError("losses.N.input: a model given in Python gives embeddings only; "
-                              "set every losses.N.input to embedding")
-        cfg = cfg.model_copy(update={"model": m.model_copy(update={"backbone": PYTHON + type(model).__name__})})
-    if loss is not None:
-        cfg = cfg.model_copy(update={"losses": [LossTerm(name=PYTHON + type(loss).__name__)]})
-    return cfg
-
-
-def embedding_dim(model: torch.nn.Module, splits: DataSplits, device: torch.device) -> int:
-    """``model.embedding_dim``, or for a model without it the D of ``model(image)`` on one evaluation
-    image (which checks that it gives ``(B, D)`` embeddings)."""
-    dim = getattr(model, "embedding_dim", None)
-    if isinstance(dim, int) and dim > 0:
-        return dim
-    dataset = splits.query if splits.query is not None else splits.train
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model(dataset[0][0][None].to(device))
-    model.train(was_training)
-    if not torch.is_tensor(out) or out.ndim != 2:
-        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise ConfigError(f"model: {type(model).__name__} must map images (B, C, H, W) to embeddings (B, D); "
-                          f"it gave {shape} for one image")
-    return int(out.shape[1])
-
-
-class TorchTrainingSet(MetricDataset):
-    """A torch ``Dataset`` of ``(image, label)`` or ``(image, label, index)`` as a training set:
-    labels from its ``targets`` or ``labels`` attribute (torchvision's), else read once from every
-    item; relabelled ``0..C-1`` (the original ids in ``train_class_ids``). Images come as the
-    dataset makes them (its own transform and augmentation, under each sample's seed)."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
-        labels = getattr(dataset, "targets", None)
-        if labels is None:
-            labels = getattr(dataset, "labels", None)
-        if labels is None:
-            labels = [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
-        self.class_ids = np.unique(np.asarray(labels, dtype=np.int64))
-        super().__init__(relabel(np.asarray(labels, dtype=np.int64)), name=type(dataset).__name__)
-        self.dataset = dataset
-
-    def load(self, i: int) -> Any:
-        return self.dataset[i][0]
-
-
-def with_training_set(splits: Optional[DataSplits], dataset: torch.utils.data.Dataset, cfg: Config) -> DataSplits:
-    """``Trainer(train_dataset=...)``: ``dataset`` trains; the evaluation splits are ``splits``'
-    (as given) or the recipe's test split. A validation split must come with ``splits`` (``val``):
-    one cannot be carved from a plain torch dataset."""
-    if splits is None:
-        splits = build_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"val_classes": None})}))
-    if splits.val is None and cfg.data.val_classes is not None:
-        raise ConfigError("data.val_classes: a validation split cannot be carved from train_dataset (a torch "
-                          "Dataset); set data.val_classes=null, or pass splits=DataSplits(..., val=...)")
-    train = TorchTrainingSet(dataset)
-    return dataclasses.replace(splits, train=train, train_class_ids=train.class_ids)
-
-
 class Trainer:
     """Train one recipe into ``run_dir``. See the module docstring.
 
@@ -217,7 +135,8 @@ class Trainer:
     ``nn.Module`` called as ``loss(embeddings, labels)`` -> scalar; its parameters join the main
     optimizer; it replaces ``losses``), ``splits`` (a :class:`~deepmetric.data.DataSplits`) or
     ``train_dataset`` (a torch ``Dataset`` of ``(image, label)`` or ``(image, label, index)``; the
-    evaluation splits stay the recipe's, or those of ``splits``). Checkpoints hold their weights like
+    evaluation splits stay the recipe's, or those of ``splits``; see
+    :mod:`~deepmetric.engine.python_objects`). Checkpoints hold their weights like
     any others: resume by passing the same objects again. ``config.yaml`` names them
     ``python:<class>`` and ``state.json`` / the summary record ``sources``; ``deepmetric eval`` cannot
     rebuild such a model: evaluate it in Python (``Evaluator(cfg, splits).run(model)``).
@@ -235,10 +154,8 @@ class Trainer:
 
     def _build(self, cfg, run_dir, resume, splits, on_log, callbacks, model, loss, train_dataset) -> None:
         cfg = resolve_paths(cfg)
-        self.sources = {"model": "config" if model is None else "python",
-                        "loss": "config" if loss is None else "python",
-                        "splits": "config" if splits is None and train_dataset is None else "python"}
-        self.cfg = cfg = _mark_python_objects(cfg, model, loss)
+        self.sources = object_sources(model, loss, splits, train_dataset)
+        self.cfg = cfg = mark_python_objects(cfg, model, loss)
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.should_stop = False  # a callback sets it: the run ends after the current step
@@ -353,12 +270,7 @@ class Trainer:
         self.evaluations = s.get("evaluations", 0)
         self.untrained = s.get("untrained") or {}
         self.input_shape = s.get("input_shape")
-        was = s.get("sources") or {"model": "config", "loss": "config"}
-        for part in ("model", "loss"):
-            if was.get(part, "config") != self.sources[part]:
-                raise CheckpointError(f"{self._ckpt}: the run's {part} came from {was.get(part, 'config')}, this "
-                                      f"Trainer's from {self.sources[part]}; resume with the same {part} "
-                                      f"(Trainer(..., {part}=...) for one made in Python)")
+        check_sources(self._ckpt, s.get("sources"), self.sources)
         self.schedule.load_state_dict(s["scheduler"])
         self.loader_generator.set_state(torch.tensor(s["loader_generator"], dtype=torch.uint8))
         if self.scaler.is_enabled() and s.get("grad_scaler"):  # fp16: the loss scale it had reached
