@@ -110,8 +110,41 @@ def build_verification_pairs(cfg: Config) -> Optional[VerificationPairs]:
     return DATASETS.get("lfw")(c.lfw_root, test_transform=test_tf, pairs=c.lfw_pairs or "pairs.txt").pairs
 
 
+def python_model_error(cfg: Config, ckpt: Optional[Path] = None) -> Optional[ConfigError]:
+    """The error for a recipe whose ``model.backbone`` is ``python:<class>`` (a model given in Python,
+    see :mod:`.python_objects`), which no config rebuilds: it says how to evaluate that run's
+    checkpoint ``ckpt`` (default ``RUN/checkpoints/best``) in Python. None for a catalogued backbone."""
+    backbone = cfg.model.backbone
+    if not backbone.startswith(PYTHON):
+        return None
+    cls = backbone[len(PYTHON):]
+    best = ckpt if ckpt is not None else "RUN/checkpoints/best"
+    return ConfigError(
+        f"model.backbone: '{backbone}': the run's model was given in Python (Trainer(..., model={cls}())), so "
+        f"its config cannot rebuild it and commands that load a run (eval, embed, export, search, serve) "
+        f"cannot use it; evaluate it in Python: from deepmetric.engine.checkpoint import load_model_weights; "
+        f"model = {cls}(); load_model_weights(model, '{best}'); "
+        f"cfg = deepmetric.load_config('{best}'); "
+        f"deepmetric.Evaluator(cfg, deepmetric.build_data(cfg, validation=False)).run(model)")
+
+
+def model_from_checkpoint(cfg: Config, ckpt: Path) -> Embedder:
+    """The model of recipe ``cfg`` with the weights of checkpoint folder ``ckpt`` (not yet on a
+    device, in train mode): what ``deepmetric eval`` and :func:`load_for_inference` load. A model
+    given in Python is refused (:func:`python_model_error`)."""
+    error = python_model_error(cfg, ckpt)
+    if error is not None:
+        raise error
+    model = build_model(cfg, load_weights=False)
+    load_model_weights(model, ckpt)
+    return model
+
+
 def build_model(cfg: Config, load_weights: bool = True) -> Embedder:
     m = cfg.model
+    error = python_model_error(cfg)
+    if error is not None:
+        raise error
     _check_backbone_options(m.backbone, m.backbone_options)
     try:
         model = build_embedder(m.backbone, m.embedding_dim, m.pooling, m.bnneck, m.normalize,
@@ -273,6 +306,4 @@ def load_for_inference(path: str | Path, prefer: str = "best", device: str | tor
     checkpoint's own recipe builds the model, its weights are loaded (see :mod:`.checkpoint`)."""
     ckpt, _ = read_checkpoint(path, prefer)
     cfg = load_config(ckpt / CONFIG)
-    model = build_model(cfg, load_weights=False)
-    load_model_weights(model, ckpt)
-    return model.to(device).eval(), cfg, ckpt
+    return model_from_checkpoint(cfg, ckpt).to(device).eval(), cfg, ckpt

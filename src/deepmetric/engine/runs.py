@@ -21,8 +21,8 @@ from ..core.files import atomic_write
 from ..core.results import EvalResult
 from ..data.base import DataSplits
 from ..data.protocol import describe_splits, split_differences
-from .build import build_data, build_model
-from .checkpoint import load_model_weights, read_checkpoint
+from .build import build_data, model_from_checkpoint
+from .checkpoint import read_checkpoint
 from .evaluator import Evaluator
 from .trainer import Trainer
 
@@ -78,13 +78,12 @@ def evaluate(target: str, overrides: Sequence[str] = (), checkpoint: Optional[st
         raise UserError(f"eval --neighbours {neighbours}: give K >= 1 for a retrieval or re-ID protocol "
                         f"(this recipe's protocol is {cfg.eval.protocol})")
     ckpt, ckpt_state = read_checkpoint(ckpt_path)
+    model = model_from_checkpoint(cfg, ckpt)  # first: a model given in Python stops here, before the data
     dist = init_distributed()
     device = rank_device(cfg.train.device, dist)
     splits = build_data(cfg, validation=False)
     if run_dir is not None and not any(o.startswith("data.") for o in overrides):
         check_recorded_splits(run_dir, splits)
-    model = build_model(cfg, load_weights=False)
-    load_model_weights(model, ckpt)
     model.to(device).eval()
     result = Evaluator(cfg, splits, device).run(model)
     out = Evaluation(result, cfg, splits, ckpt, ckpt_state.get("step"), out_dir, dist.is_main)

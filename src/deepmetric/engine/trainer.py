@@ -138,8 +138,9 @@ class Trainer:
     evaluation splits stay the recipe's, or those of ``splits``; see
     :mod:`~deepmetric.engine.python_objects`). Checkpoints hold their weights like
     any others: resume by passing the same objects again. ``config.yaml`` names them
-    ``python:<class>`` and ``state.json`` / the summary record ``sources``; ``deepmetric eval`` cannot
-    rebuild such a model: evaluate it in Python (``Evaluator(cfg, splits).run(model)``).
+    ``python:<class>`` and ``state.json`` / the summary record ``sources``; ``deepmetric eval`` (and
+    every command that loads a run) cannot rebuild such a model and says how to evaluate it in Python
+    (:func:`~deepmetric.engine.build.python_model_error`).
     ``callbacks``: :class:`~deepmetric.engine.callbacks.Callback` s; ``on_log(row)`` is called with
     each ``metrics.jsonl`` row.
     """
