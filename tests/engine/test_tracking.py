@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from deepmetric import Callback
 from deepmetric.config import load_config
 from deepmetric.engine.trainer import Trainer
 from deepmetric.quickstart import RECIPE
@@ -63,3 +64,48 @@ def test_init_from_is_a_note(tmp_path, tiny_overrides):
     cfg = load_config(RECIPE, [*tiny_overrides, "train.max_steps=1", "eval.untrained=false", f"model.init_from={first}"])
     summary = Trainer(cfg, tmp_path / "stage2").fit()
     assert any(n.startswith("model.init_from: the model started from") and "stage1" in n for n in summary["notes"])
+
+
+class _RaiseAt(Callback):
+    def __init__(self, step, exc):
+        self.step, self.exc, self.seen = step, exc, []
+
+    def on_step_end(self, trainer, record):
+        if record["step"] == self.step:
+            raise self.exc
+
+    def on_fit_error(self, trainer, exc):
+        self.seen.append(exc)
+
+
+@pytest.mark.parametrize("exc, status", [(RuntimeError("boom at step 2"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_a_run_that_raises_or_is_interrupted_ends_failed_or_killed(tmp_path, tiny_overrides, monkeypatch, exc, status):
+    pytest.importorskip("mlflow", reason="the mlflow extra (mlflow-skinny) is not installed")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    cfg = load_config(RECIPE, [*tiny_overrides, "train.max_steps=4", "eval.untrained=false",
+                               f"tracking.mlflow={{tracking_uri: '{uri}', experiment: tiny}}"])
+    cb = _RaiseAt(2, exc)
+    with pytest.raises(type(exc)):
+        Trainer(cfg, tmp_path / "run", callbacks=[cb]).fit()
+    assert cb.seen == [exc], "on_fit_error is called with the exception, before it is re-raised"
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert run.info.status == status
+    # the recipe's tracker runs after the callbacks given: step 2 raised before it was logged
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1]
+    if status == "FAILED":
+        assert run.data.tags["deepmetric.error"] == "RuntimeError: boom at step 2"
+
+
+def test_a_failing_on_fit_error_does_not_hide_the_error(tmp_path, tiny_overrides, caplog):
+    class Broken(Callback):
+        def on_fit_error(self, trainer, exc):
+            raise ValueError("hook broke")
+
+    cfg = load_config(RECIPE, [*tiny_overrides, "train.max_steps=4", "eval.untrained=false"])
+    with caplog.at_level(logging.WARNING, logger="deepmetric"), pytest.raises(RuntimeError, match="boom"):
+        Trainer(cfg, tmp_path / "run", callbacks=[_RaiseAt(1, RuntimeError("boom")), Broken()]).fit()
+    assert any("Broken.on_fit_error failed (ValueError: hook broke)" in r.getMessage() for r in caplog.records)

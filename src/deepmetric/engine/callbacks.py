@@ -10,6 +10,7 @@ in the order given, in this order within a run::
     on_checkpoint(trainer, "last" / "best", path)     # after each checkpoint is written
     on_evaluation(trainer, "test", metrics)           # the selected checkpoint, tested once
     on_fit_end(trainer, summary)                      # what fit() returns
+    on_fit_error(trainer, exc)                        # instead, when fit() raises (Ctrl-C included)
 
 A callback may set ``trainer.should_stop = True``: the run ends after the current step as if
 ``train.max_steps`` were that step (its evaluation, ``last`` and ``best``, the final test of the
@@ -45,6 +46,11 @@ class Callback:
 
     def on_fit_end(self, trainer: Any, summary: Dict[str, Any]) -> None:
         """At the end of ``fit()``, with the summary it returns (``metrics.json`` is written)."""
+
+    def on_fit_error(self, trainer: Any, exc: BaseException) -> None:
+        """When ``fit()`` raises ``exc``, just before it is re-raised: an error, or ``KeyboardInterrupt``
+        (Ctrl-C or SIGTERM, after ``last`` was saved). An error of this hook is logged, never raised
+        in place of ``exc``."""
 
 
 class LogRecords(Callback):
@@ -121,4 +127,15 @@ def run_callbacks(callbacks, event: str, *args: Any) -> None:
     """Call ``event`` on every callback, in order."""
     for cb in callbacks:
         getattr(cb, event)(*args)
+
+
+def report_fit_error(callbacks, trainer: Any, exc: BaseException) -> None:
+    """``on_fit_error(trainer, exc)`` on every callback; one that fails is logged, so that ``exc``
+    (which the caller re-raises) stays the error the user sees."""
+    for cb in callbacks:
+        try:
+            cb.on_fit_error(trainer, exc)
+        except Exception as e:  # noqa: BLE001 - whatever a user's hook raises
+            log.warning("%s.on_fit_error failed (%s: %s) while the run stopped on %s",
+                        type(cb).__name__, type(e).__name__, e, type(exc).__name__)
 

@@ -7,6 +7,7 @@ passed in Python (``Trainer(..., callbacks=[MLflowCallback(...)])``). It logs
 - metrics by step: ``train/loss``, ``train/lr``, ``train/images_per_s`` at each logging step, and
   every evaluation metric prefixed by its split (``val/map_at_r``, ``test/recall_at_1``; MLflow
   names allow no ``@``); the selected checkpoint's test as ``final/...``;
+- the run's end: ``FINISHED``, or ``FAILED`` / ``KILLED`` when ``fit()`` raises or is interrupted;
 - artefacts at the end: ``config.yaml``, ``metrics.json``, ``metrics.jsonl``, ``report.html`` when
   it exists by then, and ``checkpoints/best`` (``log_checkpoint``).
 
@@ -160,3 +161,14 @@ class MLflowCallback(Callback):
         if self.log_checkpoint and best.is_dir():
             self.client.log_artifacts(run_id, str(best), artifact_path="checkpoints/best")
         self.client.set_terminated(run_id, "FINISHED")
+
+    def on_fit_error(self, trainer: Any, exc: BaseException) -> None:
+        """The MLflow run ends ``KILLED`` (Ctrl-C, SIGTERM) or ``FAILED`` (an error, named in the tag
+        ``deepmetric.error``), not left ``RUNNING``; one that failed before it logged anything is
+        recorded too."""
+        run_id = self._run(trainer)
+        if isinstance(exc, KeyboardInterrupt):
+            self.client.set_terminated(run_id, "KILLED")
+            return
+        self.client.set_tag(run_id, "deepmetric.error", f"{type(exc).__name__}: {exc}"[:5000])
+        self.client.set_terminated(run_id, "FAILED")

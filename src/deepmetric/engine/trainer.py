@@ -39,7 +39,7 @@ from ..data.loading import SeededBatchSampler, SeededDataset, loader_settings
 from ..data.protocol import describe_splits, restrict_train
 from .build import (apply_protocol, build_data, build_device_normalisation, build_losses, build_model, build_optimizers,
                     build_sampler, own_optimizer_key)
-from .callbacks import Callback, LogRecords, ProgressLog, run_callbacks
+from .callbacks import Callback, LogRecords, ProgressLog, report_fit_error, run_callbacks
 from .checkpoint import (CheckpointError, load_model_weights, load_train_state, read_checkpoint, resolve_checkpoint,
                          save_checkpoint)
 from .evaluator import Evaluator
@@ -373,7 +373,8 @@ class Trainer:
         try:
             with _collect_notes(self.notes):
                 return self._fit()
-        except BaseException:
+        except BaseException as exc:
+            report_fit_error(self.callbacks, self, exc)
             # Nothing half-made may pass for a run: remove a fresh run dir that never got a checkpoint.
             if self.is_main and created and not self.resume and not (self.run_dir / "checkpoints").exists():
                 shutil.rmtree(self.run_dir, ignore_errors=True)
