@@ -1,6 +1,8 @@
 """Runs through the command line: a run trained with a model given in Python is refused in one line
-by the commands that load runs, with the Python that evaluates it (which works)."""
+by the commands that load runs, with the Python that evaluates it (which works); the report of a
+tracked run is one of its MLflow artefacts."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,3 +61,22 @@ def test_the_python_the_error_gives_evaluates_the_run(python_model_run):
     metrics = deepmetric.Evaluator(cfg, deepmetric.build_data(cfg, validation=False)).run(model).metrics
     trained = json.loads((python_model_run / "metrics.json").read_text())
     assert metrics["recall@1"] == pytest.approx(trained["recall@1"]), "the same score as the run's own test"
+
+
+def test_train_with_tracking_logs_the_report(tmp_path, tiny_overrides, monkeypatch, capsys):
+    pytest.importorskip("mlflow", reason="the mlflow extra (mlflow-skinny) is not installed")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    run = tmp_path / "run"
+    assert main(["train", str(RECIPE), *tiny_overrides, "train.max_steps=2", "eval.untrained=false",
+                 f"tracking.mlflow={{tracking_uri: '{uri}', experiment: cli}}", "--run-dir", str(run)]) == 0
+    assert f"report: {run / 'report.html'}" in capsys.readouterr().out
+    client = MlflowClient(uri)
+    [tracked] = client.search_runs([client.get_experiment_by_name("cli").experiment_id])
+    assert tracked.info.status == "FINISHED"
+    artefacts = {a.path for a in client.list_artifacts(tracked.info.run_id)}
+    assert {"report.html", "config.yaml", "metrics.json"} <= artefacts
+    logged = Path(client.download_artifacts(tracked.info.run_id, "report.html", str(tmp_path / "got")))
+    assert logged.read_text() == (run / "report.html").read_text(), "the report as written, complete"

@@ -27,22 +27,22 @@ EXTRAS = {package: "train" for package in PACKAGES.values()}
 # -- handlers --------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .engine.callbacks import WriteReport
     from .engine.runs import trainer_for
-    from .viz.report import write_report
+    from .viz.report import write_run_report
     from .viz.summary import format_summary
 
     if args.config and "=" in args.config:  # `train --resume RUN key=value`: no recipe, only overrides
         args.overrides = [args.config, *args.overrides]
         args.config = None
-    trainer = trainer_for(args.config, args.overrides, args.run_dir, args.resume)
+    report = WriteReport(write_run_report)  # part of the run: a tracker logs it
+    trainer = trainer_for(args.config, args.overrides, args.run_dir, args.resume, callbacks=[report])
     summary = trainer.fit()
     if not trainer.is_main:  # under torchrun, rank 0 alone prints and writes
         return 0
-    run_dir, splits = trainer.run_dir, trainer.splits
+    run_dir = trainer.run_dir
     print(format_summary(summary, title=f"{trainer.cfg.name}:"))
-    report = write_report(run_dir, trainer.history, trainer.last_result, cfg=trainer.cfg, summary=summary,
-                          dataset=splits.query, gallery_dataset=splits.gallery, class_names=splits.class_names)
-    print(f"run directory: {run_dir}  (report: {report}; `deepmetric eval {run_dir}` scores the same checkpoint)")
+    print(f"run directory: {run_dir}  (report: {report.path}; `deepmetric eval {run_dir}` scores the same checkpoint)")
     return 0
 
 

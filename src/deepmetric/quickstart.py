@@ -49,23 +49,23 @@ def prepare_run_dir(run_dir: Path) -> None:
 
 
 def run_quickstart(run_dir: str = "runs/quickstart", overrides: Sequence[str] = ()) -> Dict:
+    from .engine.callbacks import WriteReport
     from .engine.trainer import Trainer
-    from .viz.report import write_report
+    from .viz.report import write_run_report
     from .viz.summary import format_summary
 
     cfg = load_config(RECIPE, overrides)
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     prepare_run_dir(run_dir)
-    trainer = Trainer(cfg, run_dir)
+    report = WriteReport(write_run_report)
+    trainer = Trainer(cfg, run_dir, callbacks=[report])
     s = trainer.splits
     faces = "?" if s.train.camids is None else len(np.unique(s.train.camids))  # glyphs: a face's camera id
     print(f"{cfg.data.format}: {s.train.num_classes} training characters x {faces} typefaces "
           f"({len(s.train)} images); {s.val.query.num_classes if s.val else 0} held-out characters select the "
           f"checkpoint; {s.query.num_classes} unseen characters ({len(s.query)} images) are the test")
     summary = trainer.fit()
-    report = write_report(run_dir, trainer.history, trainer.last_result, cfg=cfg, summary=summary,
-                          dataset=s.query, class_names=s.class_names)
     print(format_summary(summary))
-    print(f"{time.perf_counter() - t0:.0f} s in all; run directory {run_dir}; report {report}")
+    print(f"{time.perf_counter() - t0:.0f} s in all; run directory {run_dir}; report {report.path}")
     return summary

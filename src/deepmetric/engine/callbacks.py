@@ -16,14 +16,16 @@ A callback may set ``trainer.should_stop = True``: the run ends after the curren
 ``train.max_steps`` were that step (its evaluation, ``last`` and ``best``, the final test of the
 selected checkpoint). ``trainer.final_test`` is true during the last ``on_evaluation``.
 
-:class:`ProgressLog` is the one the trainer adds itself when progress is on and stderr is no terminal.
+:class:`ProgressLog` is the one the trainer adds itself when progress is on and stderr is no terminal;
+:class:`WriteReport` writes the run's ``report.html`` (``deepmetric train`` adds it), before the
+trackers that run after it (:mod:`.tracking`) log the run's files.
 """
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 log = logging.getLogger("deepmetric")
 
@@ -68,6 +70,20 @@ class LogRecords(Callback):
     def on_evaluation(self, trainer: Any, split: str, metrics: Dict[str, Any]) -> None:
         if not trainer.final_test:
             self.fn({"step": trainer.step, "split": split, "eval": metrics})
+
+
+class WriteReport(Callback):
+    """The run's report, written at the end of ``fit()`` by ``write(trainer, summary) -> path``
+    (``deepmetric train`` passes :func:`deepmetric.viz.report.write_run_report`: the engine does not
+    draw). Put it before a tracker so that the tracker logs the report: the recipe's
+    ``tracking.mlflow`` runs after every callback given. ``path``: the report, once written."""
+
+    def __init__(self, write: Callable[[Any, Dict[str, Any]], Path]) -> None:
+        self.write = write
+        self.path: Optional[Path] = None
+
+    def on_fit_end(self, trainer: Any, summary: Dict[str, Any]) -> None:
+        self.path = Path(self.write(trainer, summary))
 
 
 def format_duration(seconds: float) -> str:

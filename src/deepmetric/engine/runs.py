@@ -22,6 +22,7 @@ from ..core.results import EvalResult
 from ..data.base import DataSplits
 from ..data.protocol import describe_splits, split_differences
 from .build import build_data, model_from_checkpoint
+from .callbacks import Callback
 from .checkpoint import read_checkpoint
 from .evaluator import Evaluator
 from .trainer import Trainer
@@ -30,20 +31,21 @@ log = logging.getLogger("deepmetric")
 
 
 def trainer_for(config: Optional[str], overrides: Sequence[str] = (), run_dir: Optional[str] = None,
-                resume: Optional[str] = None) -> Trainer:
+                resume: Optional[str] = None, callbacks: Sequence[Callback] = ()) -> Trainer:
     """The :class:`Trainer` of ``deepmetric train``: a recipe (a file or a packaged name) with
     ``overrides`` into ``run_dir`` (default the recipe's ``run_dir``, else ``runs/<name>``), or, with
-    ``resume``, that run directory continued from its last checkpoint (only ``train.*`` keys may change)."""
+    ``resume``, that run directory continued from its last checkpoint (only ``train.*`` keys may change);
+    with ``callbacks`` (the CLI's :class:`~deepmetric.engine.callbacks.WriteReport`)."""
     if resume:
         cfg = load_config(Path(resume), overrides)
         bad = [o.split("=", 1)[0] for o in overrides if not o.startswith("train.")]
         if bad:
             raise ConfigError(f"--resume: only train.* keys may change when resuming, not {bad[0]}")
-        return Trainer(cfg, Path(resume), resume=True)
+        return Trainer(cfg, Path(resume), resume=True, callbacks=callbacks)
     if not config:
         raise ConfigError("train: give a recipe (e.g. configs/fashion_mnist.yaml) or --resume RUN_DIR")
     cfg = load_config(resolve_recipe(config), overrides)
-    return Trainer(cfg, Path(run_dir or cfg.run_dir or f"runs/{cfg.name}"))
+    return Trainer(cfg, Path(run_dir or cfg.run_dir or f"runs/{cfg.name}"), callbacks=callbacks)
 
 
 @dataclass

@@ -9,7 +9,8 @@ passed in Python (``Trainer(..., callbacks=[MLflowCallback(...)])``). It logs
   names allow no ``@``); the selected checkpoint's test as ``final/...``;
 - the run's end: ``FINISHED``, or ``FAILED`` / ``KILLED`` when ``fit()`` raises or is interrupted;
 - artefacts at the end: ``config.yaml``, ``metrics.json``, ``metrics.jsonl``, ``report.html`` when
-  it exists by then, and ``checkpoints/best`` (``log_checkpoint``).
+  it exists by then (:class:`~deepmetric.engine.callbacks.WriteReport` before this callback writes
+  it: ``deepmetric train`` does), and ``checkpoints/best`` (``log_checkpoint``).
 
 Where: ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``./mlruns`` in the current directory
 (a file store: ``mlflow ui --backend-store-uri ./mlruns``). The run's id is kept in the run

@@ -108,6 +108,15 @@ def _plain_table(metrics: Dict[str, Any]) -> str:
     return f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table>"
 
 
+def write_run_report(trainer: Any, summary: Dict[str, Any]) -> Path:
+    """:func:`write_report` of a finished training run, from the trainer's ``run_dir``, ``history``,
+    ``last_result`` (the selected checkpoint's test), ``cfg`` and ``splits`` (the test query and
+    gallery, class names): what :class:`~deepmetric.engine.callbacks.WriteReport` is given."""
+    s = trainer.splits
+    return write_report(trainer.run_dir, trainer.history, trainer.last_result, cfg=trainer.cfg, summary=summary,
+                        dataset=s.query, gallery_dataset=s.gallery, class_names=s.class_names)
+
+
 def write_report(run_dir: Path, history: List[Dict[str, Any]], result: EvalResult, cfg=None, dataset=None,
                  summary: Optional[Dict[str, Any]] = None, gallery_dataset=None,
                  class_names: Optional[Dict[int, str]] = None) -> Path:
