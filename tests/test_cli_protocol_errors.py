@@ -43,13 +43,13 @@ def test_protocol_errors_before_training(tmp_path, capsys, overrides, message):
 def test_a_format_option_with_a_bad_value_is_one_line(tmp_path, capsys):
     code = main(["train", "quickstart", *TINY, "data.options={size: 3}", "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err == "deepmetric: error: data.options (glyphs): size must be in 8..256 pixels, got 3"
+    assert code == 2 and err == "deepmetric: error: data.options.size must be in 8..256 pixels, got 3"
     root = synthetic.make_sop(tmp_path / "sop", n_classes=6, per_class=2, size=8)
     code = main(["train", "sop/arcmargin_resnet50", f"data.root={root}", "data.options={list_format: nope}",
                  "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert "data.options (sop): sop: list_format must be 'auto', 'ebay' or 'paddleclas', got 'nope'" in err
+    assert "sop: data.options.list_format must be 'auto', 'ebay' or 'paddleclas', got 'nope'" in err
 
 
 def test_resume_from_another_folder_with_a_relative_root(tmp_path, monkeypatch, capsys):

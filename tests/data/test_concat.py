@@ -59,12 +59,12 @@ def test_a_part_splits_its_own_classes(mini):
 
 
 @pytest.mark.parametrize("bad,words", [
-    ([{"format": "digitz"}], ["parts[0].format", "digits"]),
-    ([{"format": "digits", "options": {"size": 3}}], ["parts[0].options.size", "has no option"]),
-    ([{"format": "digits"}, {"format": "digits"}], ["parts[1]", "distinct 'name'"]),
-    ([{"format": "digits", "colour": 1}], ["parts[0]", "unknown key 'colour'"]),
+    ([{"format": "digitz"}], ["data.options.parts[0].format: ", "digits"]),
+    ([{"format": "digits", "options": {"size": 3}}], ["data.options.parts[0].options.size: ", "has no option"]),
+    ([{"format": "digits"}, {"format": "digits"}], ["data.options.parts[1]: ", "distinct 'name'"]),
+    ([{"format": "digits", "colour": 1}], ["data.options.parts[0]: ", "unknown key 'colour'"]),
     ([{"format": "image_folder", "root": "/no/such/folder"}], ["data.options.parts[0] (image_folder)", "/no/such/folder: folder not found"]),
-    ([], ["data.options (concat): parts", "a list of parts"]),
+    ([], ["data.options.parts: ", "a list of parts"]),
 ])
 def test_bad_parts_are_named(bad, words):
     cfg = load_config(None, [*ONE_SIZE, "data.format=concat", "data.val_classes=null"])
@@ -73,6 +73,7 @@ def test_bad_parts_are_named(bad, words):
         build_data(cfg)
     for w in words:
         assert w in str(e.value), str(e.value)
+    assert str(e.value).startswith("data.options.parts"), "named by its key, not as data.options (concat)"
 
 
 def test_mixed_test_layouts_are_refused(mini):

@@ -70,12 +70,15 @@ def build_data(cfg: Config, validation: bool = True) -> DataSplits:
         if key not in valid:
             raise ConfigError(f"data.options.{key}: format '{cfg.data.format}' has no option '{key}' "
                               f"(valid: {', '.join(valid) or 'none'})")
+    keys = {**KEYS, **{key: f"data.options.{key}" for key in valid}}
     try:
         splits = builder(cfg.data.root, train_transform=train_tf, test_transform=test_tf, **opts)
     except DataError as e:  # names a file; and the root or option to change, as keys
-        raise e.renamed({**KEYS, **{key: f"data.options.{key}" for key in valid}}) from None
-    except ParameterError as e:  # an option with a bad value
-        raise ConfigError(f"data.options ({cfg.data.format}): {e}") from None
+        raise e.renamed(keys) from None
+    except ParameterError as e:  # an option with a bad value, named by its key (data.options.parts[0].format)
+        if e.params and all(name in keys for name in e.params):
+            raise ConfigError(e.naming(keys)) from None
+        raise ConfigError(f"data.options ({cfg.data.format}): {e.naming(keys)}") from None
     return apply_protocol(splits, cfg, test_tf, validation=validation)
 
 
