@@ -17,9 +17,17 @@ def run_cli(*args):
     (["train", "nope.yaml"], "config file not found: nope.yaml"),
     (["eval", "runs/does-not-exist", "--checkpoint", "runs/does-not-exist"], "config file not found"),
     (["train", "--resume", "/nonexistent/run"], "/nonexistent/run"),
+    (["train", "--resume", "configs"], "--resume configs: not a run directory"),
+    (["train", "configs/quickstart.yaml", "train.device=tpu"], "config key 'train.device'"),
+    # argparse's own errors: one line too, pointing at the command's --help
+    (["list", "nope"], "invalid choice: 'nope'"),
+    (["export", "--checkpoint", "x", "--format", "nope", "--output", "y"], "see `deepmetric export --help`"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
-    code = main(args)
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse exits itself
+        code = e.code
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert message in err
@@ -45,3 +53,12 @@ def test_overrides_may_follow_options(tmp_path):
     assert code == 2, "the override after --run-dir is read (and this one is rejected by name)"
     with pytest.raises(SystemExit):
         main(["list", "--bogus"])
+
+
+def test_cuda_without_a_gpu_is_one_line(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", "configs/quickstart.yaml", "train.device=cuda", "train.max_steps=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no CUDA device" in err and len(err.splitlines()) == 1

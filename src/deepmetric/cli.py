@@ -118,8 +118,15 @@ def _print_metrics(title: str, metrics: dict) -> None:
 
 # -- parser ----------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (the command's ``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deepmetric", description="Deep metric learning: train, evaluate, ship.")
+    p = _Parser(prog="deepmetric", description="Deep metric learning: train, evaluate, ship.")
     p.add_argument("--version", action="version", version=f"deepmetric {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")

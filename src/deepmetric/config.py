@@ -177,7 +177,8 @@ class TrainConfig(_Section):
     grad_clip_value: float = Field(0.0, ge=0)
     #: for the first N steps only the head and the losses' parameters are updated, not the backbone
     freeze_backbone_steps: int = Field(0, ge=0)
-    device: str = "auto"
+    #: auto (CUDA where available, else the CPU), cpu, cuda, cuda:N, mps or xpu
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|(cuda|xpu)(:[0-9]+)?)$")
     channels_last: bool = False
     compile: bool = False
     progress: bool = True

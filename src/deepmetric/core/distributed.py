@@ -146,6 +146,11 @@ def rank_device(name: str, info: DistInfo) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from .errors import UserError
+
+        raise UserError(f"device '{name}': PyTorch sees no CUDA device here (torch.cuda.is_available() "
+                        f"is False); use device 'cpu' or 'auto'")
     if info.is_distributed and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     return device

@@ -37,6 +37,9 @@ def trainer_for(config: Optional[str], overrides: Sequence[str] = (), run_dir: O
     ``resume``, that run directory continued from its last checkpoint (only ``train.*`` keys may change);
     with ``callbacks`` (the CLI's :class:`~deepmetric.engine.callbacks.WriteReport`)."""
     if resume:
+        if not (Path(resume) / "config.yaml").is_file():
+            raise ConfigError(f"--resume {resume}: not a run directory (no config.yaml); give the folder a "
+                              f"`deepmetric train` wrote")
         cfg = load_config(Path(resume), overrides)
         bad = [o.split("=", 1)[0] for o in overrides if not o.startswith("train.")]
         if bad:
