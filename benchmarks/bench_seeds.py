@@ -56,6 +56,9 @@ class Runner:
     def __init__(self, root: str, work: Path, budget: Sequence[str], scale: float = 1.0) -> None:
         self.root, self.work, self.budget, self.scale = root, work, list(budget), scale
         self.records: List[Dict[str, Any]] = []
+        #: which losses and memory sizes ``xbm`` runs (``--xbm-losses``, ``--xbm-sizes``)
+        self.xbm_losses: Sequence[str] = ("contrastive_xbm", "multi_similarity")
+        self.xbm_sizes: Sequence[int] = (1024, 4096, 16384)
 
     def steps(self, n: int) -> int:
         """``n`` steps times ``--scale`` (a multiple of 6, at least 6: evaluations divide it)."""
@@ -176,8 +179,10 @@ def xbm(runner: Runner) -> List[str]:
     start = steps // 10
     rows, tables = [], []
     for loss, params in (("contrastive_xbm", "{margin: 0.5}"), ("multi_similarity", "{}")):
+        if loss not in runner.xbm_losses:
+            continue
         rows = [runner.train(f"{loss} no memory", small + [f"losses=[{{name: {loss}, params: {params}}}]"])]
-        for size in (1024, 4096, 16384):
+        for size in runner.xbm_sizes:
             rows.append(runner.train(
                 f"{loss} memory {size}",
                 small + [f"losses=[{{name: {loss}, params: {params}, memory: {{size: {size}, start_step: {start}}}}}]"]))
@@ -363,6 +368,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every experiment's steps (0.02: a smoke run)")
     ap.add_argument("--work", help="scratch folder for the runs (default: a new one under /tmp)")
     ap.add_argument("--json", help="write every run's numbers here")
+    ap.add_argument("--xbm-losses", nargs="+", default=["contrastive_xbm", "multi_similarity"],
+                    choices=["contrastive_xbm", "multi_similarity"], help="the losses xbm runs with and without memory")
+    ap.add_argument("--xbm-sizes", nargs="+", type=int, default=[1024, 4096, 16384], help="the memory sizes xbm tries")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -371,6 +379,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_seeds_"))
     work.mkdir(parents=True, exist_ok=True)
     runner = Runner(args.root, work, args.budget, args.scale)
+    runner.xbm_losses, runner.xbm_sizes = args.xbm_losses, args.xbm_sizes
     report: Dict[str, Any] = {"argv": sys.argv, "load_before": os.getloadavg(), "tables": {}}
     for name in args.experiments:
         print(f"-- {name}", flush=True)

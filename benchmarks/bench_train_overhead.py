@@ -59,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     over = [f"train.max_steps={args.steps}", "train.eval_every=0", "train.progress=false",
             f"train.log_every={args.steps}", f"train.device={args.device}", "scheduler.name=constant",
-            "scheduler.warmup_steps=0", *args.overrides]
+            "scheduler.warmup_steps=0", "eval.untrained=false", *args.overrides]
     cfg = load_config(args.recipe, over)
     device = torch.device(args.device)
     ours, bare = [], []
