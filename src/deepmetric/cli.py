@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    q = sub.add_parser("quickstart", help="train and evaluate on glyphs of the typefaces matplotlib ships (minutes on a CPU)")
+    q = sub.add_parser("quickstart", help="train and evaluate on glyphs of the typefaces matplotlib ships (under a minute on a CPU)")
     q.add_argument("--run-dir", default="runs/quickstart")
     q.add_argument("overrides", nargs="*", help="key=value recipe overrides (e.g. train.max_steps=100)")
     q.set_defaults(func=cmd_quickstart)
