@@ -278,9 +278,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                       load_config(RECIPES[dataset]).eval.metric)
         print(f"deepmetric's recipe chosen on validation: {chosen[0]} (mean validation "
               + ", ".join(f"{k} {v:.4f}" for k, v in chosen[1].items()) + ")", flush=True)
-        report["datasets"][dataset] = {"recipe": str(RECIPES[dataset]), "budget": args.budget,
-                                       "recipe_overrides": args.recipe, "variants": variants, "runs": rows,
-                                       "chosen_on_validation": chosen[0]}
+        report["datasets"][dataset]["chosen_on_validation"] = chosen[0]
     report["load_after"] = os.getloadavg()
     if args.json:
         atomic_write(args.json, json.dumps(report, indent=1, default=float))

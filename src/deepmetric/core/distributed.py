@@ -42,6 +42,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 __all__ = [
     "DistInfo",
     "init_distributed",
@@ -147,8 +149,6 @@ def rank_device(name: str, info: DistInfo) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from .errors import UserError
-
         raise UserError(f"device '{name}': PyTorch sees no CUDA device here (torch.cuda.is_available() "
                         f"is False); use device 'cpu' or 'auto'")
     if info.is_distributed and device.type == "cuda":
