@@ -1,4 +1,8 @@
 """Shared fixtures. Everything is generated; nothing is downloaded."""
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -17,6 +21,27 @@ TINY = ["data.format=digits", "data.options={}", "data.train_classes=[0,1,2,3,4]
 # A tiny RGB model for the shipping tests: small CNN, 16-d, ImageNet preprocessing at 32x32.
 TINY_RGB = ["model.backbone=small_cnn", "model.in_chans=3", "model.embedding_dim=16",
             "data.transform=imagenet", "data.image_size=[32,32]"]
+
+
+# Prepended to a subprocess's code: importing PyTorch (or torchvision, timm) fails as if not installed.
+BLOCK_TORCH = textwrap.dedent("""
+    import sys
+    class BlockTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "torchvision", "timm"):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    sys.meta_path.insert(0, BlockTorch())
+""")
+
+
+@pytest.fixture
+def run_python():
+    """``run_python(code, block_torch=False)``: run ``code`` (dedented) in a fresh interpreter and return
+    the ``CompletedProcess`` (text output captured); with ``block_torch``, PyTorch cannot be imported."""
+    def run(code: str, block_torch: bool = False) -> subprocess.CompletedProcess:
+        source = (BLOCK_TORCH if block_torch else "") + textwrap.dedent(code)
+        return subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, timeout=120)
+    return run
 
 
 @pytest.fixture

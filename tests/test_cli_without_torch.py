@@ -1,32 +1,15 @@
 """The command line without PyTorch: ``--help`` and ``list`` never import it, and with it missing every
 command is still there and says, in one line, which extra to install."""
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
 HEAVY = ("torch", "torchvision", "timm", "sklearn", "scipy", "matplotlib")
 
-BLOCK_TORCH = textwrap.dedent("""
-    import sys
-    class BlockTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "torchvision", "timm"):
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    sys.meta_path.insert(0, BlockTorch())
-""")
-
-
-def run(code: str, block: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", (BLOCK_TORCH if block else "") + textwrap.dedent(code)],
-                          capture_output=True, text=True, timeout=120)
-
 
 @pytest.mark.parametrize("args", [["--help"], ["list"], ["list", "miners"], ["train", "--help"], ["serve", "--help"]])
-def test_help_and_list_never_import_torch(args):
-    r = run(f"""
+def test_help_and_list_never_import_torch(args, run_python):
+    r = run_python(f"""
         import json, sys
         from deepmetric.cli import main
         try:
@@ -41,18 +24,18 @@ def test_help_and_list_never_import_torch(args):
     assert out == {"code": 0, "heavy": []}, out
 
 
-def test_list_names_every_catalogue():
+def test_list_names_every_catalogue(run_python):
     from deepmetric.cli import main
 
-    r = run("from deepmetric.cli import main; main(['list'])")
+    r = run_python("from deepmetric.cli import main; main(['list'])")
     lines = dict(line.split(": ", 1) for line in r.stdout.strip().splitlines())
     assert set(lines) == {"losses", "miners", "backbones", "datasets", "recipes"}
     assert "multi_similarity" in lines["miners"] and "triplet" in lines["losses"] and "small_cnn" in lines["backbones"]
     assert main(["list", "miners"]) == 0
 
 
-def test_without_torch_every_command_is_there_and_names_the_extra(tmp_path):
-    r = run(f"""
+def test_without_torch_every_command_is_there_and_names_the_extra(tmp_path, run_python):
+    r = run_python(f"""
         import contextlib, io, json
         from deepmetric.cli import build_parser, main
         commands = sorted(build_parser()._subparsers._group_actions[0].choices)
@@ -65,7 +48,7 @@ def test_without_torch_every_command_is_there_and_names_the_extra(tmp_path):
                 code = main(args)
             runs[args[0]] = [code, err.getvalue()]
         print(json.dumps({{"commands": commands, "runs": runs}}))
-    """, block=True)
+    """, block_torch=True)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["commands"] == sorted(["quickstart", "train", "eval", "data", "list", "embed", "index", "search",

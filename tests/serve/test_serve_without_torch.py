@@ -4,31 +4,14 @@ ONNX predictor embeds, the exact index searches and the app answers, and ``torch
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
-BLOCK_TORCH = textwrap.dedent("""
-    import sys
-    class BlockTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "torchvision", "timm"):
-                raise ImportError(f"{name} is blocked: this process must not import PyTorch", name=name)
-    sys.meta_path.insert(0, BlockTorch())
-""")
 
-
-def run_blocked(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCK_TORCH + textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=120)
-
-
-def test_onnx_serving_path_never_imports_torch(onnx_gallery, image_folder):
+def test_onnx_serving_path_never_imports_torch(onnx_gallery, image_folder, run_python):
     model, index = onnx_gallery
     query = sorted(image_folder.glob("class_01/*.jpg"))[0]
-    r = run_blocked(f"""
+    r = run_python(f"""
         import argparse, json
         from fastapi.testclient import TestClient
         from deepmetric.inference.index import SearchIndex
@@ -50,7 +33,7 @@ def test_onnx_serving_path_never_imports_torch(onnx_gallery, image_folder):
                           "runtime": health["runtime"], "backend": health["index"]["backend"],
                           "cli_hits": [h.id for h in hits], "hits": [h["id"] for h in found["hits"]],
                           "score": found["hits"][0]["score"], "dim": embedded["dim"], "image": image.status_code}}))
-    """)
+    """, block_torch=True)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["torch"] == []
@@ -58,13 +41,13 @@ def test_onnx_serving_path_never_imports_torch(onnx_gallery, image_folder):
     assert out["hits"] == out["cli_hits"] and out["score"] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_predictor_and_app_never_import_torch(onnx_gallery, image_folder):
+def test_predictor_and_app_never_import_torch(onnx_gallery, image_folder, run_python):
     """This side of the path on its own: the ONNX predictor and the app serve a numpy-only index
     (``deepmetric.inference``'s package ``__init__`` is bypassed, so only predictor.py, preprocess.py
     and serve/ are imported), with torch blocked."""
     model, _ = onnx_gallery
     query = sorted(image_folder.glob("class_01/*.jpg"))[0]
-    r = run_blocked(f"""
+    r = run_python(f"""
         import json, types
         import numpy as np
         import deepmetric
@@ -98,7 +81,7 @@ def test_predictor_and_app_never_import_torch(onnx_gallery, image_folder):
         print(json.dumps({{"torch": [m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision")],
                           "search": found.status_code, "hits": len(found.json()["hits"]),
                           "embedding": embedded.json()["embedding"]}}))
-    """)
+    """, block_torch=True)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["torch"] == [] and out["search"] == 200 and out["hits"] == 2
