@@ -26,6 +26,9 @@ differences from ours are reported. Throughput is training images per second (da
 backward, step; evaluation excluded), measured for every system in the same run.
 
 Prints one table per dataset (mean ± std over the seeds) and, with ``--json``, writes every number.
+On two cores, run seeds in two processes (``--seeds 0 1`` and ``--seeds 2``, one thread each, each
+with its own ``--json``), then ``--merge a.json b.json`` prints the table of all of them, with
+deepmetric's recipe chosen on the validation mean over every seed.
 """
 from __future__ import annotations
 
@@ -187,9 +190,8 @@ def mean_std(values: List[float]) -> tuple[float, float]:
 
 
 def table(dataset: str, rows: Dict[str, List[Dict[str, Any]]]) -> str:
-    head = f"{'system':<14}" + "".join(f"{k:>17}" for k in SHOWN) + f"{'images/s':>12}{'step':>7}"
-    out = [f"== {dataset} ({len(next(iter(rows.values())))} seeds: mean ± std; test split, selected on validation)",
-           head]
+    head = f"{'system':<14}" + "".join(f"{k:>17}" for k in SHOWN) + f"{'images/s':>12}{'step':>7}{'seeds':>7}"
+    out = [f"== {dataset} (mean ± std over the seeds; test split, selected on validation)", head]
     for system, runs in rows.items():
         cells = []
         for k in SHOWN:
@@ -199,15 +201,65 @@ def table(dataset: str, rows: Dict[str, List[Dict[str, Any]]]) -> str:
         steps = [r["step"] for r in runs if r.get("step") is not None]
         out.append(f"{system:<14}" + "".join(f"{c:>17}" for c in cells)
                    + (f"{statistics.fmean(ips):>12.0f}" if ips else f"{'-':>12}")
-                   + (f"{statistics.fmean(steps):>7.0f}" if steps else f"{'-':>7}"))
+                   + (f"{statistics.fmean(steps):>7.0f}" if steps else f"{'-':>7}") + f"{len(runs):>7}")
     return "\n".join(out)
 
 
 def choose_on_validation(rows: Dict[str, List[Dict[str, Any]]], candidates: List[str], metric: str):
     """The deepmetric recipe with the best mean validation ``metric`` of its selected checkpoints
-    (the test split plays no part), and every candidate's mean."""
-    means = {c: mean_std([r["val"][metric] for r in rows[c]])[0] for c in candidates if rows[c]}
+    (the test split plays no part), and every candidate's mean; only candidates run on the most
+    seeds compete (a mean over fewer seeds is not comparable)."""
+    most = max((len(rows[c]) for c in candidates), default=0)
+    means = {c: mean_std([r["val"][metric] for r in rows[c]])[0] for c in candidates if rows[c] and len(rows[c]) == most}
     return max(means, key=means.get), means
+
+
+def merge_reports(paths: List[str]) -> Dict[str, Dict[str, List[Dict[str, Any]]]]:
+    """``{dataset: {system: [run, ...]}}`` over the ``--json`` files of several processes, runs in
+    file order. One budget per dataset, and one set of overrides per variant name: a table never
+    mixes two recipes under one name."""
+    merged: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
+    budgets: Dict[str, Any] = {}
+    variants: Dict[str, Any] = {}
+    for path in paths:
+        try:
+            datasets = json.loads(Path(path).read_text())["datasets"]
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"bench_fidelity: --merge {path}: not a report of this script ({e})")
+        for dataset, part in datasets.items():
+            key = (part.get("budget"), part.get("recipe_overrides"))
+            if budgets.setdefault(dataset, key) != key:
+                raise SystemExit(f"bench_fidelity: --merge {path}: {dataset} was run with another budget or "
+                                 f"recipe overrides ({key} vs {budgets[dataset]})")
+            for name, overrides in (part.get("variants") or {}).items():
+                if variants.setdefault(name, overrides) != overrides:
+                    raise SystemExit(f"bench_fidelity: --merge {path}: variant {name} is {overrides} here but "
+                                     f"{variants[name]} in an earlier file")
+            rows = merged.setdefault(dataset, {})
+            for system, runs in part["runs"].items():
+                have = rows.setdefault(system, [])
+                seen = {r.get("seed") for r in have} - {None}
+                for r in runs:
+                    if r.get("seed") in seen:  # the untrained network of a seed is the same in every file
+                        if system == "untrained":
+                            continue
+                        raise SystemExit(f"bench_fidelity: --merge {path}: {dataset} {system} seed {r['seed']} "
+                                         "is in an earlier file too")
+                    have.append(r)
+    return merged
+
+
+def print_tables(rows_by_dataset: Dict[str, Dict[str, List[Dict[str, Any]]]]) -> Dict[str, str]:
+    """Each dataset's table and the deepmetric recipe chosen on validation; returns the choices."""
+    chosen_by_dataset = {}
+    for dataset, rows in rows_by_dataset.items():
+        print(table(dataset, rows), flush=True)
+        ours = [s for s in rows if s == "deepmetric" or s.startswith("deepmetric_")]
+        chosen = choose_on_validation(rows, ours, load_config(RECIPES[dataset]).eval.metric)
+        print(f"deepmetric's recipe chosen on validation: {chosen[0]} (mean validation "
+              + ", ".join(f"{k} {v:.4f}" for k, v in chosen[1].items()) + ")", flush=True)
+        chosen_by_dataset[dataset] = chosen[0]
+    return chosen_by_dataset
 
 
 def recipe(dataset: str, seed: int, budget: List[str], recipe_overrides: List[str], cjk_root: Optional[str]) -> Config:
@@ -235,7 +287,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--full-map-limit", type=int, default=12000,
                     help="largest test set on which AccuracyCalculator also computes full mAP (k=None)")
     ap.add_argument("--json", help="write every number here")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="run nothing: print the tables of these "
+                    "--json files together (e.g. seeds run in separate processes)")
     args = ap.parse_args(argv)
+    if args.merge:
+        print_tables(merge_reports(args.merge))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -257,12 +314,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if ours:
                     r = run_deepmetric(cfg, work / f"{dataset}-{seed}-{system}")
                     if len(rows["untrained"]) < args.seeds.index(seed) + 1:
-                        rows["untrained"].append({"test": r["untrained"]["test"], "val": r["untrained"].get("val")})
+                        rows["untrained"].append({"test": r["untrained"]["test"], "val": r["untrained"].get("val"),
+                                                  "seed": seed})
                 else:
                     r = run_pml_loop(cfg, system)
                 r["pml_check"] = pml_accuracy(r.pop("embeddings"), r.pop("labels"), args.full_map_limit)
                 r["check_diff"] = cross_check(r["test"], r["pml_check"])
-                r["load"] = os.getloadavg()
+                r["load"], r["seed"] = os.getloadavg(), seed
                 rows[system].append(r)
                 print(f"[{dataset} seed {seed}] {system:<12} test map@r {r['test']['map@r']:.4f} "
                       f"R@1 {r['test']['recall@1']:.4f} (val {cfg.eval.metric} {r['val'][cfg.eval.metric]:.4f} "
@@ -273,12 +331,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                "recipe_overrides": args.recipe, "variants": variants, "runs": rows}
                 if args.json:  # after every run: a long table interrupted keeps what it measured
                     atomic_write(args.json, json.dumps(report, indent=1, default=float))
-        print(table(dataset, rows), flush=True)
-        chosen = choose_on_validation(rows, [s for s in systems if s == "deepmetric" or s in variants],
-                                      load_config(RECIPES[dataset]).eval.metric)
-        print(f"deepmetric's recipe chosen on validation: {chosen[0]} (mean validation "
-              + ", ".join(f"{k} {v:.4f}" for k, v in chosen[1].items()) + ")", flush=True)
-        report["datasets"][dataset]["chosen_on_validation"] = chosen[0]
+        report["datasets"][dataset]["chosen_on_validation"] = print_tables({dataset: rows})[dataset]
     report["load_after"] = os.getloadavg()
     if args.json:
         atomic_write(args.json, json.dumps(report, indent=1, default=float))
