@@ -1,24 +1,11 @@
 """benchmarks/bench_fidelity.py --merge: tables of seeds run in separate processes, put together
 without double counting, mixing budgets or choosing a recipe on fewer seeds than the others."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_fidelity", ROOT / "benchmarks" / "bench_fidelity.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bf = _module()
+bf = load("bench_fidelity")
 
 
 def run(seed, val, test):

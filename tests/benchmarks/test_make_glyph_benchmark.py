@@ -4,28 +4,16 @@ A handful of common characters in at most four installed CJK faces (CI installs 
 packages, see .ci/run); skipped with the reason when no CJK face is installed. The folder it writes
 is read back through deepmetric's ordinary ``image_folder`` format.
 """
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
 CHARS = [ord(c) for c in "的一是不了人我在有他这中大来"]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("make_glyph_benchmark", ROOT / "benchmarks" / "make_glyph_benchmark.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mg = _module()
+mg = load("make_glyph_benchmark")
 
 
 def _cjk_faces(limit=4):
