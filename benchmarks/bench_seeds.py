@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from deepmetric.config import Config, load_config  # noqa: E402
+from deepmetric.data.protocol import resolve_classes  # noqa: E402
 from deepmetric.engine.build import build_data  # noqa: E402
 from deepmetric.engine.trainer import Trainer  # noqa: E402
 
@@ -72,7 +73,8 @@ class Runner:
         if not self.paddle_classes:
             return []
         n_classes = sum(1 for p in Path(self.root).iterdir() if p.is_dir())
-        half = int(round(0.5 * n_classes))  # the recipe's train_classes: 0.5
+        # the training half as the recipe's own train_classes resolves it
+        half = len(resolve_classes(self.config([]).data.train_classes, np.arange(n_classes), None, "train_classes"))
         if not 20 <= self.paddle_classes <= half:
             raise SystemExit(f"bench_seeds: --paddle-classes {self.paddle_classes}: needs 20 to {half} "
                              f"(the training half of {self.root})")
