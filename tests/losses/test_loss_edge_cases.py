@@ -148,3 +148,19 @@ def test_input_checks():
         loss(torch.randn(4, 3), torch.arange(4), ref_exclude=torch.arange(4))
     with pytest.raises(ValueError, match="embedding_dim=8"):
         build_loss("arcface", num_classes=3, embedding_dim=8)(torch.randn(2, 4), torch.arange(2))
+
+
+@pytest.mark.parametrize("mined", [False, True])
+def test_reference_of_one_item_has_pairs_unless_every_query_excludes_it(mined):
+    loss = build_loss("multi_similarity", miner_epsilon=0.1 if mined else None)
+    x, y = x_(4), torch.tensor([0, 0, 1, 1])
+    ref, ref_y = torch.randn(1, 8), torch.tensor([0])
+    with pytest.warns(NoValidPairsWarning):
+        assert loss(x, y, ref_embeddings=ref, ref_labels=ref_y, ref_exclude=torch.zeros(4, dtype=torch.long)) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoValidPairsWarning)
+        # one query keeps the pair: a positive with no negative (0 by the formula, but no warning)
+        loss(x, y, ref_embeddings=ref, ref_labels=ref_y, ref_exclude=torch.tensor([-1, 0, 0, 0]))
+        value = loss(torch.cat([x, x]), torch.cat([y, y + 2]), ref_embeddings=torch.cat([ref, ref]),
+                     ref_labels=torch.tensor([0, 1]))
+    assert value > 0

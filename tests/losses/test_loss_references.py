@@ -363,3 +363,53 @@ def test_triplet_hard_mean_is_the_centroids_reid_form(dtype):
 def test_triplet_rejects_an_unknown_reduction():
     with pytest.raises(ValueError, match="reduction='sum' is not one of nonzero, mean"):
         build_loss("triplet", reduction="sum")
+
+
+# ---------------------------------------------------------------- mined multi-similarity against a memory
+def naive_ms_mined(x, y, ref, ref_y, exclude, eps=0.1, alpha=2.0, beta=50.0, base=0.5):
+    xn, rn = F.normalize(x, dim=1), F.normalize(ref, dim=1)
+    terms = []
+    for i in range(len(y)):
+        s = {j: xn[i] @ rn[j] for j in range(len(ref_y)) if j != exclude[i]}
+        pos = [j for j in s if ref_y[j] == y[i]]
+        neg = [j for j in s if ref_y[j] != y[i]]
+        term = x.sum() * 0
+        if pos and neg:
+            hardest_neg, hardest_pos = max(s[j] for j in neg), min(s[j] for j in pos)
+            kept_pos = [s[j] for j in pos if s[j] - eps < hardest_neg]
+            kept_neg = [s[j] for j in neg if s[j] + eps > hardest_pos]
+            if kept_pos:
+                term = term + torch.log(1 + sum(torch.exp(-alpha * (v - base)) for v in kept_pos)) / alpha
+            if kept_neg:
+                term = term + torch.log(1 + sum(torch.exp(beta * (v - base)) for v in kept_neg)) / beta
+        terms.append(term)
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("regime", ["many_negatives_kept", "few_negatives_kept"])
+def test_mined_multi_similarity_against_a_reference_matches_naive(regime):
+    """The memory path keeps its pairs as lists; its negatives as a mask (most kept: random
+    embeddings) or as a list (few kept: tight, well-separated classes). Rows 0-1 have no positive in
+    the reference and row 2's only positive is its excluded own copy."""
+    from deepmetric.losses.functional import SPARSE_FRACTION
+
+    g = torch.Generator().manual_seed(3)
+    ref_y = torch.arange(60) % 12  # classes 0-11, five copies each
+    ref_y[ref_y == 11] = torch.tensor([11, 12, 12, 12, 12])  # class 11 has a single copy
+    y = torch.tensor([13, 14, 11, 0, 0, 1, 2, 3, 5, 5])
+    spread = 1.0 if regime == "many_negatives_kept" else 0.05
+    centers = torch.randn(15, 16, generator=g, dtype=torch.float64) * (0.1 if regime == "many_negatives_kept" else 1)
+    centers[4] = centers[5] + 0.2 * torch.randn(16, generator=g, dtype=torch.float64)  # a near class
+    ref = (centers[ref_y] + spread * torch.randn(60, 16, generator=g, dtype=torch.float64)).detach()
+    x = (centers[y] + spread * torch.randn(10, 16, generator=g, dtype=torch.float64)).requires_grad_(True)
+    exclude = torch.tensor([-1, 4, 55, 0, -1, 1, -1, -1, 17, 29])  # 55: the only class-11 copy
+    with torch.no_grad():  # the premise: which way the negatives go
+        s = F.normalize(x, dim=1) @ F.normalize(ref, dim=1).T
+        pos = (y[:, None] == ref_y[None]) & (torch.arange(60)[None] != exclude[:, None])
+        neg = (y[:, None] != ref_y[None]) & (torch.arange(60)[None] != exclude[:, None])
+        hp = s.masked_fill(~pos, float("inf")).amin(1, keepdim=True)
+        kept = int((neg & (s + 0.1 > hp)).sum())
+    assert kept > 0 and (kept > SPARSE_FRACTION * s.numel()) == (regime == "many_negatives_kept"), kept
+    loss = build_loss("multi_similarity", miner_epsilon=0.1)
+    check(lambda x, y: loss(x, y, ref_embeddings=ref, ref_labels=ref_y, ref_exclude=exclude),
+          lambda x, y: naive_ms_mined(x, y, ref, ref_y, exclude), x, y)

@@ -159,15 +159,19 @@ XBM_CASES = {
     "supcon": (dict(name="supcon"), lambda: pml_losses.SupConLoss()),
     "ntxent": (dict(name="ntxent"), lambda: pml_losses.NTXentLoss()),
     "circle": (dict(name="circle"), lambda: pml_losses.CircleLoss()),
+    # the mined form keeps its pairs as lists against the memory (pairwise.MultiSimilarityLoss)
+    "multi_similarity_mined": (dict(name="multi_similarity", miner_epsilon=0.1), lambda: pml_losses.MultiSimilarityLoss(),
+                               lambda: pml_miners.MultiSimilarityMiner(0.1)),
 }
 
 
 @pytest.mark.parametrize("case", list(XBM_CASES))
 def test_cross_batch_memory_term_matches_pml(case):
-    params, make_pml = XBM_CASES[case]
+    params, make_pml, *make_miner = XBM_CASES[case]
     params = dict(params)
     ours = CrossBatchMemory(build_loss(params.pop("name"), **params), embedding_dim=D, size=20)
-    theirs = pml_losses.CrossBatchMemory(make_pml(), embedding_size=D, memory_size=20)
+    miner = make_miner[0]() if make_miner else None
+    theirs = pml_losses.CrossBatchMemory(make_pml(), embedding_size=D, memory_size=20, miner=miner)
     for step in range(5):  # batches of 8 in a memory of 20: wraps at the third step
         g = torch.Generator().manual_seed(step)
         y = torch.randint(0, 4, (8,), generator=g)

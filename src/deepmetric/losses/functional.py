@@ -239,9 +239,11 @@ class _SimilarityLoss(torch.autograd.Function):
     def backward(ctx, upstream: Tensor):  # type: ignore[override]
         q, q_inv, r, r_inv, grad = ctx.saved_tensors
         same, want_ref = ctx.same, not ctx.same and ctx.needs_input_grad[1]
-        if int(grad.count_nonzero()) <= SPARSE_FRACTION * grad.numel():
+        if grad.is_sparse and grad._nnz() > SPARSE_FRACTION * grad.numel():
+            grad = grad.to_dense()  # a loss that mined its pairs sparsely, but kept many of them
+        if grad.is_sparse or int(grad.count_nonzero()) <= SPARSE_FRACTION * grad.numel():
             # few active pairs (batch-hard, margin losses): a sparse product instead of a dense one
-            sparse = grad.to_sparse()
+            sparse = grad.coalesce() if grad.is_sparse else grad.to_sparse()
             grad_q = torch.sparse.mm(sparse, r)
             if same:
                 grad_q += torch.sparse.mm(sparse.t(), q)
@@ -260,6 +262,7 @@ class _SimilarityLoss(torch.autograd.Function):
 def similarity_loss(query: Tensor, ref: Optional[Tensor], fn: GradFn) -> Tensor:
     """Apply ``fn(S, need_grad) -> (value, d value / d S)`` to the cosine matrix of ``query`` and
     ``ref`` (rows L2-normalised here; ``ref=None`` means the query set itself), as one autograd node.
+    ``S`` is a fresh tensor that ``fn`` may overwrite; ``d value / d S`` may be a sparse COO tensor.
 
     The hot pair losses write their gradient with respect to the similarity matrix in closed form:
     a few fused passes instead of the dozen (N, M) tensors autograd would keep and replay. Backward
@@ -301,6 +304,15 @@ def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = 1) -> Tensor:
     peak = torch.where(torch.isinf(peak), 0.0, peak)
     total = exp_log_weights_(x - peak).mul_(mask).sum(dim, keepdim=True)
     return (total.log_() + peak).squeeze(dim)
+
+
+def row_logsumexp(x: Tensor, rows: Tensor, n: int) -> Tensor:
+    """:func:`masked_logsumexp` of a sparse matrix given as its entries ``x`` (K,) and their row
+    indices ``rows`` (K,): ``(n,)``, ``-inf`` for a row with no entry, the same e^-80 floor."""
+    peak = x.new_full((n,), float("-inf")).scatter_reduce_(0, rows, x, "amax")
+    peak = torch.where(torch.isinf(peak), 0.0, peak)
+    total = x.new_zeros(n).index_add_(0, rows, exp_log_weights_(x - peak[rows]))
+    return total.log_() + peak
 
 
 def softplus(x: Tensor) -> Tensor:
@@ -379,7 +391,10 @@ class PairBatch:
         """Whether any (query, reference) pair is left after the self / ``ref_exclude`` rule."""
         if self.ref is None:
             return self.labels.shape[0] >= 2
-        return bool((self.pos | self.neg).any())
+        m = self.ref.shape[0]
+        if m >= 2 or (m == 1 and self.ref_exclude is None):
+            return m * self.labels.shape[0] > 0  # each query excludes at most one item
+        return m == 1 and bool((self.ref_exclude != 0).any())
 
     def cosine_loss(self, fn: GradFn) -> Tensor:
         """:func:`similarity_loss` of the batch against the reference: ``fn`` sees cosines."""

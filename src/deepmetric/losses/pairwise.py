@@ -16,6 +16,7 @@ from torch import Tensor
 from .base import Loss
 from .functional import (
     DISTANCES,
+    SPARSE_FRACTION,
     PairBatch,
     autocast_off,
     avg_nonzero,
@@ -24,6 +25,7 @@ from .functional import (
     exp_log_weights_,
     masked_logsumexp,
     pair_batch,
+    row_logsumexp,
     softplus,
     unit_distances,
     zero_loss,
@@ -139,6 +141,11 @@ class MultiSimilarityLoss(PairLoss):
     ``MultiSimilarityMiner(epsilon)``: keep positive ``p`` if ``s_ip - eps < max_n s_in`` and negative
     ``n`` if ``s_in + eps > min_p s_ip``. PML quirk not copied: PML returns 0 when the mined tuple has
     at most one positive and one negative pair; we compute the formula.
+
+    Against a reference set (a cross-batch memory) with mining, the pairs are kept as a list instead
+    of ``(N, M)`` masks: the mining needs the label positives, one row maximum and one threshold pass,
+    and only the kept pairs are exponentiated; the gradient is sparse when few pairs are kept
+    (checked against a loop over anchors in ``tests/losses/test_loss_references.py``).
     """
 
     name = "multi_similarity"
@@ -152,6 +159,8 @@ class MultiSimilarityLoss(PairLoss):
     def compute(self, batch: PairBatch) -> Tensor:
         if not batch.has_pairs():
             return self.zero(batch, "no pair in the batch")
+        if batch.ref is not None and self.miner_epsilon is not None:
+            return batch.cosine_loss(self._mined_pairs_grad(batch))
 
         def value_and_grad(s: Tensor, need_grad: bool):
             pos, neg = batch.pos, batch.neg
@@ -172,6 +181,53 @@ class MultiSimilarityLoss(PairLoss):
             return value, torch.where(pos, g_pos, g_neg.mul_(neg))
 
         return batch.cosine_loss(value_and_grad)
+
+    def _mined_pairs_grad(self, batch: PairBatch):
+        """The mined loss against ``batch.ref`` (see the class docstring): the positives as a list of
+        pairs; the negatives as a list too when few are kept, else as one ``(N, M)`` mask."""
+        eps, inf = self.miner_epsilon, float("inf")
+
+        def value_and_grad(s: Tensor, need_grad: bool):
+            n = s.shape[0]
+            pi, pj = (batch.labels[:, None] == batch.ref_labels[None, :]).nonzero(as_tuple=True)
+            if batch.ref_exclude is not None:
+                keep = pj != batch.ref_exclude[pi]
+                pi, pj = pi[keep], pj[keep]
+            s_pos = s[pi, pj]
+            # from here on s holds the negatives only: -inf at the positives and the excluded pairs
+            batch.fill_excluded_(s.index_put_((pi, pj), s.new_tensor(-inf)), -inf)
+            hardest_neg = s.amax(1)  # -inf: no negative
+            hardest_pos = s.new_full((n,), inf).scatter_reduce_(0, pi, s_pos, "amin")
+            neg = (s + eps) > hardest_pos[:, None]
+            keep = s_pos - eps < hardest_neg[pi]
+            pi, pj, s_pos = pi[keep], pj[keep], s_pos[keep]
+            x_pos = (s_pos - self.base).mul_(-self.alpha)
+            sp_pos = softplus(row_logsumexp(x_pos, pi, n))
+            log_n = math.log(n)
+            sparse = int(neg.count_nonzero()) <= SPARSE_FRACTION * neg.numel()
+            if sparse:
+                ni, nj = neg.nonzero(as_tuple=True)
+                x_neg = (s[ni, nj] - self.base).mul_(self.beta)
+                sp_neg = softplus(row_logsumexp(x_neg, ni, n))
+            else:
+                # the largest kept negative of a row is its hardest negative: the peak, without a pass
+                peak = (hardest_neg - self.base).mul_(self.beta)
+                peak = torch.where(torch.isinf(peak), 0.0, peak)[:, None]
+                e_neg = torch.where(neg, exp_log_weights_(s.sub_(self.base).mul_(self.beta).sub_(peak)), 0.0)
+                sp_neg = softplus(e_neg.sum(1, keepdim=True).log_().add_(peak)).squeeze(1)
+            value = (sp_pos / self.alpha + sp_neg / self.beta).mean()
+            if not need_grad:
+                return value, None
+            g_pos = exp_log_weights_(x_pos.sub_(sp_pos[pi] + log_n)).neg_()
+            if not sparse:  # d/ds_in = e^{x_in - peak} e^{peak - sp_neg} / N
+                grad = e_neg.mul_((peak.squeeze(1) - sp_neg - log_n).exp_()[:, None])
+                return value, grad.index_put_((pi, pj), g_pos)
+            g_neg = exp_log_weights_(x_neg.sub_(sp_neg[ni] + log_n))
+            index = torch.stack([torch.cat([pi, ni]), torch.cat([pj, nj])])
+            return value, torch.sparse_coo_tensor(index, torch.cat([g_pos, g_neg]), s.shape,
+                                                  check_invariants=False)
+
+        return value_and_grad
 
 
 class CircleLoss(PairLoss):
