@@ -64,14 +64,9 @@ RETRY_AFTER_S = 1
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
-class HitOut(BaseModel):
+class HitOut(items.ItemOut):
     rank: int
-    id: int
     score: float
-    label: int
-    label_name: Optional[str] = None
-    name: Optional[str] = None
-    image_url: Optional[str] = None
 
 
 class SearchOut(BaseModel):
@@ -388,9 +383,8 @@ def _add_search_routes(app: FastAPI, predictor: Any, index: Any, lock: IndexLock
     async def search(request: Request, file: UploadFile = File(..., description="the query image"),
                      top_k: int = Query(10, ge=1, le=limits.top_k, description="number of hits")) -> SearchOut:
         hits, took = await run_limited(search_bytes, await read_upload(request, file), top_k)
-        out = [HitOut(rank=r, id=h.id, score=h.score, label=h.label, label_name=h.label_name,
-                      name=os.path.basename(h.path) if h.path else None,
-                      image_url=f"/images/{h.id}" if h.path else None) for r, h in enumerate(hits, start=1)]
+        out = [HitOut.of(h.id, h.label, h.label_name, h.path, rank=r, score=h.score)
+               for r, h in enumerate(hits, start=1)]
         return SearchOut(metric=index.metric, score_meaning=score_meaning, top_k=top_k, hits=out,
                          took_ms=round(took, 3))
 

@@ -121,6 +121,13 @@ class ItemOut(BaseModel):
     name: Optional[str] = None
     image_url: Optional[str] = None
 
+    @classmethod
+    def of(cls, item_id: int, label: int, label_name: Optional[str], path: Optional[str], **extra: Any):
+        """An item from its id, label and stored path: ``name`` and ``image_url`` only with a path."""
+        return cls(id=int(item_id), label=int(label), label_name=label_name,
+                   name=os.path.basename(path) if path else None,
+                   image_url=f"/images/{item_id}" if path else None, **extra)
+
 
 class AddedOut(BaseModel):
     items: List[ItemOut]
@@ -197,10 +204,8 @@ class ItemStore:
                 label = int(self.index.labels[r])
                 cn = self.index.class_names
                 path = self.index.paths[r]
-                out.append(ItemOut(id=int(item_id), label=label,
-                                   label_name=cn[label] if cn is not None and 0 <= label < len(cn) else None,
-                                   name=os.path.basename(path) if path else None,
-                                   image_url=f"/images/{item_id}" if path else None))
+                out.append(ItemOut.of(item_id, label, cn[label] if cn is not None and 0 <= label < len(cn) else None,
+                                      path))
             return AddedOut(items=out, count=len(self.index))
 
     def remove(self, item_id: int) -> RemovedOut:
