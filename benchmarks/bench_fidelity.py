@@ -221,6 +221,7 @@ def merge_reports(paths: List[str]) -> Dict[str, Dict[str, List[Dict[str, Any]]]
     merged: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
     budgets: Dict[str, Any] = {}
     variants: Dict[str, Any] = {}
+    recipes: Dict[str, Any] = {}  # the losses "deepmetric" ran with: the recipe file may have changed since
     for path in paths:
         try:
             datasets = json.loads(Path(path).read_text())["datasets"]
@@ -231,6 +232,11 @@ def merge_reports(paths: List[str]) -> Dict[str, Dict[str, List[Dict[str, Any]]]
             if budgets.setdefault(dataset, key) != key:
                 raise SystemExit(f"bench_fidelity: --merge {path}: {dataset} was run with another budget or "
                                  f"recipe overrides ({key} vs {budgets[dataset]})")
+            if part["runs"].get("deepmetric"):
+                losses = part.get("recipe_losses")
+                if recipes.setdefault(dataset, losses) != losses:
+                    raise SystemExit(f"bench_fidelity: --merge {path}: deepmetric's recipe for {dataset} has other "
+                                     f"losses here ({losses}) than in an earlier file ({recipes[dataset]})")
             for name, overrides in (part.get("variants") or {}).items():
                 if variants.setdefault(name, overrides) != overrides:
                     raise SystemExit(f"bench_fidelity: --merge {path}: variant {name} is {overrides} here but "
@@ -303,6 +309,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     variants = {f"deepmetric_{v[0]}": v[1:] for v in args.variants}
     systems = list(args.systems) + list(variants)
     for dataset in args.datasets:
+        losses = recipe(dataset, args.seeds[0], args.budget, args.recipe, args.cjk_root).to_dict()["losses"]
         rows: Dict[str, List[Dict[str, Any]]] = {"untrained": []}
         rows.update({s: [] for s in systems})
         for seed in args.seeds:
@@ -328,7 +335,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                       f"{time.perf_counter() - t0:.0f} s; PML check diff "
                       f"{max(abs(v) for v in r['check_diff'].values()):.2e}", flush=True)
                 report["datasets"][dataset] = {"recipe": str(RECIPES[dataset]), "budget": args.budget,
-                                               "recipe_overrides": args.recipe, "variants": variants, "runs": rows}
+                                               "recipe_overrides": args.recipe, "recipe_losses": losses,
+                                               "variants": variants, "runs": rows}
                 if args.json:  # after every run: a long table interrupted keeps what it measured
                     atomic_write(args.json, json.dumps(report, indent=1, default=float))
         report["datasets"][dataset]["chosen_on_validation"] = print_tables({dataset: rows})[dataset]

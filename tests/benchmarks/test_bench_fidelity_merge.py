@@ -13,9 +13,13 @@ def run(seed, val, test):
             "images": 600, "train_s": 2.0, "step": 600}
 
 
-def report(path, runs, budget=(), variants=None):
+MS = [{"name": "multi_similarity", "params": {"miner_epsilon": 0.1}}]
+
+
+def report(path, runs, budget=(), variants=None, losses=MS):
     path.write_text(json.dumps({"datasets": {"cjk_glyphs": {
-        "budget": list(budget), "recipe_overrides": [], "variants": variants or {}, "runs": runs}}}))
+        "budget": list(budget), "recipe_overrides": [], "recipe_losses": losses, "variants": variants or {},
+        "runs": runs}}}))
     return str(path)
 
 
@@ -27,7 +31,8 @@ def test_merge_puts_seeds_together_and_chooses_on_the_validation_mean(tmp_path, 
     b = report(tmp_path / "b.json", {"untrained": [run(2, 0.1, 0.06)], "deepmetric": [run(2, 0.84, 0.62)],
                                      "deepmetric_xbm": [run(2, 0.88, 0.64)]}, variants=xbm)
     # the untrained network of seed 0 again (a file of another system's runs) is dropped, not counted twice
-    c = report(tmp_path / "c.json", {"untrained": [run(0, 0.1, 0.04)], "pml_ms": [run(0, 0.85, 0.6)]})
+    # (and a file without deepmetric's runs may come from a time the recipe file said something else)
+    c = report(tmp_path / "c.json", {"untrained": [run(0, 0.1, 0.04)], "pml_ms": [run(0, 0.85, 0.6)]}, losses=None)
     rows = bf.merge_reports([a, b, c])["cjk_glyphs"]
     assert [r["seed"] for r in rows["untrained"]] == [0, 1, 2]
     assert [r["seed"] for r in rows["deepmetric_xbm"]] == [0, 1, 2]
@@ -44,13 +49,15 @@ def test_a_candidate_on_fewer_seeds_does_not_compete(tmp_path):
     assert chosen == "deepmetric" and set(means) == {"deepmetric"}
 
 
-@pytest.mark.parametrize("clash", ["budget", "variant", "seed"])
+@pytest.mark.parametrize("clash", ["budget", "variant", "seed", "recipe"])
 def test_merge_refuses_what_would_mix_two_things_under_one_name(tmp_path, clash):
     a = report(tmp_path / "a.json", {"deepmetric": [run(0, 0.86, 0.6)]}, variants={"deepmetric_x": ["a=1"]})
     if clash == "budget":
         b = report(tmp_path / "b.json", {"deepmetric": [run(1, 0.86, 0.6)]}, budget=["train.max_steps=5"])
     elif clash == "variant":
         b = report(tmp_path / "b.json", {"deepmetric": [run(1, 0.86, 0.6)]}, variants={"deepmetric_x": ["a=2"]})
+    elif clash == "recipe":  # the recipe file was edited between the two runs
+        b = report(tmp_path / "b.json", {"deepmetric": [run(1, 0.86, 0.6)]}, losses=[{"name": "triplet"}])
     else:
         b = report(tmp_path / "b.json", {"deepmetric": [run(0, 0.86, 0.6)]})
     with pytest.raises(SystemExit, match="b.json"):
