@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,10 +35,16 @@ def main(argv=None) -> int:
     ap.add_argument("--warm", type=int, default=310, help="memory-recipe steps before timing (fills it)")
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's setting)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench_memory_step_") as work:
+        return _run(args, Path(work))
+
+
+def _run(args: argparse.Namespace, work: Path) -> int:
     from pytorch_metric_learning import losses, miners
 
     base = ["train.eval_every=0", "eval.untrained=false", "train.progress=false"] + args.overrides
@@ -45,7 +52,7 @@ def main(argv=None) -> int:
     def trainer(extra):
         torch.manual_seed(0)
         cfg = load_config(args.recipe, base + extra)
-        t = Trainer(cfg, os.path.join(tempfile.mkdtemp(prefix="bench_memory_step_"), "run"))
+        t = Trainer(cfg, work / f"run{len(extra)}")
         t.model.train()
         t.losses.train()
         return t, cfg

@@ -22,7 +22,7 @@ def recipe(tmp_path):
 
 
 def test_times_the_three_sides_with_the_memory_full(recipe, capsys):
-    assert bms.main(["--recipe", recipe, "--warm", "3", "--batches", "2", "--rounds", "1",
+    assert bms.main(["--recipe", recipe, "--warm", "3", "--batches", "2", "--rounds", "1", "--threads", "0",
                      MEMORY]) == 0
     out = capsys.readouterr().out
     assert "memory holds" in out and "of 64 after 3 steps" in out
@@ -32,4 +32,4 @@ def test_times_the_three_sides_with_the_memory_full(recipe, capsys):
 
 def test_a_recipe_without_a_memory_is_refused(recipe):
     with pytest.raises(SystemExit, match="tiny.yaml: its first loss has no memory"):
-        bms.main(["--recipe", recipe, "--warm", "0"])
+        bms.main(["--recipe", recipe, "--warm", "0", "--threads", "0"])
