@@ -164,3 +164,17 @@ def test_reference_of_one_item_has_pairs_unless_every_query_excludes_it(mined):
         value = loss(torch.cat([x, x]), torch.cat([y, y + 2]), ref_embeddings=torch.cat([ref, ref]),
                      ref_labels=torch.tensor([0, 1]))
     assert value > 0
+
+
+def test_mined_multi_similarity_against_a_reference_stays_finite_for_a_query_without_positives():
+    # a query whose class is not in the reference keeps no pair; with a low base and a high beta its
+    # hardest negative's exponent overflows float32 unless it is kept out of the gradient
+    g = torch.Generator().manual_seed(0)
+    ref, ref_y = torch.randn(40, 8, generator=g), torch.arange(40) % 4
+    x = (ref[:6] + 0.01 * torch.randn(6, 8, generator=g)).requires_grad_(True)
+    y = torch.tensor([0, 1, 2, 3, 9, 9])
+    loss = build_loss("multi_similarity", miner_epsilon=0.1, base=-1.0, beta=60.0)
+    value = loss(x, y, ref_embeddings=ref, ref_labels=ref_y)
+    (grad,) = torch.autograd.grad(value, x)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    assert grad[4:].abs().max() == 0 and grad[:4].abs().max() > 0

@@ -220,7 +220,9 @@ class MultiSimilarityLoss(PairLoss):
                 return value, None
             g_pos = exp_log_weights_(x_pos.sub_(sp_pos[pi] + log_n)).neg_()
             if not sparse:  # d/ds_in = e^{x_in - peak} e^{peak - sp_neg} / N
-                grad = e_neg.mul_((peak.squeeze(1) - sp_neg - log_n).exp_()[:, None])
+                # the exponent is <= -log N where a row kept a negative (sp_neg >= peak); elsewhere the
+                # row of e_neg is 0 and the clamp keeps a large peak from making inf * 0
+                grad = e_neg.mul_((peak.squeeze(1) - sp_neg - log_n).clamp_max_(0.0).exp_()[:, None])
                 return value, grad.index_put_((pi, pj), g_pos)
             g_neg = exp_log_weights_(x_neg.sub_(sp_neg[ni] + log_n))
             index = torch.stack([torch.cat([pi, ni]), torch.cat([pj, nj])])
