@@ -392,10 +392,14 @@ class SearchIndex:
         scores, rows = self._search_rows(queries, k)
         return scores, np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
 
+    def label_name(self, label: int) -> Optional[str]:
+        """The class name of ``label``, or None (no names, or a label outside them)."""
+        names = self.class_names
+        return names[label] if names is not None and 0 <= label < len(names) else None
+
     def search(self, queries: Any, k: int = 10) -> List[List[Hit]]:
         """The ``k`` nearest items of each query ``(Q, D)`` (or one ``(D,)`` vector), best first."""
         scores, rows = self._search_rows(queries, k)
-        names = self.class_names
         out = []
         for srow, rrow in zip(scores.tolist(), rows.tolist()):
             hits = []
@@ -403,8 +407,7 @@ class SearchIndex:
                 if r < 0:
                     continue
                 lab = int(self._labels[r])
-                name = names[lab] if names is not None and 0 <= lab < len(names) else None
-                hits.append(Hit(int(self._ids[r]), float(s), lab, self._paths[r], name))
+                hits.append(Hit(int(self._ids[r]), float(s), lab, self._paths[r], self.label_name(lab)))
             out.append(hits)
         return out
 

@@ -202,10 +202,7 @@ class ItemStore:
             for item_id in ids.tolist():
                 r = rows[int(item_id)]
                 label = int(self.index.labels[r])
-                cn = self.index.class_names
-                path = self.index.paths[r]
-                out.append(ItemOut.of(item_id, label, cn[label] if cn is not None and 0 <= label < len(cn) else None,
-                                      path))
+                out.append(ItemOut.of(item_id, label, self.index.label_name(label), self.index.paths[r]))
             return AddedOut(items=out, count=len(self.index))
 
     def remove(self, item_id: int) -> RemovedOut:
