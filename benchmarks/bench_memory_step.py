@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import tempfile
@@ -61,8 +62,8 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     first = cfg.losses[0]
     if first.memory is None:
         raise SystemExit(f"bench_memory_step: {args.recipe}: its first loss has no memory")
-    plain = f"losses=[{{name: {first.name}, params: {dict(first.params)!r}}}]".replace("'", "")
-    without, _ = trainer([plain])
+    # the same first loss without its memory (JSON is YAML: the override parses back to the same loss)
+    without, _ = trainer(["losses=" + json.dumps([dict(cfg.to_dict()["losses"][0], memory=None)])])
     source = with_memory._batches()
     batches = [next(source)[:2] for _ in range(args.batches)]
     model = copy.deepcopy(without.model)
@@ -85,7 +86,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
 
     sides = {"deepmetric, memory": ours(with_memory), "deepmetric, no memory": ours(without), "PML MS": pml}
     for i in range(args.warm):
-        ours(with_memory)(*batches[i % len(batches)])
+        sides["deepmetric, memory"](*batches[i % len(batches)])
     memory = with_memory.losses[0]
     print(f"memory holds {int(memory.filled)} of {memory.size} after {args.warm} steps")
     times = {k: [] for k in sides}
