@@ -60,14 +60,16 @@ class MetricDataset(Dataset):
     def load(self, i: int) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def read(self, i: int, decoder: str = "pil") -> Any:
+    def read(self, i: int, decoder: str = "pil", channels: Optional[int] = None) -> Any:
         """What :meth:`__getitem__` feeds the transform: :meth:`load`, unless the transform takes
         tensors (its ``decoder`` is ``"torchvision"``) and the format can decode straight into one
-        (image files: a uint8 ``(3, H, W)`` tensor, see :func:`~deepmetric.data.io.read_image_tensor`)."""
+        (image files: a uint8 ``(3, H, W)`` tensor, see :func:`~deepmetric.data.io.read_image_tensor`;
+        ``channels``, the transform's, lets a greyscale file come as its one channel)."""
         return self.load(i)
 
     def __getitem__(self, i: int):
-        x = self.read(int(i), getattr(self.transform, "decoder", "pil"))
+        t = self.transform
+        x = self.read(int(i), getattr(t, "decoder", "pil"), getattr(t, "channels", None))
         if self.transform is not None:
             x = self.transform(x)
         return x, int(self.labels[i]), int(i)
@@ -105,8 +107,8 @@ class SubsetDataset(MetricDataset):
     def load(self, i: int) -> Any:
         return self.base.load(int(self.indices[i]))
 
-    def read(self, i: int, decoder: str = "pil") -> Any:
-        return self.base.read(int(self.indices[i]), decoder)
+    def read(self, i: int, decoder: str = "pil", channels: Optional[int] = None) -> Any:
+        return self.base.read(int(self.indices[i]), decoder, channels)
 
 
 @dataclass

@@ -18,7 +18,8 @@ with the same global batches, and after ``--resume``; workers can stay alive acr
 
 :func:`loader_settings` resolves ``data.num_workers: auto`` and ``data.pin_memory: auto``;
 :func:`normalisation_on_device` resolves ``data.normalize_on_device`` (uint8 images from the
-workers, normalised on the GPU).
+workers, normalised on the GPU); :func:`affine_on_batch` moves a random affine's warp from the
+images to their batch (the same pixels, one ``grid_sample`` per batch).
 """
 from __future__ import annotations
 
@@ -176,5 +177,18 @@ def normalisation_on_device(dataset: Any, setting: bool | str, device: torch.dev
         if setting is True:
             raise ParameterError("the transform does not end in float conversion + normalisation (array presets, "
                                  "reid's random erasing); set {setting} to auto or false", "setting")
+        return dataset, None
+    return dataset.with_transform(parts[0]), parts[1]
+
+
+def affine_on_batch(dataset: Any):
+    """``(dataset_view, batch_affine)``: when ``dataset``'s transform Pipeline can split its random
+    affine (:meth:`~deepmetric.data.transforms.Pipeline.split_affine`), a view whose items are
+    ``(image, theta)`` and the :class:`~deepmetric.data.transforms.BatchAffine` that warps and
+    normalises each collated batch; otherwise ``(dataset, None)``. The same pixels either way, with
+    one ``grid_sample`` per batch instead of one per image (the ``tensor_augment`` preset's main cost)."""
+    split = getattr(getattr(dataset, "transform", None), "split_affine", None)
+    parts = split() if split is not None else None
+    if parts is None:
         return dataset, None
     return dataset.with_transform(parts[0]), parts[1]

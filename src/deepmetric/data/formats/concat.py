@@ -62,9 +62,9 @@ class ConcatDataset(MetricDataset):
         part, j = self._locate(int(i))
         return part.load(j)
 
-    def read(self, i: int, decoder: str = "pil") -> Any:
+    def read(self, i: int, decoder: str = "pil", channels: Optional[int] = None) -> Any:
         part, j = self._locate(int(i))
-        return part.read(j, decoder)
+        return part.read(j, decoder, channels)
 
 
 def _part_spec(i: int, part: Any, root: Optional[str]) -> Dict[str, Any]:
