@@ -102,7 +102,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path, overrides=OVERRIDES):
     from deepmetric.engine.evaluator import Evaluator
 
     load_model_weights(single.model, a_dir)
-    again = Evaluator(single.cfg, single.splits).evaluate(single.model)
+    # the trainer trains in NHWC order on a CPU (train.channels_last: auto) and evaluates in NCHW
+    again = Evaluator(single.cfg, single.splits).evaluate(single.model.to(memory_format=torch.contiguous_format))
     for key, value in again.items():
         if isinstance(value, float):
             assert a_state["metrics"][key] == pytest.approx(value, abs=1e-9), key

@@ -215,6 +215,16 @@ def build_device_normalisation(cfg: Config, dataset, device):
         raise ConfigError(f"data.normalize_on_device: {e.naming({'setting': 'it'})}") from None
 
 
+def channels_last(setting, device, model: nn.Module) -> bool:
+    """``train.channels_last`` for ``model`` on ``device``: ``auto`` is on for a CPU and a network
+    with a 2-d convolution (oneDNN runs them fastest in NHWC order; measured by
+    ``benchmarks/bench_cpu_step.py``), off elsewhere (on a GPU it pays mainly under
+    mixed precision, which ``bench_gpu.py`` measures: set it there by hand)."""
+    if setting != "auto":
+        return bool(setting)
+    return torch.device(device).type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
 def init_from_run(model: Embedder, path: str) -> None:
     """Stage two: start from a stage-one run's Embedder weights (its classifier lives in the losses,
     so it is skipped by construction); a changed head (embedding size) keeps its fresh init, another

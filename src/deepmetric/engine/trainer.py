@@ -17,6 +17,7 @@ evaluation embeds a shard per rank, gathers the embeddings and computes exact me
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -35,10 +36,10 @@ from ..config import Config, ConfigError, save_config
 from ..core.distributed import all_gather_with_grad, any_rank, barrier, broadcast_object, init_distributed, rank_device
 from ..core.files import atomic_write
 from ..data.base import DataError, DataSplits
-from ..data.loading import SeededBatchSampler, SeededDataset, loader_settings
+from ..data.loading import SeededBatchSampler, SeededDataset, affine_on_batch, loader_settings
 from ..data.protocol import describe_splits, restrict_train
 from .build import (apply_protocol, build_data, build_device_normalisation, build_losses, build_model, build_optimizers,
-                    build_sampler, own_optimizer_key)
+                    build_sampler, channels_last, own_optimizer_key)
 from .callbacks import Callback, LogRecords, ProgressLog, report_fit_error, run_callbacks
 from .checkpoint import (CheckpointError, load_model_weights, load_train_state, read_checkpoint, resolve_checkpoint,
                          save_checkpoint)
@@ -204,6 +205,8 @@ class Trainer:
                                                local_world_size=self.dist.local_world_size)
         # uint8 images from the workers, normalised on the device (CUDA by default)
         train_view, self.batch_normalize = build_device_normalisation(cfg, self.splits.train, self.device)
+        # a random affine draws per image and warps per batch (the same pixels, a fraction of the time)
+        train_view, self.batch_affine = affine_on_batch(train_view)
         self.loader = DataLoader(SeededDataset(train_view), batch_sampler=self.batch_plan,
                                  generator=self.loader_generator, **self.loader_settings.kwargs())
         self.evaluator = Evaluator(cfg, self.splits, self.device)  # the test split
@@ -212,7 +215,8 @@ class Trainer:
         amp = cfg.train.amp
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
-        if cfg.train.channels_last:
+        self.channels_last = channels_last(cfg.train.channels_last, self.device, self.model)
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net: torch.nn.Module = self.model
         if self.dist.is_distributed:
@@ -297,14 +301,28 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------------------
     def _batches(self):
+        """``(images, labels, indices)`` batches as the model takes them: on the device, warped
+        (:attr:`batch_affine`), normalised (:attr:`batch_normalize`), in NHWC order under :attr:`channels_last`."""
         while True:
             self.batch_plan.set_epoch(self.epoch)
             self.batch_plan.skip(self.position)
-            for batch in self.loader:
+            for images, labels, indices in self.loader:
                 self.position += 1
-                yield batch
+                yield self._on_device(images), labels.to(self.device, non_blocking=True), indices
             self.epoch += 1
             self.position = 0
+
+    def _on_device(self, images):
+        if isinstance(images, (list, tuple)):  # (images, theta) from the view affine_on_batch made
+            images, theta = images
+            images = self.batch_affine(images.to(self.device, non_blocking=True), theta)
+        else:
+            images = images.to(self.device, non_blocking=True)
+        if self.batch_normalize is not None:
+            images = self.batch_normalize(images)
+        if self.channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
 
     def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -437,14 +455,8 @@ class Trainer:
                     if stop.requested:  # Ctrl-C also reaches loader workers, which then die
                         self._stop_here()
                     raise
-                images = images.to(self.device, non_blocking=True)
-                if self.batch_normalize is not None:
-                    images = self.batch_normalize(images)
-                if cfg.train.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
                 if self.input_shape is None:  # what inference must resize its inputs to
                     self.input_shape = list(images.shape[1:])
-                labels = labels.to(self.device, non_blocking=True)
                 loss = self.train_step(images, labels)
                 running = loss if running is None else running + loss
                 seen += images.shape[0]
@@ -510,7 +522,7 @@ class Trainer:
         evaluator = self.val_evaluator if split == "val" else self.evaluator
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = evaluator.run(self.model, neighbours=neighbours)
+            result = evaluator.run(self._inference_model(), neighbours=neighbours)
         for w in caught:
             note = f"step {self.step}, {split}: {w.message}"
             if note not in self.notes:
@@ -523,6 +535,14 @@ class Trainer:
         if notify:
             run_callbacks(self.callbacks, "on_evaluation", self, split, result.metrics)
         return result
+
+    def _inference_model(self) -> torch.nn.Module:
+        """The model as ``deepmetric eval`` and an export run it: in NCHW order (a copy when training
+        runs in NHWC), so the run's reported metrics are the ones a later evaluation of its
+        checkpoint gives, to the last digit."""
+        if not self.channels_last:
+            return self.model
+        return copy.deepcopy(self.model).to(memory_format=torch.contiguous_format)
 
     def _evaluate_untrained(self, log_file, writer) -> None:
         """Step 0: the network before any training, on validation and test (shown beside the trained)."""
