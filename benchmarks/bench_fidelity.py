@@ -268,11 +268,31 @@ def print_tables(rows_by_dataset: Dict[str, Dict[str, List[Dict[str, Any]]]]) ->
     return chosen_by_dataset
 
 
+ROTATE = "data.val_classes=<fold seed>"  # the budget entry of --rotate-validation
+
+
+def validation_fold(train_classes: List[Any], fraction: float, fold: int) -> List[Any]:
+    """Fold ``fold`` of a class-disjoint cross-validation over ``train_classes``: ``n`` =
+    ``max(2, round(fraction * C))`` consecutive classes, starting ``fold * n`` places in (cyclic), so
+    ``C`` folds validate every class ``n`` times (Fashion's 5 training classes: 01, 23, 40, 12, 34)."""
+    c = len(train_classes)
+    n = max(2, round(fraction * c))
+    return [train_classes[(fold * n + j) % c] for j in range(n)]
+
+
 def recipe(dataset: str, seed: int, budget: List[str], recipe_overrides: List[str], cjk_root: Optional[str]) -> Config:
-    extra = [f"seed={seed}"] + list(budget)
+    extra = [f"seed={seed}"] + [b for b in budget if b != ROTATE]
     if dataset == "cjk_glyphs":
         extra.append(f"data.root={cjk_root}")
-    return load_config(RECIPES[dataset], extra + list(recipe_overrides))
+    cfg = load_config(RECIPES[dataset], extra + list(recipe_overrides))
+    if ROTATE not in budget:
+        return cfg
+    d = cfg.data
+    if not isinstance(d.train_classes, list) or not isinstance(d.val_classes, float):
+        raise SystemExit(f"bench_fidelity: --rotate-validation needs {RECIPES[dataset].name} to list "
+                         "data.train_classes and give data.val_classes as a fraction")
+    fold = json.dumps(validation_fold(list(d.train_classes), d.val_classes, seed))
+    return load_config(RECIPES[dataset], extra + [f"data.val_classes={fold}"] + list(recipe_overrides))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -283,6 +303,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--cjk-root", default="/tmp/cjk_glyphs", help="folder written by make_glyph_benchmark.py")
     ap.add_argument("--set", dest="budget", nargs="*", default=[],
                     help="overrides of the shared budget, for every system (e.g. train.max_steps=200)")
+    ap.add_argument("--rotate-validation", action="store_true",
+                    help="seed k validates on fold k of a class-disjoint cross-validation over the training "
+                         "classes (validation_fold); without it every seed validates on the same classes")
     ap.add_argument("--recipe", dest="recipe", nargs="*", default=[],
                     help="overrides of deepmetric's recipe only (e.g. losses.0.params.miner_epsilon=0.1)")
     ap.add_argument("--variant", dest="variants", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
@@ -299,6 +322,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.merge:
         print_tables(merge_reports(args.merge))
         return 0
+    if args.rotate_validation:  # recorded with the budget: --merge keeps the two protocols apart
+        args.budget = list(args.budget) + [ROTATE]
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)

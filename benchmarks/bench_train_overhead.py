@@ -18,8 +18,9 @@ import time
 import torch
 
 
-def bare_loop(model, loss_fn, opt, loader, sampler, steps, device):
-    """The plain loop a user would write: the same DataLoader and sampler, no logging or checks."""
+def bare_loop(model, loss_fn, opt, loader, sampler, steps, device, nhwc=False):
+    """The plain loop a user would write: the same DataLoader and sampler, no logging or checks;
+    in the Trainer's memory order (``nhwc``: layout is not overhead, ``bench_cpu_step.py`` times it)."""
     model.train()
     t0 = time.perf_counter()
     done, epoch = 0, 0
@@ -29,6 +30,8 @@ def bare_loop(model, loss_fn, opt, loader, sampler, steps, device):
             if done == steps:
                 break
             done += 1
+            if nhwc:
+                images = images.contiguous(memory_format=torch.channels_last)
             _step(model, loss_fn, opt, images, labels, device)
         epoch += 1
     if device.type == "cuda":
@@ -82,7 +85,7 @@ def main() -> None:
             opt = {"sgd": lambda: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
                    "adam": lambda: torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay),
                    "adamw": lambda: torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)}[o.name]()
-            tb = bare_loop(model, loss_fn, opt, loader, sampler, args.steps, device)
+            tb = bare_loop(model, loss_fn, opt, loader, sampler, args.steps, device, trainer.channels_last)
             # time the trainer's loop only (evaluation and checkpointing happen after the last step)
             t0 = time.perf_counter()
             orig = trainer._evaluate_and_checkpoint

@@ -69,3 +69,21 @@ def test_merge_names_a_file_that_is_not_a_report(tmp_path):
     bad.write_text("[cjk_glyphs seed 0] deepmetric test map@r 0.61")
     with pytest.raises(SystemExit, match="log.txt: not a report"):
         bf.merge_reports([str(bad)])
+
+
+def test_rotated_validation_folds_cover_every_training_class_equally():
+    folds = [bf.validation_fold([0, 1, 2, 3, 4], 0.4, k) for k in range(5)]
+    assert folds == [[0, 1], [2, 3], [4, 0], [1, 2], [3, 4]]
+    assert all(sum(c in f for f in folds) == 2 for c in range(5))
+    cfg = bf.recipe("fashion_mnist", 3, [bf.ROTATE], [], None)
+    assert cfg.seed == 3 and cfg.data.val_classes == [1, 2]
+    assert bf.recipe("fashion_mnist", 3, [], [], None).data.val_classes == 0.4, "without the flag: one split"
+    with pytest.raises(SystemExit, match="--rotate-validation needs cjk_glyphs.yaml to list data.train_classes"):
+        bf.recipe("cjk_glyphs", 0, [bf.ROTATE], [], "/nowhere")
+
+
+def test_merge_keeps_rotated_and_fixed_validation_apart(tmp_path):
+    a = report(tmp_path / "a.json", {"deepmetric": [run(0, 0.86, 0.61)]})
+    b = report(tmp_path / "b.json", {"deepmetric": [run(1, 0.86, 0.61)]}, budget=[bf.ROTATE])
+    with pytest.raises(SystemExit, match="another budget"):
+        bf.merge_reports([a, b])
