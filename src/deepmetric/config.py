@@ -181,7 +181,7 @@ class TrainConfig(_Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|(cuda|xpu)(:[0-9]+)?)$")
     #: train convolutions in NHWC memory order; ``auto`` = on a CPU for a network with 2-d
     #: convolutions (oneDNN's preferred order: a training step of the glyph benchmark's CNN takes
-    #: 84 ms instead of 123 on one core, ``benchmarks/bench_cpu_step.py``), off on GPUs
+    #: 58 ms instead of 84 on one core, ``benchmarks/bench_cpu_step.py``), off on GPUs
     channels_last: Union[bool, str] = "auto"
     compile: bool = False
     progress: bool = True
