@@ -110,11 +110,11 @@ def read_image_tensor(path: str | os.PathLike, max_pixels: Optional[int] = None,
         try:
             png = _png_header(data) if data.startswith(_PNG_MAGIC) else None
             if png is not None:
-                w, h, depth, colour = png
+                w, h = png[:2]
             else:
                 with Image.open(io.BytesIO(data)) as header:  # header only: the size, before any pixel
                     w, h = header.size
-            grey = channels == 1 and png is not None and png[2:] == (8, 0)
+            grey = channels == 1 and png is not None and png[2:] == (8, 0)  # bit depth 8, colour type 0
             limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
             if w * h <= limit:
                 out = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),

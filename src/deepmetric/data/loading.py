@@ -171,14 +171,21 @@ def normalisation_on_device(dataset: Any, setting: bool | str, device: torch.dev
     want = torch.device(device).type == "cuda" if setting == "auto" else bool(setting)
     if not want:
         return dataset, None
-    split = getattr(getattr(dataset, "transform", None), "split_normalisation", None)
-    parts = split() if split is not None else None
-    if parts is None:
+    split = _split_view(dataset, "split_normalisation")
+    if split is None:
         if setting is True:
             raise ParameterError("the transform does not end in float conversion + normalisation (array presets, "
                                  "reid's random erasing); set {setting} to auto or false", "setting")
         return dataset, None
-    return dataset.with_transform(parts[0]), parts[1]
+    return split
+
+
+def _split_view(dataset: Any, method: str):
+    """``(view, batch part)`` from the ``method`` of ``dataset``'s transform Pipeline (e.g.
+    ``split_normalisation``): the view applies the per-image part; ``None`` where it does not split."""
+    split = getattr(getattr(dataset, "transform", None), method, None)
+    parts = split() if split is not None else None
+    return None if parts is None else (dataset.with_transform(parts[0]), parts[1])
 
 
 def affine_on_batch(dataset: Any):
@@ -187,8 +194,4 @@ def affine_on_batch(dataset: Any):
     ``(image, theta)`` and the :class:`~deepmetric.data.transforms.BatchAffine` that warps and
     normalises each collated batch; otherwise ``(dataset, None)``. The same pixels either way, with
     one ``grid_sample`` per batch instead of one per image (the ``tensor_augment`` preset's main cost)."""
-    split = getattr(getattr(dataset, "transform", None), "split_affine", None)
-    parts = split() if split is not None else None
-    if parts is None:
-        return dataset, None
-    return dataset.with_transform(parts[0]), parts[1]
+    return _split_view(dataset, "split_affine") or (dataset, None)
