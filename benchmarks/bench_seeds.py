@@ -95,8 +95,7 @@ class Runner:
             shutil.copytree(resume_from, run_dir)
             trainer = Trainer(cfg, run_dir, resume=True, splits=splits)
             if fresh_selection:  # select among the continuation's own evaluations, as a fine-tune does
-                trainer.best_value = trainer.best_step = None
-                trainer._best_weights = None
+                trainer.selection.reset()
         else:
             trainer = Trainer(cfg, run_dir, splits=splits)
         summary = trainer.fit()

@@ -1,6 +1,7 @@
 """Model selection on a validation split carved from the training classes, never on the test split;
 the test split is scored once, on the selected checkpoint, beside the untrained network."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +9,9 @@ import torch
 
 from deepmetric import cli
 from deepmetric.config import ConfigError, load_config
-from deepmetric.engine.checkpoint import read_checkpoint
+from deepmetric.engine.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from deepmetric.engine.evaluator import EvalResult, Evaluator
+from deepmetric.engine.selection import Selection
 from deepmetric.engine.trainer import Trainer
 from deepmetric.quickstart import RECIPE
 from deepmetric.viz.summary import format_summary
@@ -150,3 +152,46 @@ def test_user_splits_get_the_recipes_validation_split(tmp_path, tiny_overrides):
     assert set(np.unique(t.splits.val.query.labels)) == {4, 5} and t.splits.num_classes == 4
     assert t.splits.val.query.transform is splits.query.transform
     assert torch.is_tensor(t.splits.val.query[0][0])
+
+
+def test_selection_keeps_the_first_best_counts_stale_evaluations_and_copies_the_weights():
+    model = torch.nn.Linear(2, 2)
+    s = Selection()
+    assert s.offer(2, 0.5, {"map@r": 0.5}, model) and s.weights is not None
+    kept = {k: v.clone() for k, v in s.weights.items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)  # training goes on: the kept weights must not follow
+    assert not s.offer(4, 0.5, {"map@r": 0.5}, model)  # a tie keeps the earlier step
+    assert not s.offer(6, 0.4, {"map@r": 0.4}, model)
+    assert (s.best_step, s.stale_evaluations) == (2, 2)
+    assert s.exhausted(2) and not s.exhausted(3) and not s.exhausted(0)
+    assert all(torch.equal(kept[k], v) for k, v in s.weights.items())
+    s.load_into(model, Path("/nonexistent"))  # from memory: no checkpoint is read
+    assert torch.equal(model.weight, kept["weight"])
+    assert s.offer(8, 0.6, {"map@r": 0.6}, model) and s.stale_evaluations == 0
+    s.reset()
+    assert s == Selection()
+
+
+def test_selection_state_round_trip_reads_the_best_checkpoint_and_refuses_another_step(tmp_path, tiny_overrides):
+    cfg = _cfg(tiny_overrides)
+    model = torch.nn.Linear(2, 2)
+    s = Selection()
+    s.offer(4, 0.7, {"recall@1": 0.7}, model)
+    state = s.state_dict()
+    assert json.loads(json.dumps(state)) == {"best_value": 0.7, "best_step": 4, "best_val": {"recall@1": 0.7},
+                                            "stale_evaluations": 0}
+    resumed = Selection()
+    resumed.load_state_dict(state)
+    assert resumed.weights is None and resumed.state_dict() == state
+    run = tmp_path / "run"
+    for step in (4, 6):  # best holds step 4, then someone copies another step's checkpoint over it
+        save_checkpoint(run / "checkpoints" / "best", cfg=cfg, model=model, losses=torch.nn.ModuleList(),
+                        optimizers={}, state={"step": step})
+        other = torch.nn.Linear(2, 2)
+        if step == 4:
+            resumed.load_into(other, run)
+            assert torch.equal(other.weight, model.weight)
+        else:
+            with pytest.raises(CheckpointError, match="holds step 6, but the run selected step 4"):
+                resumed.load_into(other, run)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+import random
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,7 +25,7 @@ from ..core.registry import UnknownNameError
 from ..data.base import DataError, DataSplits, VerificationPairs
 from ..data.formats import DATASETS
 from ..data.loading import normalisation_on_device
-from ..data.protocol import ClassSplitError, carve_validation, split_classes
+from ..data.protocol import ClassSplitError, carve_validation, restrict_train, split_classes
 from ..models import BACKBONES, Embedder, build_embedder, load_pretrained, load_weights, read_state_dict
 from .checkpoint import CONFIG, load_model_weights, read_checkpoint, resolve_checkpoint
 
@@ -41,6 +43,56 @@ KEYS = {
     "pooling": "model.pooling", "train_classes": "data.train_classes", "test_classes": "data.test_classes",
     "val_classes": "data.val_classes",
 }
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """The recipe with its relative paths made absolute (``data.root``, ``eval.lfw_root``,
+    ``model.pretrained``, ``model.init_from``), so a run resumes and evaluates from any folder."""
+    def absolute(value: Optional[str]) -> Optional[str]:
+        if value and value != "imagenet" and Path(value).expanduser().exists():
+            return str(Path(value).expanduser().resolve())
+        return value
+
+    return cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"root": absolute(cfg.data.root)}),
+        "eval": cfg.eval.model_copy(update={"lfw_root": absolute(cfg.eval.lfw_root)}),
+        "model": cfg.model.model_copy(update={"pretrained": absolute(cfg.model.pretrained),
+                                              "init_from": absolute(cfg.model.init_from)}),
+    })
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's global and torch's generators from ``seed`` (PML's sampler draws from numpy's)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_training_set(splits: DataSplits, cfg: Config) -> DataSplits:
+    """Refuse training sets that cannot train a metric: empty, or (for the P x K sampler, which would
+    repeat them K times) classes with a single image. Random batches keep such classes, as the seeds
+    that sample at random do: there they are negatives for the others and samples for proxy losses."""
+    train = splits.train
+    if train is None or len(train) == 0:
+        raise DataError(f"data: the training set of format '{cfg.data.format}' (root {cfg.data.root}) is empty")
+    classes, counts = np.unique(train.labels, return_counts=True)
+    single = classes[counts == 1]
+    if len(single) and cfg.data.sampler == "random" and not cfg.data.drop_singletons:
+        log.warning("%d training classes have a single image and never form a positive pair "
+                    "(kept by data.sampler=random; data.drop_singletons=true removes them)", len(single))
+        return splits
+    if len(single):
+        if not cfg.data.drop_singletons:
+            where = ""
+            if train.paths is not None:
+                where = f" ({train.paths[int(np.flatnonzero(train.labels == single[0])[0])]})"
+            raise DataError(f"data: training class {int(single[0])}{where} has only one image "
+                            f"({len(single)} such classes); metric learning needs >= 2 per class: "
+                            f"remove them or set data.drop_singletons=true")
+        keep = np.flatnonzero(~np.isin(train.labels, single))
+        log.warning("dropped %d single-image training classes (data.drop_singletons)", len(single))
+        restrict_train(splits, keep)
+    return splits
 
 
 def build_transforms(cfg: Config):

@@ -28,104 +28,27 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from ..config import Config, ConfigError, save_config
 from ..core.distributed import all_gather_with_grad, any_rank, barrier, broadcast_object, init_distributed, rank_device
 from ..core.files import atomic_write
-from ..data.base import DataError, DataSplits
+from ..data.base import DataSplits
 from ..data.loading import SeededBatchSampler, SeededDataset, affine_on_batch, loader_settings
-from ..data.protocol import describe_splits, restrict_train
+from ..data.protocol import describe_splits
 from .build import (apply_protocol, build_data, build_device_normalisation, build_losses, build_model, build_optimizers,
-                    build_sampler, channels_last, own_optimizer_key)
+                    build_sampler, channels_last, check_training_set, own_optimizer_key, resolve_paths, seed_everything)
 from .callbacks import Callback, LogRecords, ProgressLog, report_fit_error, run_callbacks
-from .checkpoint import (CheckpointError, load_model_weights, load_train_state, read_checkpoint, resolve_checkpoint,
-                         save_checkpoint)
+from .checkpoint import load_model_weights, load_train_state, read_checkpoint, resolve_checkpoint, save_checkpoint
 from .evaluator import Evaluator
 from .interrupt import StopRequest
 from .python_objects import check_sources, embedding_dim, mark_python_objects, object_sources, with_training_set
+from .run_log import collect_notes, split_sizes, tensorboard_writer, truncate_log
 from .schedule import LRSchedule
+from .selection import Selection
 
 log = logging.getLogger("deepmetric")
-
-
-def resolve_paths(cfg: Config) -> Config:
-    """The recipe with its relative paths made absolute (``data.root``, ``eval.lfw_root``,
-    ``model.pretrained``, ``model.init_from``), so a run resumes and evaluates from any folder."""
-    def absolute(value: Optional[str]) -> Optional[str]:
-        if value and value != "imagenet" and Path(value).expanduser().exists():
-            return str(Path(value).expanduser().resolve())
-        return value
-
-    return cfg.model_copy(update={
-        "data": cfg.data.model_copy(update={"root": absolute(cfg.data.root)}),
-        "eval": cfg.eval.model_copy(update={"lfw_root": absolute(cfg.eval.lfw_root)}),
-        "model": cfg.model.model_copy(update={"pretrained": absolute(cfg.model.pretrained),
-                                              "init_from": absolute(cfg.model.init_from)}),
-    })
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def check_training_set(splits: DataSplits, cfg: Config) -> DataSplits:
-    """Refuse training sets that cannot train a metric: empty, or (for the P x K sampler, which would
-    repeat them K times) classes with a single image. Random batches keep such classes, as the seeds
-    that sample at random do: there they are negatives for the others and samples for proxy losses."""
-    train = splits.train
-    if train is None or len(train) == 0:
-        raise DataError(f"data: the training set of format '{cfg.data.format}' (root {cfg.data.root}) is empty")
-    classes, counts = np.unique(train.labels, return_counts=True)
-    single = classes[counts == 1]
-    if len(single) and cfg.data.sampler == "random" and not cfg.data.drop_singletons:
-        log.warning("%d training classes have a single image and never form a positive pair "
-                    "(kept by data.sampler=random; data.drop_singletons=true removes them)", len(single))
-        return splits
-    if len(single):
-        if not cfg.data.drop_singletons:
-            where = ""
-            if train.paths is not None:
-                where = f" ({train.paths[int(np.flatnonzero(train.labels == single[0])[0])]})"
-            raise DataError(f"data: training class {int(single[0])}{where} has only one image "
-                            f"({len(single)} such classes); metric learning needs >= 2 per class: "
-                            f"remove them or set data.drop_singletons=true")
-        keep = np.flatnonzero(~np.isin(train.labels, single))
-        log.warning("dropped %d single-image training classes (data.drop_singletons)", len(single))
-        restrict_train(splits, keep)
-    return splits
-
-
-class _NoteCollector(logging.Handler):
-    """The ``deepmetric`` logger's warnings, as notes of a run (its summary's ``notes``)."""
-
-    def __init__(self, notes: List[str]) -> None:
-        super().__init__(logging.WARNING)
-        self.notes = notes
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message not in self.notes:
-            self.notes.append(message)
-
-
-class _collect_notes:
-    """While inside, the warnings logged through ``deepmetric`` are appended to ``notes``."""
-
-    def __init__(self, notes: List[str]) -> None:
-        self.handler = _NoteCollector(notes)
-
-    def __enter__(self) -> None:
-        log.addHandler(self.handler)
-
-    def __exit__(self, *exc) -> None:
-        log.removeHandler(self.handler)
 
 
 class Trainer:
@@ -151,7 +74,7 @@ class Trainer:
                  *, callbacks: Sequence[Callback] = (), model: Optional[torch.nn.Module] = None,
                  loss: Optional[torch.nn.Module] = None, train_dataset: Optional[torch.utils.data.Dataset] = None) -> None:
         self.notes: List[str] = []  # the run's facts and warnings, also in the summary
-        with _collect_notes(self.notes):
+        with collect_notes(self.notes):
             self._build(cfg, run_dir, resume, splits, on_log, callbacks, model, loss, train_dataset)
 
     def _build(self, cfg, run_dir, resume, splits, on_log, callbacks, model, loss, train_dataset) -> None:
@@ -229,13 +152,8 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.position = 0  # batches consumed in the current epoch
-        # model selection, on the validation split only
-        self.best_value: Optional[float] = None
-        self.best_step: Optional[int] = None
-        self.best_val: Dict[str, Any] = {}
-        self.stale_evaluations = 0
+        self.selection = Selection()  # model selection, on the validation split only
         self.evaluations = 0
-        self._best_weights: Optional[Dict[str, torch.Tensor]] = None
         self.untrained: Dict[str, Dict[str, Any]] = {}
         self.input_shape: Optional[list] = None
         self.stopped_early = False
@@ -268,10 +186,7 @@ class Trainer:
         load_train_state(self._ckpt, self.losses, self.optimizers, self._state)
         s = self._state
         self.step, self.epoch, self.position = s["step"], s["epoch"], s["position"]
-        self.best_value = s.get("best_value")
-        self.best_step = s.get("best_step")
-        self.best_val = s.get("best_val") or {}
-        self.stale_evaluations = s.get("stale_evaluations", 0)
+        self.selection.load_state_dict(s)
         self.evaluations = s.get("evaluations", 0)
         self.untrained = s.get("untrained") or {}
         self.input_shape = s.get("input_shape")
@@ -287,8 +202,7 @@ class Trainer:
             barrier()
             return
         state = {"step": self.step, "epoch": self.epoch, "position": self.position,
-                 "best_value": self.best_value, "best_step": self.best_step, "best_val": self.best_val,
-                 "stale_evaluations": self.stale_evaluations, "evaluations": self.evaluations,
+                 **self.selection.state_dict(), "evaluations": self.evaluations,
                  "metric": self.cfg.eval.metric, "metrics": metrics, "untrained": self.untrained,
                  "input_shape": self.input_shape, "sources": self.sources,
                  "scheduler": self.schedule.state_dict(),
@@ -389,7 +303,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         barrier()
         try:
-            with _collect_notes(self.notes):
+            with collect_notes(self.notes):
                 return self._fit()
         except BaseException as exc:
             report_fit_error(self.callbacks, self, exc)
@@ -407,7 +321,7 @@ class Trainer:
                 save_config(cfg, self.run_dir / "config.yaml")
                 atomic_write(self.run_dir / "splits.json", json.dumps(
                     {"source": self.splits_source, **describe_splits(self.splits)}, indent=1))
-        writer = _tensorboard(self.run_dir, purge_step=self.step + 1 if self.resume else None) if self.is_main else None
+        writer = tensorboard_writer(self.run_dir, purge_step=self.step + 1 if self.resume else None) if self.is_main else None
         log_file = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
         from tqdm.auto import tqdm
 
@@ -566,19 +480,13 @@ class Trainer:
                                   f"({self.summary_words('val')}); choose one of "
                                   f"{', '.join(k for k, v in metrics.items() if isinstance(v, float))}")
             self.schedule.observe(value)
-            improved = self.best_value is None or value > self.best_value
-            if improved:
-                self.best_value, self.best_step, self.best_val = value, self.step, metrics
-                self.stale_evaluations = 0
-                self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-            else:
-                self.stale_evaluations += 1
+            improved = self.selection.offer(self.step, value, metrics, self.model)
             run_callbacks(self.callbacks, "on_evaluation", self, "val", metrics)  # with this selection
             final = final or self._callback_stop(sync=True)
-            if cfg.train.early_stopping and self.stale_evaluations >= cfg.train.early_stopping and not final:
+            if self.selection.exhausted(cfg.train.early_stopping) and not final:
                 self.stopped_early = True
                 log.info("step %d: validation %s has not improved for %d evaluations (train.early_stopping); "
-                         "stopping", self.step, cfg.eval.metric, self.stale_evaluations)
+                         "stopping", self.step, cfg.eval.metric, self.selection.stale_evaluations)
         else:
             metrics = {}
         if self.val_evaluator is None or cfg.eval.test_during_training:
@@ -586,7 +494,7 @@ class Trainer:
             self.last_result = self._evaluate("test", log_file, writer, neighbours=final and self.val_evaluator is None)
             stopped_here = self.val_evaluator is None and not final and self._callback_stop(sync=True)
             if self.val_evaluator is None:
-                self.best_step, metrics = self.step, self.last_result.metrics
+                self.selection.best_step, metrics = self.step, self.last_result.metrics
                 if final:  # the reported evaluation of a run without validation
                     self._final_test = self.last_result
                 final = final or stopped_here  # then _final tests this step again, with neighbours
@@ -607,7 +515,7 @@ class Trainer:
             if announce:
                 log.info("evaluating the selected checkpoint (step %d) on the test split", selected)
             if self.val_evaluator is not None and selected != self.step:
-                self._load_selected()
+                self.selection.load_into(self.model, self.run_dir)
             result = self._evaluate("test", log_file, writer, neighbours=True, record=False)
         self.final_test = False
         self.last_result = result
@@ -622,7 +530,7 @@ class Trainer:
             "metrics": result.metrics,
             "val": self.best_val if self.val_evaluator is not None else None,
             "untrained": self.untrained,
-            "splits": _split_sizes(self.splits),
+            "splits": split_sizes(self.splits),
             "sources": dict(self.sources),
             "notes": self.notes,
         }
@@ -633,20 +541,21 @@ class Trainer:
             atomic_write(self.run_dir / "metrics.json", json.dumps(flat, indent=1))
         return {"run_dir": str(self.run_dir), **summary, "best": {cfg.eval.metric: self.best_value}}
 
-    def summary_words(self, split: str) -> str:
-        return _split_sizes(self.splits).get(split) or "none"
+    # the selection, as callbacks read it (see :class:`~deepmetric.engine.selection.Selection`)
+    @property
+    def best_value(self) -> Optional[float]:
+        return self.selection.best_value
 
-    def _load_selected(self) -> None:
-        """The selected (best validation) weights into the model: from memory, or after a resume
-        from ``checkpoints/best``."""
-        if self._best_weights is None:
-            ckpt, state = read_checkpoint(self.run_dir, prefer="best")
-            if state.get("step") != self.best_step:
-                raise CheckpointError(f"{ckpt}: holds step {state.get('step')}, but the run selected step "
-                                  f"{self.best_step}; the run directory was changed by hand")
-            load_model_weights(self.model, ckpt)
-        else:
-            self.model.load_state_dict(self._best_weights)
+    @property
+    def best_step(self) -> Optional[int]:
+        return self.selection.best_step
+
+    @property
+    def best_val(self) -> Dict[str, Any]:
+        return self.selection.best_val
+
+    def summary_words(self, split: str) -> str:
+        return split_sizes(self.splits).get(split) or "none"
 
     def _record(self, rec: Dict[str, Any], log_file, writer) -> None:
         self.history.append(rec)
@@ -660,43 +569,3 @@ class Trainer:
             for k, v in flat.items():
                 if isinstance(v, (int, float)) and k != "step":
                     writer.add_scalar(prefix + k, v, rec["step"])
-
-
-def _split_sizes(splits: DataSplits) -> Dict[str, str]:
-    """A few words per evaluation split, for the summary's column heads."""
-    def words(s: Optional[DataSplits]) -> Optional[str]:
-        if s is None:
-            return None
-        if s.pairs is not None:
-            return f"{len(s.pairs.left)} pairs"
-        sets = [d for d in (s.query, s.gallery) if d is not None]
-        classes = len(np.unique(np.concatenate([d.labels for d in sets])))
-        images = len(s.query) + (0 if s.gallery is None else len(s.gallery))
-        return f"{classes} classes, {images} images"
-
-    return {"val": words(splits.val), "test": words(splits) if splits.query is not None or splits.pairs is not None
-            else None}
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop the rows of ``metrics.jsonl`` after ``step`` (written after the checkpoint a run resumes
-    from), so a resumed run's log has each step once."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:  # a line cut by a crash
-            continue
-    atomic_write(path, "".join(x + "\n" for x in keep))
-
-
-def _tensorboard(run_dir: Path, purge_step: Optional[int] = None):
-    """TensorBoard events; on resume ``purge_step`` hides what was logged after the checkpoint."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard missing: metrics.jsonl still has everything
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
