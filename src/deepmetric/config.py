@@ -184,6 +184,10 @@ class TrainConfig(_Section):
     #: 58 ms instead of 84 on one core, ``benchmarks/bench_cpu_step.py``), off on GPUs
     channels_last: Union[bool, str] = "auto"
     compile: bool = False
+    #: decay of an exponential moving average of the weights (0 = off; 0.99 averages about the last
+    #: 100 steps): evaluation, selection and the checkpoints' weights use the average, training the
+    #: live weights (see :mod:`deepmetric.engine.averaging`)
+    ema: float = Field(0.0, ge=0.0, lt=1.0)
     progress: bool = True
     deterministic: bool = True
     #: stop after this many evaluations in a row without a better validation ``eval.metric``; 0 = off

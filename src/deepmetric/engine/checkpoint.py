@@ -2,9 +2,10 @@
 
 Layout of ``RUN_DIR/checkpoints/{last,best}/``:
 
-- ``model.safetensors``: the Embedder's weights (all that inference, export and search need);
+- ``model.safetensors``: the Embedder's weights (all that inference, export and search need; under
+  ``train.ema`` their moving average, the weights the run evaluated);
 - ``train_state.safetensors``: loss-module tensors (classifier weights, cross-batch memory),
-  optimizer tensors and the torch RNG state;
+  optimizer tensors, the torch RNG state and, under ``train.ema``, the live weights (``live.*``);
 - ``state.json``: step, epoch and position in the epoch, optimizer structure, scheduler, sampler,
   numpy/python RNG states, the metrics at that step;
 - ``config.yaml``: the resolved recipe, so a checkpoint describes itself.
@@ -143,9 +144,11 @@ def _remove_dir(path: Path) -> None:
 # -- saving --------------------------------------------------------------------------------------
 
 def _serialise(cfg: Config, model: torch.nn.Module, losses: torch.nn.ModuleList,
-               optimizers: Dict[str, torch.optim.Optimizer], state: Dict[str, Any]) -> Dict[str, bytes]:
+               optimizers: Dict[str, torch.optim.Optimizer], state: Dict[str, Any],
+               extra: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, bytes]:
     """The checkpoint's files as bytes, ``state.json`` last (the order they are written in)."""
     tensors = _state_tensors(losses, "losses.")
+    tensors.update(extra or {})
     opt_meta = {}
     for name, opt in optimizers.items():
         t, m = _flatten_optimizer(opt.state_dict(), f"optim.{name}")
@@ -173,11 +176,12 @@ def _siblings(final: Path) -> List[Path]:
 
 def save_checkpoint(directory: str | Path, *, cfg: Config, model: torch.nn.Module,
                     losses: torch.nn.ModuleList, optimizers: Dict[str, torch.optim.Optimizer],
-                    state: Dict[str, Any]) -> Path:
-    """Write a complete checkpoint to ``directory`` atomically (see module docstring)."""
+                    state: Dict[str, Any], extra: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+    """Write a complete checkpoint to ``directory`` atomically (see module docstring). ``extra``:
+    more tensors for ``train_state.safetensors`` (the live weights under ``train.ema``)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    files = _serialise(cfg, model, losses, optimizers, state)
+    files = _serialise(cfg, model, losses, optimizers, state, extra)
     tmp = directory.parent / f".{directory.name}.tmp-{secrets.token_hex(4)}"
     _make_dir(tmp)
     try:
@@ -289,6 +293,29 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
                               f"({len(problems)} difference{'s' if len(problems) > 1 else ''}); load it with "
                               f"the model of its own {Path(ckpt) / CONFIG}")
     model.load_state_dict(tensors, strict=False)  # only num_batches_tracked may be absent
+
+
+def load_live_weights(model: torch.nn.Module, ckpt: Path) -> bool:
+    """Load the live weights a run trained with ``train.ema`` (``live.*`` of ``train_state.safetensors``;
+    ``model.safetensors`` holds their average) into ``model``; False when the checkpoint has none."""
+    f = Path(ckpt) / TRAIN_STATE
+    try:
+        tensors = load_file(str(f))
+    except Exception as e:
+        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e})".splitlines()[0]) from None
+    live = {k[len("live."):]: v for k, v in tensors.items() if k.startswith("live.")}
+    if not live:
+        return False
+    bad = first_nonfinite(live)
+    if bad is not None:
+        raise CheckpointError(f"{f}: tensor live.{bad[0]} holds {bad[1]} NaN/infinite values (saved after the run "
+                              "diverged?); resume from an earlier checkpoint")
+    problems = weight_mismatches(model.state_dict(), live)
+    if problems:
+        raise CheckpointError(f"{f}: the live weights are of another architecture than the model ({problems[0]}); "
+                              f"resume with the model of {Path(ckpt) / CONFIG}")
+    model.load_state_dict(live, strict=False)
+    return True
 
 
 def load_train_state(ckpt: Path, losses: torch.nn.ModuleList,

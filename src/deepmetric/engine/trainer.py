@@ -5,7 +5,9 @@
 that ``deepmetric eval`` uses, writes ``metrics.jsonl`` and TensorBoard events, and keeps ``best``
 and ``last`` checkpoints. ``Trainer(cfg, run_dir, resume=True)`` continues from ``last`` exactly: the
 same batches, the same random numbers, the same augmented pixels (each sample is augmented under a
-seed of its own, whatever ``data.num_workers`` is: see :mod:`deepmetric.data.loading`).
+seed of its own, whatever ``data.num_workers`` is: see :mod:`deepmetric.data.loading`). Under
+``train.ema`` a moving average of the weights (:mod:`~deepmetric.engine.averaging`) is what the run
+evaluates, selects and saves as the checkpoints' weights, while the live weights train.
 
 Under ``torchrun`` the same code runs DistributedDataParallel (NCCL on GPUs, gloo on CPU): the batch
 sampler (``data.sampler``: P x K or random) shards batches by rank; every loss sees all ranks'
@@ -40,7 +42,9 @@ from ..data.protocol import describe_splits
 from .build import (apply_protocol, build_data, build_device_normalisation, build_losses, build_model, build_optimizers,
                     build_sampler, channels_last, check_training_set, own_optimizer_key, resolve_paths, seed_everything)
 from .callbacks import Callback, LogRecords, ProgressLog, report_fit_error, run_callbacks
-from .checkpoint import load_model_weights, load_train_state, read_checkpoint, resolve_checkpoint, save_checkpoint
+from .averaging import WeightAverage
+from .checkpoint import (CheckpointError, load_live_weights, load_model_weights, load_train_state, read_checkpoint,
+                         resolve_checkpoint, save_checkpoint)
 from .evaluator import Evaluator
 from .interrupt import StopRequest
 from .python_objects import check_sources, embedding_dim, mark_python_objects, object_sources, with_training_set
@@ -141,6 +145,8 @@ class Trainer:
         self.channels_last = channels_last(cfg.train.channels_last, self.device, self.model)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # train.ema: the moving average that is evaluated, selected and saved (None: the live weights)
+        self.ema = WeightAverage(self.model, cfg.train.ema) if cfg.train.ema else None
         self.net: torch.nn.Module = self.model
         if self.dist.is_distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -182,10 +188,19 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------------
     def _restore(self) -> None:
-        load_model_weights(self.model, self._ckpt)
+        if self.ema is None:
+            load_model_weights(self.model, self._ckpt)
+        else:  # model.safetensors holds the average; the live weights continue training
+            load_model_weights(self.ema.model, self._ckpt)
+            if not load_live_weights(self.model, self._ckpt):
+                raise CheckpointError(f"{self._ckpt}: holds no live weights (live.* of train_state.safetensors): "
+                                      f"it was saved without train.ema, so train.ema cannot resume it; "
+                                      f"resume with train.ema=0")
         load_train_state(self._ckpt, self.losses, self.optimizers, self._state)
         s = self._state
         self.step, self.epoch, self.position = s["step"], s["epoch"], s["position"]
+        if self.ema is not None:
+            self.ema.updates = self.step  # one update per step
         self.selection.load_state_dict(s)
         self.evaluations = s.get("evaluations", 0)
         self.untrained = s.get("untrained") or {}
@@ -208,8 +223,9 @@ class Trainer:
                  "scheduler": self.schedule.state_dict(),
                  "loader_generator": self.loader_generator.get_state().tolist(),
                  "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
-        save_checkpoint(self.run_dir / "checkpoints" / name, cfg=self.cfg, model=self.model,
-                        losses=self.losses, optimizers=self.optimizers, state=state)
+        save_checkpoint(self.run_dir / "checkpoints" / name, cfg=self.cfg, model=self.evaluated,
+                        losses=self.losses, optimizers=self.optimizers, state=state,
+                        extra=None if self.ema is None else self.ema.live_tensors(self.model))
         barrier()
         run_callbacks(self.callbacks, "on_checkpoint", self, name, self.run_dir / "checkpoints" / name)
 
@@ -290,6 +306,8 @@ class Trainer:
         for opt in self.optimizers.values():
             self.scaler.step(opt)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.step += 1
         if self.step == train.freeze_backbone_steps:
             log.info("step %d: the backbone trains from now on (train.freeze_backbone_steps)", self.step)
@@ -450,10 +468,18 @@ class Trainer:
             run_callbacks(self.callbacks, "on_evaluation", self, split, result.metrics)
         return result
 
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The weights a run evaluates, selects and saves as ``model.safetensors``: the moving average
+        under ``train.ema``, else the live model."""
+        return self.model if self.ema is None else self.ema.model
+
     def _inference_model(self) -> torch.nn.Module:
         """The model as ``deepmetric eval`` and an export run it: in NCHW order (a copy when training
         runs in NHWC), so the run's reported metrics are the ones a later evaluation of its
         checkpoint gives, to the last digit."""
+        if self.ema is not None:  # the average is kept in NCHW order
+            return self.ema.model
         if not self.channels_last:
             return self.model
         return copy.deepcopy(self.model).to(memory_format=torch.contiguous_format)
@@ -480,7 +506,7 @@ class Trainer:
                                   f"({self.summary_words('val')}); choose one of "
                                   f"{', '.join(k for k, v in metrics.items() if isinstance(v, float))}")
             self.schedule.observe(value)
-            improved = self.selection.offer(self.step, value, metrics, self.model)
+            improved = self.selection.offer(self.step, value, metrics, self.evaluated)
             run_callbacks(self.callbacks, "on_evaluation", self, "val", metrics)  # with this selection
             final = final or self._callback_stop(sync=True)
             if self.selection.exhausted(cfg.train.early_stopping) and not final:
@@ -515,7 +541,7 @@ class Trainer:
             if announce:
                 log.info("evaluating the selected checkpoint (step %d) on the test split", selected)
             if self.val_evaluator is not None and selected != self.step:
-                self.selection.load_into(self.model, self.run_dir)
+                self.selection.load_into(self.evaluated, self.run_dir)
             result = self._evaluate("test", log_file, writer, neighbours=True, record=False)
         self.final_test = False
         self.last_result = result
