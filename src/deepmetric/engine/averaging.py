@@ -14,8 +14,6 @@ and therefore ``deepmetric eval``, export and search use it, while the live weig
 from __future__ import annotations
 
 import copy
-from typing import Dict
-
 import torch
 
 
@@ -46,7 +44,3 @@ class WeightAverage:
                 avg.mul_(d).add_(new.detach(), alpha=1.0 - d)
             else:
                 avg.copy_(new)
-
-    def live_tensors(self, live: torch.nn.Module) -> Dict[str, torch.Tensor]:
-        """``live``'s state as the ``live.*`` tensors of ``train_state.safetensors``."""
-        return {f"live.{k}": v.detach().cpu().contiguous() for k, v in live.state_dict().items()}

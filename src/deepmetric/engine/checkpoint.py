@@ -145,10 +145,11 @@ def _remove_dir(path: Path) -> None:
 
 def _serialise(cfg: Config, model: torch.nn.Module, losses: torch.nn.ModuleList,
                optimizers: Dict[str, torch.optim.Optimizer], state: Dict[str, Any],
-               extra: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, bytes]:
+               live: Optional[torch.nn.Module] = None) -> Dict[str, bytes]:
     """The checkpoint's files as bytes, ``state.json`` last (the order they are written in)."""
     tensors = _state_tensors(losses, "losses.")
-    tensors.update(extra or {})
+    if live is not None:
+        tensors.update(_state_tensors(live, "live."))
     opt_meta = {}
     for name, opt in optimizers.items():
         t, m = _flatten_optimizer(opt.state_dict(), f"optim.{name}")
@@ -176,12 +177,13 @@ def _siblings(final: Path) -> List[Path]:
 
 def save_checkpoint(directory: str | Path, *, cfg: Config, model: torch.nn.Module,
                     losses: torch.nn.ModuleList, optimizers: Dict[str, torch.optim.Optimizer],
-                    state: Dict[str, Any], extra: Optional[Dict[str, torch.Tensor]] = None) -> Path:
-    """Write a complete checkpoint to ``directory`` atomically (see module docstring). ``extra``:
-    more tensors for ``train_state.safetensors`` (the live weights under ``train.ema``)."""
+                    state: Dict[str, Any], live: Optional[torch.nn.Module] = None) -> Path:
+    """Write a complete checkpoint to ``directory`` atomically (see module docstring). ``live``:
+    the model whose weights ``model`` averages (``train.ema``), kept as ``live.*`` of
+    ``train_state.safetensors``."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    files = _serialise(cfg, model, losses, optimizers, state, extra)
+    files = _serialise(cfg, model, losses, optimizers, state, live)
     tmp = directory.parent / f".{directory.name}.tmp-{secrets.token_hex(4)}"
     _make_dir(tmp)
     try:
@@ -295,32 +297,12 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
     model.load_state_dict(tensors, strict=False)  # only num_batches_tracked may be absent
 
 
-def load_live_weights(model: torch.nn.Module, ckpt: Path) -> bool:
-    """Load the live weights a run trained with ``train.ema`` (``live.*`` of ``train_state.safetensors``;
-    ``model.safetensors`` holds their average) into ``model``; False when the checkpoint has none."""
-    f = Path(ckpt) / TRAIN_STATE
-    try:
-        tensors = load_file(str(f))
-    except Exception as e:
-        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e})".splitlines()[0]) from None
-    live = {k[len("live."):]: v for k, v in tensors.items() if k.startswith("live.")}
-    if not live:
-        return False
-    bad = first_nonfinite(live)
-    if bad is not None:
-        raise CheckpointError(f"{f}: tensor live.{bad[0]} holds {bad[1]} NaN/infinite values (saved after the run "
-                              "diverged?); resume from an earlier checkpoint")
-    problems = weight_mismatches(model.state_dict(), live)
-    if problems:
-        raise CheckpointError(f"{f}: the live weights are of another architecture than the model ({problems[0]}); "
-                              f"resume with the model of {Path(ckpt) / CONFIG}")
-    model.load_state_dict(live, strict=False)
-    return True
-
-
 def load_train_state(ckpt: Path, losses: torch.nn.ModuleList,
-                     optimizers: Dict[str, torch.optim.Optimizer], meta: Dict[str, Any]) -> None:
-    """Restore loss modules, optimizers and RNGs for resuming; ``meta`` is the checkpoint's ``state.json``."""
+                     optimizers: Dict[str, torch.optim.Optimizer], meta: Dict[str, Any],
+                     live: Optional[torch.nn.Module] = None) -> None:
+    """Restore loss modules, optimizers and RNGs for resuming; ``meta`` is the checkpoint's ``state.json``.
+    ``live``: the model that trains under ``train.ema`` (``model.safetensors`` holds its average),
+    restored from ``live.*``; a checkpoint without them is refused."""
     missing = [k for k in RESUME_KEYS if k not in meta]
     if missing:
         raise CheckpointError(f"{Path(ckpt) / STATE} lacks {', '.join(missing)}: not a training checkpoint "
@@ -340,6 +322,8 @@ def load_train_state(ckpt: Path, losses: torch.nn.ModuleList,
         raise CheckpointError(f"{f}: the loss terms differ from this recipe's losses ({problems[0]}); "
                               f"resume with the losses of {Path(ckpt) / CONFIG}, or train afresh")
     losses.load_state_dict(loss_state, strict=False)  # only num_batches_tracked may be absent
+    if live is not None:
+        _load_live_weights(live, tensors, Path(ckpt))
     for name, opt in optimizers.items():
         try:
             opt.load_state_dict(_unflatten_optimizer(meta["optimizers"][name], tensors))
@@ -347,3 +331,21 @@ def load_train_state(ckpt: Path, losses: torch.nn.ModuleList,
             raise CheckpointError(f"{Path(ckpt) / STATE}: optimizer {name!r} does not fit this recipe's "
                                   f"({type(e).__name__}: {e}); resume with {Path(ckpt) / CONFIG}".splitlines()[0]) from None
     set_rng_state(tensors, meta.get("rng", {}))
+
+
+def _load_live_weights(model: torch.nn.Module, tensors: Dict[str, torch.Tensor], ckpt: Path) -> None:
+    """``live.*`` of the checkpoint's train state into ``model`` (see :func:`load_train_state`)."""
+    f = ckpt / TRAIN_STATE
+    live = {k[len("live."):]: v for k, v in tensors.items() if k.startswith("live.")}
+    if not live:
+        raise CheckpointError(f"{ckpt}: holds no live weights (live.* of {TRAIN_STATE}): it was saved without "
+                              f"train.ema, so train.ema cannot resume it; resume with train.ema=0")
+    bad = first_nonfinite(live)
+    if bad is not None:
+        raise CheckpointError(f"{f}: tensor live.{bad[0]} holds {bad[1]} NaN/infinite values (saved after the run "
+                              "diverged?); resume from an earlier checkpoint")
+    problems = weight_mismatches(model.state_dict(), live)
+    if problems:
+        raise CheckpointError(f"{f}: the live weights are of another architecture than the model ({problems[0]}); "
+                              f"resume with the model of {ckpt / CONFIG}")
+    model.load_state_dict(live, strict=False)

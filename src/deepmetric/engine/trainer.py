@@ -43,8 +43,7 @@ from .build import (apply_protocol, build_data, build_device_normalisation, buil
                     build_sampler, channels_last, check_training_set, own_optimizer_key, resolve_paths, seed_everything)
 from .callbacks import Callback, LogRecords, ProgressLog, report_fit_error, run_callbacks
 from .averaging import WeightAverage
-from .checkpoint import (CheckpointError, load_live_weights, load_model_weights, load_train_state, read_checkpoint,
-                         resolve_checkpoint, save_checkpoint)
+from .checkpoint import load_model_weights, load_train_state, read_checkpoint, resolve_checkpoint, save_checkpoint
 from .evaluator import Evaluator
 from .interrupt import StopRequest
 from .python_objects import check_sources, embedding_dim, mark_python_objects, object_sources, with_training_set
@@ -188,15 +187,10 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------------
     def _restore(self) -> None:
-        if self.ema is None:
-            load_model_weights(self.model, self._ckpt)
-        else:  # model.safetensors holds the average; the live weights continue training
-            load_model_weights(self.ema.model, self._ckpt)
-            if not load_live_weights(self.model, self._ckpt):
-                raise CheckpointError(f"{self._ckpt}: holds no live weights (live.* of train_state.safetensors): "
-                                      f"it was saved without train.ema, so train.ema cannot resume it; "
-                                      f"resume with train.ema=0")
-        load_train_state(self._ckpt, self.losses, self.optimizers, self._state)
+        # under train.ema model.safetensors holds the average; the live weights continue training
+        load_model_weights(self.evaluated, self._ckpt)
+        load_train_state(self._ckpt, self.losses, self.optimizers, self._state,
+                         live=None if self.ema is None else self.model)
         s = self._state
         self.step, self.epoch, self.position = s["step"], s["epoch"], s["position"]
         if self.ema is not None:
@@ -225,7 +219,7 @@ class Trainer:
                  "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
         save_checkpoint(self.run_dir / "checkpoints" / name, cfg=self.cfg, model=self.evaluated,
                         losses=self.losses, optimizers=self.optimizers, state=state,
-                        extra=None if self.ema is None else self.ema.live_tensors(self.model))
+                        live=None if self.ema is None else self.model)
         barrier()
         run_callbacks(self.callbacks, "on_checkpoint", self, name, self.run_dir / "checkpoints" / name)
 
