@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -52,7 +51,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from deepmetric.config import Config, load_config  # noqa: E402
 from deepmetric.core.files import atomic_write  # noqa: E402
-from deepmetric.engine.build import build_data, build_model  # noqa: E402
+from deepmetric.engine.build import build_data, build_model, seed_everything  # noqa: E402
 from deepmetric.engine.evaluator import Evaluator  # noqa: E402
 from deepmetric.engine.schedule import LRSchedule  # noqa: E402
 from deepmetric.engine.trainer import Trainer  # noqa: E402
@@ -67,12 +66,6 @@ SHOWN = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "map", "r_prec
 
 
 # -- the systems -------------------------------------------------------------------------------------
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # MPerClassSampler draws from numpy's global generator
-    torch.manual_seed(seed)
-
 
 def run_deepmetric(cfg: Config, run_dir: Path) -> Dict[str, Any]:
     """The product's path: a recipe through ``Trainer(cfg, run_dir).fit()``."""
@@ -114,7 +107,7 @@ def run_pml_loop(cfg: Config, name: str) -> Dict[str, Any]:
     from pytorch_metric_learning.samplers import MPerClassSampler
     from torch.utils.data import DataLoader
 
-    seed_all(cfg.seed)
+    seed_everything(cfg.seed)  # MPerClassSampler draws from numpy's global generator
     splits = build_data(cfg)
     model = build_model(cfg)
     loss_fn, miner = pml_recipe(name)

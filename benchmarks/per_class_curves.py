@@ -50,7 +50,6 @@ def curves(cfg) -> List[Dict]:
     """The per-class rows of one run of ``cfg``, in evaluation order (the final test of the
     selected step last, marked ``final``)."""
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"test_during_training": True})})
-    bf.seed_all(cfg.seed)
     with tempfile.TemporaryDirectory(prefix="per_class_") as work:
         trainer = _Recording(cfg, Path(work) / "run")
         trainer.rows = []
