@@ -64,7 +64,7 @@ def test_tensor_decode_errors_are_the_pil_errors(tmp_path):
         with pytest.raises(DataError) as slow:
             load_image(path)
         assert str(fast.value) == str(slow.value) and str(path) in str(fast.value)
-    with pytest.raises(DataError, match="exceeds the limit of 1000"):
+    with pytest.raises(DataError, match="above the limit of 1000"):
         read_image_tensor(good, max_pixels=1000)  # refused from the header, before decoding
 
 
@@ -81,10 +81,15 @@ def test_decoder_choice_per_preset():
 
 @pytest.mark.parametrize("preset", ["imagenet", "xbm", "reid", "face"])
 def test_tensor_and_pil_pipelines_agree(tmp_path, preset):
-    """Same random draws (the pipelines consume the generator alike); pixels differ only by resize rounding."""
+    """Training: the same random draws (the pipelines consume the generator alike); pixels differ only
+    by resize rounding. Evaluation: one pipeline (the deployed preprocessing), whatever hands it the
+    image: a path, or the decoded image."""
     path = tmp_path / "x.jpg"
     _photo(150, 200).save(path, quality=95)
-    for train in (False, True):
+    test = build_transform(preset, train=False, image_size=(64, 48) if preset == "reid" else 56)
+    assert test.decoder == "file"
+    assert torch.equal(test(str(path)), test(load_image(path)))
+    for train in (True,):
         outs = {}
         for decoder in ("pil", "torchvision"):
             tf = build_transform(preset, train=train, image_size=(64, 48) if preset == "reid" else 56, decoder=decoder)
@@ -102,9 +107,12 @@ def test_dataset_hands_tensors_only_to_tensor_pipelines(image_folder):
     paths = sorted(str(p) for p in image_folder.rglob("*.jpg"))[:3]
     seen = []
 
+    def kind(x):
+        return Image.Image if isinstance(x, Image.Image) else type(x)
+
     def spy(decoder):
         def f(x):
-            seen.append(type(x))
+            seen.append(kind(x))
             return torch.zeros(1)
         f.decoder = decoder
         return f
@@ -113,8 +121,9 @@ def test_dataset_hands_tensors_only_to_tensor_pipelines(image_folder):
     ds[0]
     ds.subset(np.array([2]))[0]
     ds.with_transform(spy("pil"))[1]
-    ImageListDataset(paths, [0, 1, 2], transform=lambda x: seen.append(type(x)) or torch.zeros(1))[0]
-    assert seen == [torch.Tensor, torch.Tensor, Image.Image, Image.Image]
+    ImageListDataset(paths, [0, 1, 2], transform=lambda x: seen.append(kind(x)) or torch.zeros(1))[0]
+    ds.with_transform(spy("file"))[1]  # the test pipeline decodes the file itself, as deployment does
+    assert seen == [torch.Tensor, torch.Tensor, Image.Image, Image.Image, str]
 
 
 def test_sample_seeds_depend_only_on_position():
@@ -200,7 +209,9 @@ def test_normalising_on_the_device_gives_the_same_batches(tmp_path, preset):
 
     path = tmp_path / "x.jpg"
     _photo(150, 200).save(path, quality=95)
-    for train in (False, True):
+    # the test pipeline decodes and normalises in one step, the deployed preprocessing: it never splits
+    assert build_transform(preset, train=False, image_size=48).split_normalisation() is None
+    for train in (True,):
         full = build_transform(preset, train=train, image_size=48)
         head, tail = full.split_normalisation()
         assert isinstance(tail, BatchNormalize) and head.decoder == full.decoder

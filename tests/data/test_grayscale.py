@@ -53,8 +53,10 @@ def test_rgb_constants_become_one_for_one_channel():
     assert channel_stats((0.5,), 3) == (0.5,)
     assert channel_stats((0.485, 0.456, 0.406), 3) == (0.485, 0.456, 0.406)
     assert channel_stats((0.3, 0.6, 0.9), 1) == pytest.approx((0.6,))
-    tf = build_transform("imagenet", train=False, image_size=16, channels=1)
+    tf = build_transform("imagenet", train=True, image_size=16, channels=1)
     assert tuple(tf.transforms[-1].mean) == pytest.approx((np.mean([0.485, 0.456, 0.406]),))
+    test = build_transform("imagenet", train=False, image_size=16, channels=1).transforms[0].preprocessing
+    assert test.channels == 1 and test.mean == pytest.approx((np.mean([0.485, 0.456, 0.406]),))
     with pytest.raises(ValueError, match="channels=2: the preset normalises 3 channels"):
         channel_stats((0.485, 0.456, 0.406), 2)
     import doctest

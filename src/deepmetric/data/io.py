@@ -21,53 +21,32 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ..core.images import FILE_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_image_file, orientation
 from .base import DataError, MetricDataset
 
 #: PIL raises DecompressionBombError above twice its warning limit; we use the same ceiling.
-DEFAULT_MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
+DEFAULT_MAX_PIXELS = FILE_MAX_PIXELS
 
 
-def load_image(path: str | os.PathLike, max_pixels: Optional[int] = None) -> Image.Image:
-    """Open ``path`` fully and return it as an RGB ``PIL.Image``.
+def load_image(path: str | os.PathLike, max_pixels: Optional[int] = None, channels: Optional[int] = None) -> Image.Image:
+    """Open ``path`` fully and return it as an RGB ``PIL.Image`` (``L`` with ``channels=1``), decoded
+    by :func:`deepmetric.core.images.decode_image`: the one decode of training, evaluation and
+    serving (EXIF orientation applied, 16-bit greyscale scaled to 8 bits, transparency composited
+    onto white).
 
     PIL opens lazily (only the header); pixels are decoded by ``load()``, which is where truncated
-    or corrupt data fails, so both happen inside the ``try``. Grayscale, palette (with
-    transparency), CMYK and RGBA images are converted to RGB.
+    or corrupt data fails, so both happen inside the ``try``.
 
     Raises:
         DataError: missing file, unreadable/corrupt/truncated image, or more than ``max_pixels``
             pixels; the message names the file.
     """
-    path = os.fspath(path)
-    limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     try:
-        with Image.open(path) as img:
-            w, h = img.size
-            if w * h > limit:
-                raise DataError(
-                    f"image {path}: {w}x{h} = {w * h} pixels exceeds the limit of {limit} "
-                    "(decompression-bomb guard; pass a larger max_pixels if the file is trusted)"
-                )
-            img.load()
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            return img.convert("RGB")
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(f"image {path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"image {path}: is a directory, expected an image file") from None
-    except UnidentifiedImageError:
-        raise DataError(f"image {path}: not a readable image (corrupt file or unsupported format)") from None
-    except Image.DecompressionBombError as e:
-        raise DataError(f"image {path}: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated data, bad headers, decoder errors
-        raise DataError(f"image {path}: cannot decode ({e})") from None
+        return load_image_file(path, mode="L" if channels == 1 else "RGB", max_pixels=max_pixels)
+    except ImageError as e:
+        raise DataError(str(e)) from None
 
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -82,21 +61,29 @@ def _png_header(data: bytes) -> Optional[tuple[int, int, int, int]]:
     return w, h, data[24], data[25]
 
 
+def _png_has_transparency(data: bytes) -> bool:
+    """Whether a PNG has a ``tRNS`` chunk (a transparent colour or palette alpha), which comes before IDAT."""
+    idat = data.find(b"IDAT")
+    return data.find(b"tRNS", 0, idat if idat >= 0 else len(data)) >= 0
+
+
 def read_image_tensor(path: str | os.PathLike, max_pixels: Optional[int] = None,
                       channels: Optional[int] = None) -> torch.Tensor:
     """Decode ``path`` into a ``(3, H, W) uint8`` tensor, the fast way where it is safe.
 
-    JPEG and 8-bit PNG files are decoded by ``torchvision.io`` (libjpeg-turbo / libpng into a
-    tensor, no PIL image in between; ``benchmarks/bench_decode.py`` compares it with Pillow). The pixels are the ones :func:`load_image` gives (the same
-    libjpeg-turbo decode; CMYK and grey JPEGs and RGBA PNGs become RGB alike, pinned by tests).
-    The file is read once; its header is checked against ``max_pixels`` before decoding. Any other
-    format, 16-bit PNGs, and any file torchvision refuses go through :func:`load_image`, so errors
-    (truncated, corrupt, missing, bombs) are the same one-line :class:`DataError` naming the file.
+    Upright JPEGs and 8-bit greyscale or RGB PNGs without transparency are decoded by
+    ``torchvision.io`` (libjpeg-turbo / libpng into a tensor, no PIL image in between;
+    ``benchmarks/bench_decode.py`` compares it with Pillow): the same pixels as :func:`load_image`
+    (the same libjpeg-turbo decode; CMYK and grey JPEGs become RGB alike, pinned by tests). Everything
+    else (EXIF-rotated JPEGs, 16-bit, palette and transparent PNGs, other formats, any file torchvision
+    refuses) goes through :func:`load_image`, the one decode, so errors (truncated, corrupt, missing,
+    bombs) are the same one-line :class:`DataError` naming the file. The file is read once; its
+    header is checked against ``max_pixels`` before decoding.
 
     ``channels=1`` (the caller converts to greyscale next, :class:`~deepmetric.data.transforms.ToChannels`)
-    returns an 8-bit greyscale PNG as its one ``(1, H, W)`` channel: the pixels the conversion of
-    its RGB decode gives (grey ``v`` stays ``v``), without decoding three copies and converting them
-    back (0.27 ms -> 0.10 ms for a 32 x 32 glyph).
+    returns greyscale images as their one ``(1, H, W)`` channel: the pixels the conversion of their
+    RGB decode gives (grey ``v`` stays ``v``), without decoding three copies and converting them back
+    (0.27 ms -> 0.10 ms for a 32 x 32 glyph).
     """
     from torchvision.io import ImageReadMode, decode_image
 
@@ -111,20 +98,23 @@ def read_image_tensor(path: str | os.PathLike, max_pixels: Optional[int] = None,
             png = _png_header(data) if data.startswith(_PNG_MAGIC) else None
             if png is not None:
                 w, h = png[:2]
+                plain = png[2] == 8 and png[3] in (0, 2) and not _png_has_transparency(data)
             else:
                 with Image.open(io.BytesIO(data)) as header:  # header only: the size, before any pixel
                     w, h = header.size
-            grey = channels == 1 and png is not None and png[2:] == (8, 0)  # bit depth 8, colour type 0
+                    plain = orientation(header) == 1
+            grey = channels == 1 and png is not None and png[3] == 0
             limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
-            if w * h <= limit:
+            if plain and w * h <= limit:
                 out = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                    mode=ImageReadMode.GRAY if grey else ImageReadMode.RGB)
                 if out.dtype == torch.uint8 and out.shape[-2:] == (h, w):
                     return out
         except (RuntimeError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             pass  # load_image re-reads it and says exactly what is wrong
-    img = load_image(path, max_pixels)
-    return torch.from_numpy(np.array(img, dtype=np.uint8).transpose(2, 0, 1).copy())
+    img = load_image(path, max_pixels, channels)
+    arr = np.array(img, dtype=np.uint8)
+    return torch.from_numpy((arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)).copy())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +263,9 @@ def find_images(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> tupl
 
     Class ``i`` is the ``i``-th subfolder in sorted name order and holds the images anywhere below it;
     images lying directly in ``root`` get label -1. Hidden files and folders are skipped; paths come
-    in sorted order (those in ``root`` first, then each class folder's, depth first).
+    in sorted order (those in ``root`` first, then each class folder's, depth first). Symbolic links
+    are followed (a data set assembled by linking folders from several places), each real folder once
+    per class: a link back to a folder above it (a loop) is not entered again.
     """
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     with os.scandir(root) as it:
@@ -281,10 +273,16 @@ def find_images(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> tupl
     index = {n: i for i, n in enumerate(names)}
     paths: list[str] = []
     labels: list[int] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    seen: set[tuple[str, tuple[int, int]]] = set()  # (class folder, real folder) pairs walked
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         rel = os.path.relpath(dirpath, root)
         top = rel.split(os.sep)[0]
+        st = os.stat(dirpath)
+        if (top, (st.st_dev, st.st_ino)) in seen:  # a loop, or a folder linked twice into one class
+            dirnames[:] = []
+            continue
+        seen.add((top, (st.st_dev, st.st_ino)))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found = [f for f in sorted(filenames) if not f.startswith(".") and f.lower().endswith(exts)]
         paths += [f if rel == "." else os.path.join(rel, f) for f in found]
         labels += [-1 if rel == "." else index[top]] * len(found)
@@ -345,7 +343,9 @@ class ImageListDataset(MetricDataset):
     def load(self, i: int) -> Image.Image:
         return load_image(self.paths[i], self.max_pixels)
 
-    def read(self, i: int, decoder: str = "pil", channels: Optional[int] = None) -> Image.Image | torch.Tensor:
+    def read(self, i: int, decoder: str = "pil", channels: Optional[int] = None) -> Image.Image | torch.Tensor | str:
+        if decoder == "file":  # the test pipeline decodes it, as deployment does
+            return self.paths[i]
         if decoder == "torchvision":
             return read_image_tensor(self.paths[i], self.max_pixels, channels)
         return self.load(i)

@@ -3,15 +3,20 @@
 ``build_transform("paddle_sop", train=True)`` returns a callable that turns a ``PIL.Image`` (or, for
 ``"tensor"``, a numpy array) into a ``(C, H, W) float32`` tensor. :func:`describe` reports the input
 size and normalisation a preset uses, for export metadata (a deployed model must be fed the same).
+What a preset is (size, normalisation, test-time resize and crop) is defined once, in
+:data:`deepmetric.core.preprocessing.PRESETS`; every test pipeline is that module's
+:class:`~deepmetric.core.preprocessing.Preprocessing` (:class:`TestInput`), and this module adds
+the training augmentation:
 
-| preset | train | test | default size | mean / std |
-|---|---|---|---|---|
-| tensor | to tensor, normalise (no augmentation) | same | input's own | 0.5 / 0.5 |
-| paddle_sop | RandomResizedCrop(scale .08-1, ratio 3/4-4/3, Lanczos), hflip | short side to size (Lanczos), centre crop | 224 | ImageNet |
-| xbm | Resize(256), RandomResizedCrop(scale .2-1), hflip | Resize(256), CenterCrop(224) | 224 | ImageNet |
-| reid | Resize(256x128), hflip, Pad(10), RandomCrop, normalise, RandomErasing | Resize, normalise | 256x128 | ImageNet |
-| face | Resize(112x112), hflip | Resize(112x112) | 112x112 | 0.5 / 0.5 |
-| imagenet | RandomResizedCrop, hflip | Resize(size*256/224), CenterCrop | 224 | ImageNet |
+| preset | train | default size | mean / std |
+|---|---|---|---|
+| tensor | to tensor, normalise (no augmentation) | input's own | 0.5 / 0.5 |
+| tensor_augment | as tensor, with RandomAffine(10 degrees, 10% shift, 0.9-1.1 scale) | input's own | 0.5 / 0.5 |
+| paddle_sop | RandomResizedCrop(scale .08-1, ratio 3/4-4/3, Lanczos), hflip | 224 | ImageNet |
+| xbm | Resize(256), RandomResizedCrop(scale .2-1), hflip | 224 | ImageNet |
+| reid | Resize(256x128), hflip, Pad(10), RandomCrop, normalise, RandomErasing | 256x128 | ImageNet |
+| face | Resize(112x112), hflip | 112x112 | 0.5 / 0.5 |
+| imagenet | RandomResizedCrop, hflip | 224 | ImageNet |
 
 ``image_size`` (int or ``(H, W)``) replaces the default size; resize-then-crop presets scale the
 resize step with it (``xbm`` at 448 resizes to 512).
@@ -22,7 +27,7 @@ greyscale (PIL's ``L``), 3 is RGB; a preset's RGB mean/std become their average 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -32,10 +37,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from ..core.errors import ParameterError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-HALF = (0.5, 0.5, 0.5)
+from ..core.preprocessing import HALF, IMAGENET_MEAN, IMAGENET_STD, Preprocessing, PresetSpec, preset_spec  # noqa: F401
+from ..core.preprocessing import PRESETS as CORE_PRESETS
 
 Size = tuple[int, int]
 
@@ -369,26 +372,31 @@ def _uniform(lo: float, hi: float) -> float:
 # presets
 
 
-@dataclass(frozen=True)
-class Preset:
-    """A named preprocessing recipe: default input size and normalisation, and its two pipelines."""
+class TestInput:
+    """A preset's test-time pipeline, the one step of every evaluation transform.
 
-    description: str
-    size: Optional[Size]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    train: Callable[[Optional[Size], Callable], list]
-    test: Callable[[Optional[Size], Callable], list]
-    #: every step also takes uint8 tensors (Lanczos resizing, for one, exists only in PIL)
-    tensor_input: bool = True
+    Image files (a path, which datasets hand over when the pipeline's ``decoder`` is ``"file"``) and
+    PIL images go through :class:`~deepmetric.core.preprocessing.Preprocessing`, the definition
+    ``deepmetric embed``, the server, the :class:`~deepmetric.inference.Predictor` and ONNX serving
+    use: a checkpoint's evaluation and its deployment see the same inputs, bit for bit. Arrays (digits,
+    MNIST) and tensors, which no deployed model is fed, go through ``array_steps`` (to tensor, resize
+    with torch's antialiased bilinear, which ``Preprocessing`` matches to ~1e-5 on float pixels, and
+    normalise).
+    """
 
+    def __init__(self, preprocessing: Preprocessing, array_steps: Sequence[Callable]) -> None:
+        self.preprocessing = preprocessing
+        self.array_steps = T.Compose(list(array_steps))
 
-def _scaled(size: Size, ratio: float) -> int:
-    """Short-side resize length for a crop of ``size`` (256/224 for the ImageNet convention)."""
-    return int(round(min(size) * ratio))
+    def __call__(self, x: Any) -> torch.Tensor:
+        if isinstance(x, (str, os.PathLike)):
+            return torch.from_numpy(self.preprocessing.load(x))
+        if isinstance(x, Image.Image):
+            return torch.from_numpy(self.preprocessing(x))
+        return self.array_steps(x)
 
-
-_LANCZOS = InterpolationMode.LANCZOS
+    def __repr__(self) -> str:
+        return f"TestInput({self.preprocessing!r})"
 
 
 def _tensor(size, norm):
@@ -402,63 +410,43 @@ def _tensor_augmented(size, norm):
         T.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)), norm]
 
 
-PRESETS: dict[str, Preset] = {
-    "tensor_augment": Preset(
-        "like 'tensor', with small random shifts, rotations and scalings when training (digits)",
-        None, (0.5,), (0.5,), _tensor_augmented, _tensor,
-    ),
-    "tensor": Preset(
-        "arrays or small images to tensor and normalise; no augmentation (digits, MNIST-like data)",
-        None, (0.5,), (0.5,), _tensor, _tensor,
-    ),
-    "paddle_sop": Preset(
-        "PaddlePaddle metric_learning (SOP): RandomResizedCrop Lanczos + flip / short side + centre crop",
-        (224, 224), IMAGENET_MEAN, IMAGENET_STD,
-        lambda s, norm: [
-            T.RandomResizedCrop(s, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=_LANCZOS),
-            T.RandomHorizontalFlip(0.5), ToFloat(), norm,
-        ],
-        lambda s, norm: [T.Resize(min(s), interpolation=_LANCZOS), T.CenterCrop(s), ToFloat(), norm],
-        tensor_input=False,
-    ),
-    "xbm": Preset(
-        "XBM (PaddleClas / research-xbm): Resize 256 + RandomResizedCrop(scale .2-1) + flip / Resize 256 + CenterCrop",
-        (224, 224), IMAGENET_MEAN, IMAGENET_STD,
-        lambda s, norm: [
-            T.Resize(_scaled(s, 256 / 224)), T.RandomResizedCrop(s, scale=(0.2, 1.0)),
-            T.RandomHorizontalFlip(0.5), ToFloat(), norm,
-        ],
-        lambda s, norm: [T.Resize(_scaled(s, 256 / 224)), T.CenterCrop(s), ToFloat(), norm],
-    ),
-    "reid": Preset(
-        "Centroids-ReID: Resize + flip + Pad(10) + RandomCrop + RandomErasing / Resize",
-        (256, 128), IMAGENET_MEAN, IMAGENET_STD,
-        lambda s, norm: [
-            T.Resize(s), T.RandomHorizontalFlip(0.5), T.Pad(10), T.RandomCrop(s), ToFloat(), norm,
-            RandomErasing(p=0.5, sl=0.02, sh=0.4, r1=0.3, value=norm.mean),
-        ],
-        lambda s, norm: [T.Resize(s), ToFloat(), norm],
-    ),
-    "face": Preset(
-        "aligned faces (insightface convention): 112x112, ((x/255)-0.5)/0.5, train flip",
-        (112, 112), HALF, HALF,
-        lambda s, norm: [T.Resize(s), T.RandomHorizontalFlip(0.5), ToFloat(), norm],
-        lambda s, norm: [T.Resize(s), ToFloat(), norm],
-    ),
-    "imagenet": Preset(
-        "generic ImageNet-style: RandomResizedCrop + flip / Resize(size*256/224) + CenterCrop",
-        (224, 224), IMAGENET_MEAN, IMAGENET_STD,
-        lambda s, norm: [T.RandomResizedCrop(s), T.RandomHorizontalFlip(0.5), ToFloat(), norm],
-        lambda s, norm: [T.Resize(_scaled(s, 256 / 224)), T.CenterCrop(s), ToFloat(), norm],
-    ),
+def _reid(s, norm):
+    return [T.Resize(s), T.RandomHorizontalFlip(0.5), T.Pad(10), T.RandomCrop(s), ToFloat(), norm,
+            RandomErasing(p=0.5, sl=0.02, sh=0.4, r1=0.3, value=norm.mean)]
+
+
+_LANCZOS = InterpolationMode.LANCZOS
+
+#: each preset's training pipeline ``(size, normalisation) -> steps``; what the presets are (size,
+#: normalisation, test-time geometry) is :data:`deepmetric.core.preprocessing.PRESETS`
+TRAIN_STEPS: dict[str, Callable[[Optional[Size], T.Normalize], list]] = {
+    "tensor_augment": _tensor_augmented,
+    "tensor": _tensor,
+    "paddle_sop": lambda s, norm: [
+        T.RandomResizedCrop(s, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=_LANCZOS),
+        T.RandomHorizontalFlip(0.5), ToFloat(), norm],
+    "xbm": lambda s, norm: [
+        T.Resize(_scaled(s, 256 / 224)), T.RandomResizedCrop(s, scale=(0.2, 1.0)), T.RandomHorizontalFlip(0.5),
+        ToFloat(), norm],
+    "reid": _reid,
+    "face": lambda s, norm: [T.Resize(s), T.RandomHorizontalFlip(0.5), ToFloat(), norm],
+    "imagenet": lambda s, norm: [T.RandomResizedCrop(s), T.RandomHorizontalFlip(0.5), ToFloat(), norm],
 }
+#: training pipelines with a step that only takes PIL images (Lanczos resizing exists only in PIL)
+PIL_ONLY = frozenset({"paddle_sop"})
+PRESETS = CORE_PRESETS
 
 
-def _preset(name: str) -> Preset:
+def _scaled(size: Size, ratio: float) -> int:
+    """Short-side resize length for a crop of ``size`` (256/224 for the ImageNet convention)."""
+    return int(round(min(size) * ratio))
+
+
+def _preset(name: str) -> PresetSpec:
     try:
-        return PRESETS[name]
-    except KeyError:
-        raise ParameterError(f"unknown transform preset {name!r} (valid: {', '.join(PRESETS)})") from None
+        return preset_spec(name)
+    except KeyError as e:
+        raise ParameterError(e.args[0]) from None
 
 
 def _size(image_size: Optional[int | Sequence[int]], default: Optional[Size]) -> Optional[Size]:
@@ -509,18 +497,19 @@ def build_transform(
 
     Args:
         preset: one of :data:`PRESETS`.
-        train: the augmenting training pipeline, or the deterministic test pipeline.
+        train: the augmenting training pipeline, or the deterministic test pipeline
+            (:class:`TestInput`: image files through the one test-time definition,
+            :class:`~deepmetric.core.preprocessing.Preprocessing`; its ``decoder`` is ``"file"``).
         image_size: int or ``(H, W)`` replacing the preset's default input size.
         mean, std: per-channel normalisation replacing the preset's (``x`` in [0, 1]).
-        decoder: what image files are decoded into (the pipeline's ``decoder`` attribute tells the
-            dataset): ``"torchvision"`` uint8 tensors (libjpeg-turbo straight into a tensor, then
-            tensor resizing: faster, see ``benchmarks/bench_decode.py``), ``"pil"`` PIL images, or ``"auto"``:
-            torchvision where every step of the preset takes tensors, else PIL. The two decode
-            identical pixels; antialiased bilinear resizing differs from PIL's by rounding
-            (about one grey level).
+        decoder: what image files are decoded into for training (the pipeline's ``decoder`` attribute
+            tells the dataset): ``"torchvision"`` uint8 tensors (libjpeg-turbo straight into a tensor,
+            then tensor resizing: faster, see ``benchmarks/bench_decode.py``), ``"pil"`` PIL images, or
+            ``"auto"``: torchvision where every step of the preset takes tensors, else PIL. Both
+            decode the pixels of :func:`deepmetric.core.images.decode_image`.
         channels: the model's input channels (``model.in_chans``): images become greyscale (1) or
             RGB (3) first (:class:`ToChannels`), and mean/std follow (:func:`channel_stats`).
-            ``None`` leaves the input's channels alone.
+            ``None`` leaves array inputs' channels alone (image files load as RGB).
 
     Raises:
         ParameterError: unknown preset (the message lists the valid ones), bad size, a decoder the
@@ -530,12 +519,16 @@ def build_transform(
     size = _size(image_size, p.size)
     if decoder not in ("auto", "pil", "torchvision"):
         raise ParameterError(f"unknown {{decoder}} {decoder!r} (valid: auto, pil, torchvision)", "decoder")
-    if decoder == "torchvision" and not p.tensor_input:
+    if decoder == "torchvision" and preset in PIL_ONLY:
         raise ParameterError(f"preset {preset!r} resizes with Lanczos, which only PIL has; use {{decoder}} pil or auto",
                              "decoder")
-    chosen = "pil" if decoder == "pil" or not p.tensor_input else "torchvision"
     mean, std = tuple(p.mean if mean is None else mean), tuple(p.std if std is None else std)
     if channels is not None:
         mean, std = channel_stats(mean, channels), channel_stats(std, channels)
-    steps = (p.train if train else p.test)(size, T.Normalize(mean, std))
+    norm = T.Normalize(mean, std)
+    if not train:
+        files = Preprocessing(preset, size, 3 if channels is None else channels, mean, std)
+        return Pipeline([TestInput(files, _tensor(size, norm))], "file")
+    chosen = "pil" if decoder == "pil" or preset in PIL_ONLY else "torchvision"
+    steps = TRAIN_STEPS[preset](size, norm)
     return Pipeline(steps if channels is None else [ToChannels(channels), *steps], chosen)

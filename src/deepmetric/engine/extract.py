@@ -26,7 +26,10 @@ def extract(model: torch.nn.Module, dataset, batch_size: int = 256, device: str 
     was_training = model.training
     model.eval()
     settings = loader_settings(num_workers, pin_memory, device, persistent=False)
-    dataset, batch_normalize = normalisation_on_device(dataset, normalize_on_device, device)
+    # a test pipeline decodes and normalises image files in one step (the one test-time definition,
+    # deepmetric.core.preprocessing), so `true` is taken as `auto`: split where the pipeline can
+    setting = "auto" if normalize_on_device is True else normalize_on_device
+    dataset, batch_normalize = normalisation_on_device(dataset, setting, device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **settings.kwargs())
     chunks = []
     it = loader
