@@ -104,3 +104,28 @@ def test_image_list_dataset_resolves_paths_and_loads_lazily(tmp_path):
     assert x.shape == (8, 8, 3) and (y, i) == (3, 0)
     with pytest.raises(DataError, match="gone.jpg"):
         ds[1]
+
+
+def test_symlinked_class_folders_are_followed_and_loops_are_not(tmp_path):
+    """A data set assembled by linking folders from several places: the linked classes count, a link
+    back up the tree is not walked twice, and embed's input listing sees the same images."""
+    from deepmetric.data.io import find_images
+    from deepmetric.data.synthetic import make_image_folder
+    from deepmetric.inference.predictor import list_inputs
+
+    elsewhere = make_image_folder(tmp_path / "elsewhere", n_classes=3, per_class=2, size=8)
+    root = tmp_path / "assembled"
+    root.mkdir()
+    for name in sorted(p.name for p in elsewhere.iterdir() if p.is_dir()):
+        (root / f"linked_{name}").symlink_to(elsewhere / name, target_is_directory=True)
+    own = root / "own"
+    own.mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(own / "x.png")
+    (own / "loop").symlink_to(root, target_is_directory=True)  # a loop through the whole tree
+    names, paths, labels = find_images(str(root))
+    assert names == sorted(["linked_" + p.name for p in elsewhere.iterdir() if p.is_dir()] + ["own"])
+    per_class = np.bincount(labels, minlength=len(names))
+    assert per_class.tolist() == [2, 2, 2, 1]  # the loop leads to folders already walked
+    assert len(paths) == len(set(paths))
+    inputs = list_inputs(root)
+    assert len(inputs.paths) == len(paths) and inputs.class_names == names

@@ -264,8 +264,8 @@ def find_images(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> tupl
     Class ``i`` is the ``i``-th subfolder in sorted name order and holds the images anywhere below it;
     images lying directly in ``root`` get label -1. Hidden files and folders are skipped; paths come
     in sorted order (those in ``root`` first, then each class folder's, depth first). Symbolic links
-    are followed (a data set assembled by linking folders from several places), each real folder once
-    per class: a link back to a folder above it (a loop) is not entered again.
+    are followed (a data set assembled by linking folders from several places), each real folder once:
+    a link back to a folder already walked (a loop, or a second link to it) is not entered again.
     """
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     with os.scandir(root) as it:
@@ -273,15 +273,15 @@ def find_images(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> tupl
     index = {n: i for i, n in enumerate(names)}
     paths: list[str] = []
     labels: list[int] = []
-    seen: set[tuple[str, tuple[int, int]]] = set()  # (class folder, real folder) pairs walked
+    seen: set[tuple[int, int]] = set()  # the real folders walked (device, inode)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         rel = os.path.relpath(dirpath, root)
         top = rel.split(os.sep)[0]
         st = os.stat(dirpath)
-        if (top, (st.st_dev, st.st_ino)) in seen:  # a loop, or a folder linked twice into one class
+        if (st.st_dev, st.st_ino) in seen:  # a loop, or a folder linked twice
             dirnames[:] = []
             continue
-        seen.add((top, (st.st_dev, st.st_ino)))
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found = [f for f in sorted(filenames) if not f.startswith(".") and f.lower().endswith(exts)]
         paths += [f if rel == "." else os.path.join(rel, f) for f in found]
