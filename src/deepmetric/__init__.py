@@ -23,6 +23,7 @@ _EXPORTS = {
     "EvalResult": "deepmetric.core.results",
     "RetrievalResults": "deepmetric.core.results",
     "Trainer": "deepmetric.engine.trainer",
+    "auto_config": "deepmetric.engine.auto",
     "Callback": "deepmetric.engine.callbacks",
     "MLflowCallback": "deepmetric.engine.tracking",
     "Evaluator": "deepmetric.engine.evaluator",

@@ -137,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("overrides", nargs="*", help="key=value recipe overrides (e.g. train.max_steps=100)")
     q.set_defaults(func=cmd_quickstart)
 
-    t = sub.add_parser("train", help="train a recipe: deepmetric train CONFIG [key=value ...]")
-    t.add_argument("config", nargs="?", help="recipe YAML (or packaged recipe name)")
+    t = sub.add_parser("train", help="train on your images or a recipe: deepmetric train DIR_LIST_OR_RECIPE [key=value ...]")
+    t.add_argument("config", nargs="?", metavar="DATA_OR_RECIPE",
+                   help="your images (a folder with a subfolder per class, or a .csv/.txt list of 'path label': "
+                        "a recipe is written from the data), or a recipe YAML (or packaged recipe name)")
     t.add_argument("overrides", nargs="*", help="key=value overrides (e.g. train.max_steps=100)")
     t.add_argument("--run-dir", help="where to write the run (default runs/<name>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")

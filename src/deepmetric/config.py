@@ -166,8 +166,40 @@ class SchedulerConfig(_Section):
     cooldown: int = Field(0, ge=0)
 
 
+def parse_duration(value: Union[str, int, float]) -> float:
+    """Seconds from ``"90s"``, ``"10m"``, ``"1h30m"``, ``"1.5h"`` or a number of seconds.
+
+    >>> parse_duration("1h30m"), parse_duration("90s"), parse_duration(45), parse_duration("2.5m")
+    (5400.0, 90.0, 45.0, 150.0)
+    """
+    import re
+
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 90s, 10m or 1h30m")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        parts = re.findall(r"(\d+(?:\.\d+)?)(h|m|s)", text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            try:
+                seconds = float(text)
+            except ValueError:
+                raise ValueError("expected a duration such as 90s, 10m or 1h30m") from None
+        else:
+            seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    if not seconds > 0:
+        raise ValueError("expected a positive duration")
+    return seconds
+
+
 class TrainConfig(_Section):
     max_steps: int = Field(1000, ge=1)
+    #: train for about this long instead of ``max_steps`` (``90s``, ``10m``, ``1h30m``; the whole run:
+    #: evaluations included): the run measures a step and an evaluation, then trains for the steps
+    #: that fit, and its ``config.yaml`` records that ``max_steps`` (and this key as null), so the same
+    #: config repeats the run exactly. null: ``max_steps``.
+    time_budget: Optional[Union[str, float]] = None
     eval_every: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(0, ge=0)
@@ -192,6 +224,13 @@ class TrainConfig(_Section):
     deterministic: bool = True
     #: stop after this many evaluations in a row without a better validation ``eval.metric``; 0 = off
     early_stopping: int = Field(0, ge=0)
+
+    @field_validator("time_budget")
+    @classmethod
+    def _duration(cls, v):
+        if v is not None:
+            parse_duration(v)
+        return v
 
     @field_validator("channels_last", mode="before")
     @classmethod

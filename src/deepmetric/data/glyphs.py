@@ -112,3 +112,22 @@ def distinct_glyphs(images: np.ndarray, threshold: float = 0.005) -> np.ndarray:
 def character_names(chars: Iterable[int]) -> List[str]:
     """``'A'`` for printable characters, with the code point: ``'U+0041 A'``."""
     return [f"U+{c:04X} {chr(c)}" for c in chars]
+
+
+def write_glyph_folder(out: str | os.PathLike, size: int = 32, fonts: Optional[Sequence[str | os.PathLike]] = None) -> Path:
+    """The quickstart's glyphs as an image folder: ``OUT/U+XXXX/<face>.png`` (a class per character,
+    an image per face, greyscale ``size x size``), the characters the ``glyphs`` format keeps; what
+    ``deepmetric train OUT`` reads like any folder of your own images."""
+    from PIL import Image
+
+    faces = [Path(f) for f in (fonts or matplotlib_faces())]
+    chars = shared_characters(faces)
+    images = render_glyphs(faces, chars, size=size)
+    keep = distinct_glyphs(images)
+    out = Path(out)
+    for i in keep:
+        folder = out / f"U+{chars[i]:04X}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for j, face in enumerate(faces):
+            Image.fromarray(images[i, j]).save(folder / f"{face.stem}.png")
+    return out

@@ -289,6 +289,19 @@ def find_images(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> tupl
     return names, paths, np.asarray(labels, dtype=np.int64)
 
 
+def list_file(root: Optional[str | os.PathLike], file: str, fmt: str, expected: str) -> tuple[str, str]:
+    """``(root folder, list file path)`` for a list format whose ``root`` is the folder holding
+    ``file`` or the list file itself; :class:`DataError` when either is missing (``expected`` says
+    what the file should hold, and that ``{file}`` names it)."""
+    if root is not None and os.path.isfile(os.path.expanduser(str(root))):
+        root, file = os.path.split(os.path.expanduser(str(root)))
+    root = require_root(root, fmt, f"the folder holding {file}")
+    path = os.path.join(root, file)
+    if not os.path.isfile(path):
+        raise DataError(f"{fmt} root {root}: missing {file} (expected {expected}; set {{file}} to its name)", "file")
+    return root, path
+
+
 def descend(root: str, marker: str, subdirs: Sequence[str]) -> str:
     """``root``, or ``root/<subdir>`` when only that holds ``marker`` (the archive's top folder).
 

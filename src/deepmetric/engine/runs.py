@@ -21,6 +21,7 @@ from ..core.files import atomic_write
 from ..core.results import EvalResult
 from ..data.base import DataSplits
 from ..data.protocol import describe_splits, split_differences
+from .auto import auto_config, is_data_path
 from .build import build_data, model_from_checkpoint
 from .callbacks import Callback
 from .checkpoint import read_checkpoint
@@ -46,7 +47,14 @@ def trainer_for(config: Optional[str], overrides: Sequence[str] = (), run_dir: O
             raise ConfigError(f"--resume: only train.* keys may change when resuming, not {bad[0]}")
         return Trainer(cfg, Path(resume), resume=True, callbacks=callbacks)
     if not config:
-        raise ConfigError("train: give a recipe (e.g. configs/fashion_mnist.yaml) or --resume RUN_DIR")
+        raise ConfigError("train: give your images (a folder with a subfolder per class, or a list file), a "
+                          "recipe (e.g. configs/fashion_mnist.yaml), or --resume RUN_DIR")
+    if is_data_path(config):  # your own images: a recipe written from the data, each choice said
+        auto = auto_config(config, overrides)
+        log.info("%s: a recipe from the data (key=value overrides any choice):\n%s", config, auto.describe())
+        trainer = Trainer(auto.config, Path(run_dir or f"runs/{auto.config.name}"), callbacks=callbacks)
+        trainer.notes.extend(auto.notes)
+        return trainer
     cfg = load_config(resolve_recipe(config), overrides)
     return Trainer(cfg, Path(run_dir or cfg.run_dir or f"runs/{cfg.name}"), callbacks=callbacks)
 

@@ -20,6 +20,7 @@ evaluation embeds a shard per rank, gathers the embeddings and computes exact me
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import Config, ConfigError, save_config
+from ..config import Config, ConfigError, load_config, resolve_recipe, save_config
 from ..core.distributed import all_gather_with_grad, any_rank, barrier, broadcast_object, init_distributed, rank_device
 from ..core.files import atomic_write
 from ..data.base import DataSplits
@@ -43,6 +44,7 @@ from .build import (apply_protocol, build_data, build_device_normalisation, buil
                     build_sampler, channels_last, check_training_set, own_optimizer_key, resolve_paths, seed_everything)
 from .callbacks import Callback, LogRecords, ProgressLog, report_fit_error, run_callbacks
 from .averaging import WeightAverage
+from .budget import budget_seconds, measure_steps, plan_steps
 from .checkpoint import load_model_weights, load_train_state, read_checkpoint, resolve_checkpoint, save_checkpoint
 from .evaluator import Evaluator
 from .interrupt import StopRequest
@@ -56,6 +58,11 @@ log = logging.getLogger("deepmetric")
 
 class Trainer:
     """Train one recipe into ``run_dir``. See the module docstring.
+
+    ``cfg``: a :class:`~deepmetric.config.Config`, or a path: your images (a folder with a subfolder
+    per class, or a list file: the automatic recipe of :func:`deepmetric.auto_config`, whose
+    ``key=value`` overrides that function takes) or a recipe (a YAML file, a run directory or a
+    packaged recipe's name).
 
     Objects of your own replace the recipe's parts: ``model`` (any ``nn.Module`` mapping images
     ``(B, C, H, W)`` to embeddings ``(B, D)``; ``model.*`` keys are then unused), ``loss`` (any
@@ -72,11 +79,20 @@ class Trainer:
     each ``metrics.jsonl`` row.
     """
 
-    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False,
+    def __init__(self, cfg: Config | str | Path, run_dir: str | Path, resume: bool = False,
                  splits: Optional[DataSplits] = None, on_log: Optional[Callable[[Dict[str, Any]], None]] = None,
                  *, callbacks: Sequence[Callback] = (), model: Optional[torch.nn.Module] = None,
                  loss: Optional[torch.nn.Module] = None, train_dataset: Optional[torch.utils.data.Dataset] = None) -> None:
         self.notes: List[str] = []  # the run's facts and warnings, also in the summary
+        if not isinstance(cfg, Config):  # your images (a folder or a list: the automatic recipe), or a recipe
+            from .auto import auto_config, is_data_path
+
+            if is_data_path(cfg):
+                auto = auto_config(cfg)
+                cfg = auto.config
+                self.notes.extend(auto.notes)
+            else:
+                cfg = load_config(resolve_recipe(cfg))
         with collect_notes(self.notes):
             self._build(cfg, run_dir, resume, splits, on_log, callbacks, model, loss, train_dataset)
 
@@ -133,6 +149,7 @@ class Trainer:
         train_view, self.batch_normalize = build_device_normalisation(cfg, self.splits.train, self.device)
         # a random affine draws per image and warps per batch (the same pixels, a fraction of the time)
         train_view, self.batch_affine = affine_on_batch(train_view)
+        self._train_view = train_view
         self.loader = DataLoader(SeededDataset(train_view), batch_sampler=self.batch_plan,
                                  generator=self.loader_generator, **self.loader_settings.kwargs())
         self.evaluator = Evaluator(cfg, self.splits, self.device)  # the test split
@@ -167,6 +184,7 @@ class Trainer:
         self.last_result = None  # EvalResult of the latest test evaluation (the selected one after fit)
         self._final_test = None
         self.summary: Dict[str, Any] = {}
+        self.budget_plan = None  # what train.time_budget came to (engine.budget.Plan)
         if resume:
             self._restore()
         if cfg.tracking.mlflow is not None and self.is_main:
@@ -235,6 +253,20 @@ class Trainer:
                 yield self._on_device(images), labels.to(self.device, non_blocking=True), indices
             self.epoch += 1
             self.position = 0
+
+    def calibration_batches(self):
+        """Batches like :meth:`_batches`, from a sampler and generator of their own (seeded apart), so
+        drawing them leaves the run's batches as they were (``train.time_budget`` measures steps on them)."""
+        sampler = build_sampler(self.cfg.model_copy(update={"seed": self.cfg.seed + 7919}),
+                                self.splits.train.labels, self.dist.rank, self.dist.world_size)
+        plan = SeededBatchSampler(sampler, self.cfg.seed + 7919, self.dist.rank, self.dist.world_size)
+        loader = DataLoader(SeededDataset(self._train_view), batch_sampler=plan,
+                            generator=torch.Generator().manual_seed(self.cfg.seed + 7919),
+                            **self.loader_settings.kwargs())
+        while True:
+            for images, labels, indices in loader:
+                yield self._on_device(images), labels.to(self.device, non_blocking=True), indices
+            plan.set_epoch(plan.epoch + 1)
 
     def _on_device(self, images):
         if isinstance(images, (list, tuple)):  # (images, theta) from the view affine_on_batch made
@@ -325,6 +357,10 @@ class Trainer:
             raise
 
     def _fit(self) -> Dict[str, Any]:
+        started = time.perf_counter()
+        untrained = None
+        if budget_seconds(self.cfg) is not None and not self.resume:
+            untrained = self._fit_to_budget(started)
         cfg = self.cfg
         if self.is_main:
             if self.resume:  # rows written after the checkpoint we continue from would repeat
@@ -346,7 +382,7 @@ class Trainer:
             self.callbacks.insert(0, progress)
         try:
             if not self.resume and cfg.eval.untrained:
-                self._evaluate_untrained(log_file, writer)
+                self._evaluate_untrained(log_file, writer, untrained)
             bar = tqdm(total=cfg.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                        disable=not (show and on_terminal))
             try:
@@ -369,6 +405,7 @@ class Trainer:
         self.model.train()
         self.losses.train()
         running, seen, t0 = None, 0, time.perf_counter()
+        busy = 0.0  # training time of the current log window before its last evaluation
         batches = self._batches()
         stop = StopRequest().__enter__()  # Ctrl-C / SIGTERM: finish the step, save, stop
         try:
@@ -389,7 +426,7 @@ class Trainer:
                 bar.update(1)
                 rec = {"step": self.step, "epoch": self.epoch}
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                    dt = time.perf_counter() - t0
+                    dt = busy + time.perf_counter() - t0  # evaluations excluded
                     n = (self.step - 1) % cfg.train.log_every + 1
                     value = float(running) / n
                     if not math.isfinite(value):
@@ -399,11 +436,12 @@ class Trainer:
                            "images_per_s": seen / max(dt, 1e-9), "epoch": self.epoch}
                     self._record(rec, log_file, writer)
                     bar.set_postfix(loss=f"{value:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['images_per_s']:.0f}")
-                    running, seen, t0 = None, 0, time.perf_counter()
+                    running, seen, t0, busy = None, 0, time.perf_counter(), 0.0
                 run_callbacks(self.callbacks, "on_step_end", self, rec)
                 last = self.step == cfg.train.max_steps or self._callback_stop()
                 eval_now = cfg.train.eval_every and self.step % cfg.train.eval_every == 0
                 if eval_now or last:
+                    busy += time.perf_counter() - t0
                     self._evaluate_and_checkpoint(log_file, writer, final=last)
                     t0 = time.perf_counter()
                 elif cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
@@ -478,11 +516,46 @@ class Trainer:
             return self.model
         return copy.deepcopy(self.model).to(memory_format=torch.contiguous_format)
 
-    def _evaluate_untrained(self, log_file, writer) -> None:
-        """Step 0: the network before any training, on validation and test (shown beside the trained)."""
-        if self.val_evaluator is not None:
-            self.untrained["val"] = self._evaluate("val", log_file, writer).metrics
-        self.untrained["test"] = self._evaluate("test", log_file, writer).metrics
+    def _evaluate_untrained(self, log_file, writer, done: Optional[Dict[str, Any]] = None) -> None:
+        """Step 0: the network before any training, on validation and test (shown beside the trained);
+        ``done``: those evaluations already made (:meth:`_fit_to_budget` times them), recorded now."""
+        for split in (("val",) if self.val_evaluator is not None else ()) + ("test",):
+            if done and split in done:
+                metrics = done[split]
+                self._record({"step": self.step, "split": split, "eval": metrics}, log_file, writer)
+                run_callbacks(self.callbacks, "on_evaluation", self, split, metrics)
+            else:
+                metrics = self._evaluate(split, log_file, writer).metrics
+            self.untrained[split] = metrics
+
+    def _fit_to_budget(self, started: float) -> Dict[str, Any]:
+        """``train.time_budget``: time the untrained evaluations (returned, to be recorded) and a few
+        steps, then set ``train.max_steps`` and ``train.eval_every`` to what fits (see :mod:`.budget`)."""
+        cfg = self.cfg
+        done: Dict[str, Any] = {}
+        timed: Dict[str, float] = {}
+        for split in (("val",) if self.val_evaluator is not None else ()) + ("test",):
+            t0 = time.perf_counter()
+            result = self._evaluate(split, None, None, record=False, notify=False)
+            timed[split] = time.perf_counter() - t0
+            if cfg.eval.untrained:
+                done[split] = result.metrics
+        step_s = measure_steps(self)
+        eval_s = timed.get("val", timed["test"])
+        spent = time.perf_counter() - started
+        if not cfg.eval.untrained:  # those evaluations were for timing only: not part of the run
+            spent -= sum(timed.values())
+        plan = plan_steps(budget_seconds(cfg), spent, step_s, eval_s, timed["test"], cfg.train.eval_every,
+                          what=str(cfg.train.time_budget))
+        plan = broadcast_object(plan)  # every rank trains the steps rank 0 measured
+        note = plan.describe(str(cfg.train.time_budget))
+        self.notes.append(note)
+        log.info("%s", note)
+        self.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+            "max_steps": plan.max_steps, "eval_every": plan.eval_every, "time_budget": None})})
+        self.schedule = LRSchedule(self.cfg.scheduler, [self.optimizers["main"]], plan.max_steps)
+        self.budget_plan = plan
+        return done
 
     def _evaluate_and_checkpoint(self, log_file, writer, final: bool = False) -> None:
         """A periodic evaluation (``final``: the run's last step). With a validation split it alone
@@ -551,6 +624,7 @@ class Trainer:
             "val": self.best_val if self.val_evaluator is not None else None,
             "untrained": self.untrained,
             "splits": split_sizes(self.splits),
+            "budget": None if self.budget_plan is None else dataclasses.asdict(self.budget_plan),
             "sources": dict(self.sources),
             "notes": self.notes,
         }

@@ -30,6 +30,7 @@ DATASETS = Registry("dataset", {
     "cub": "deepmetric.data.formats.cub:build_cub",
     "cub200": "deepmetric.data.formats.cub:build_cub",
     "image_folder": "deepmetric.data.formats.folder:build_image_folder",
+    "list": "deepmetric.data.formats.list_file:build_list",
     "identity_folder": "deepmetric.data.formats.folder:build_identity_folder",
     "glyphs": "deepmetric.data.formats.glyphs:build_glyphs",
     "inshop": "deepmetric.data.formats.inshop:build_inshop",

@@ -9,12 +9,12 @@ split column every row trains and is queried, and ``data.train_classes`` splits 
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..base import DataError, DataSplits
-from ..io import ImageListDataset, read_csv, require_root, to_int
+from ..io import ImageListDataset, list_file, read_csv, to_int
 from .folder import all_classes_splits
 
 _SPLITS = ("train", "query", "gallery", "test")
@@ -31,20 +31,20 @@ def build_csv(
     split_column: Optional[str] = None,
     camera_column: Optional[str] = None,
     delimiter: str = ",",
+    exclude: Sequence[str] = (),
 ) -> DataSplits:
-    """Read ``root/file`` (``root`` may also be the CSV file itself)."""
-    if root is not None and os.path.isfile(os.path.expanduser(str(root))):
-        root, file = os.path.split(os.path.expanduser(str(root)))
-    root = require_root(root, "csv", f"the folder holding {file}")
-    path = os.path.join(root, file)
-    if not os.path.isfile(path):
-        raise DataError(f"csv root {root}: missing {file} (expected a CSV with a header row naming "
-                        f"'{path_column}' and '{label_column}' columns; set {{file}} to its name)", "file")
+    """Read ``root/file`` (``root`` may also be the CSV file itself); rows whose path is in
+    ``exclude`` are left out."""
+    root, path = list_file(root, file, "csv", f"a CSV with a header row naming '{path_column}' and "
+                                              f"'{label_column}' columns")
     required = [path_column, label_column] + [c for c in (split_column, camera_column) if c]
     rows = read_csv(path, required, delimiter=delimiter)
+    if exclude:
+        gone = {os.path.normpath(p) for p in exclude}
+        rows = [(line, r) for line, r in rows if os.path.normpath(r[path_column]) not in gone]
     if not rows:
         raise DataError(f"{path}: no data rows after the header")
-    labels, class_names = _labels([r[label_column] for _, r in rows])
+    labels, class_names = labels_of([r[label_column] for _, r in rows])
     camids = None
     if camera_column:
         camids = np.array([to_int(r[camera_column], path, line, camera_column) for line, r in rows], dtype=np.int64)
@@ -54,7 +54,7 @@ def build_csv(
     return _column_splits(base, _split_of_rows(rows, split_column, path), class_names, train_transform, test_transform)
 
 
-def _labels(raw: List[str]) -> Tuple[np.ndarray, Optional[List[str]]]:
+def labels_of(raw: List[str]) -> Tuple[np.ndarray, Optional[List[str]]]:
     """``(labels (N,) int64, class names)``: integer labels as they are (no names), else names
     numbered in sorted order."""
     if all(_is_int(v) for v in raw):

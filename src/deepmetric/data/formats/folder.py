@@ -42,6 +42,15 @@ def scan_class_folders(
     return names, [p for p, k in zip(paths, keep) if k], labels[keep]
 
 
+def without(paths: Sequence[str], labels: np.ndarray, exclude: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """``paths`` and ``labels`` without the paths in ``exclude`` (compared as normalised paths)."""
+    if not exclude:
+        return list(paths), labels
+    gone = {os.path.normpath(p) for p in exclude}
+    keep = np.asarray([os.path.normpath(p) not in gone for p in paths], dtype=bool)
+    return [p for p, k in zip(paths, keep) if k], np.asarray(labels)[keep]
+
+
 def all_classes_splits(base: MetricDataset, class_names: Optional[list[str]], train_transform: Optional[Callable],
                        test_transform: Optional[Callable]) -> DataSplits:
     """One pool for ``image_folder`` and ``csv``: every class trains and is queried leave-one-out.
@@ -64,13 +73,16 @@ def build_image_folder(
     train_transform: Optional[Callable] = None,
     test_transform: Optional[Callable] = None,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    exclude: Sequence[str] = (),
 ) -> DataSplits:
     """A folder per class, labelled by the folder's index in sorted name order. Every class trains
     and is queried leave-one-out (a sanity check); split the classes with ``data.train_classes``
     (folder names, or a fraction: the first fraction of the sorted folders trains) for zero-shot
-    retrieval on the unseen rest."""
+    retrieval on the unseen rest. ``exclude``: image paths (relative to ``root``) left out, such as
+    the unreadable files ``deepmetric train DIR`` found."""
     root = require_root(root, "image_folder", _EXPECTED)
     names, paths, labels = scan_class_folders(root, extensions, "image_folder")
+    paths, labels = without(paths, labels, exclude)
     base = ImageListDataset(paths, labels, root=root, name="image_folder")
     return all_classes_splits(base, names, train_transform, test_transform)
 

@@ -1,0 +1,344 @@
+"""``deepmetric train my_images/``: a recipe written from the data, each choice with its reason.
+
+:func:`auto_config` inspects an image folder or a list file (:func:`deepmetric.data.inspect.inspect_data`),
+chooses every key of an ordinary recipe, and returns it with one :class:`Choice` per decision (the
+key, the value, and why, in a few words). ``key=value`` overrides apply last and win; a choice that
+depends on an overridden key (the input size on ``model.pretrained``, the batch on the size of a
+class) takes the override into account. The run writes the result as its ``config.yaml``, an
+ordinary recipe that ``deepmetric train RUN/config.yaml`` repeats.
+
+What is chosen from the data, and how:
+
+- **format**: ``image_folder`` (one subfolder per class), ``csv`` (``path,label`` header) or ``list``
+  (``path label`` lines); unreadable files are left out (``data.options.exclude``), with a note.
+- **the zero-shot protocol**: :data:`TEST_SHARE` of the classes (at least 2) are the test classes,
+  drawn by a stable hash of their names (:func:`hash_order`: sorted names group classes that are
+  alike, such as neighbouring characters or one maker's products), never trained on; classes with
+  one image are kept as distractors in the test gallery. A validation split of the training classes
+  selects the checkpoint (:data:`VAL_SHARE`, at least :data:`MIN_VAL_CLASSES`), unless the training
+  classes are few (:data:`FEW_CLASSES`): then see :func:`validation_rule`.
+- **input**: the median image side, at most :data:`MAX_SIDE` (a pretrained backbone: its own input
+  size); one channel when the images are grey; resized without cropping.
+- **batch**: :data:`BATCH` images, ``K`` per class where ``K`` is at most the median class's image count.
+- **model**: a pretrained backbone where there is one (``model.pretrained=PATH``, or a file in
+  torchvision's or timm's download cache), else the small CNN of :data:`DEFAULTS`.
+- **training**: the loss, miner, memory, augmentation, optimizer, schedule, width and embedding size of
+  :data:`DEFAULTS`, chosen on a suite of data sets and proven on data sets they were not chosen on
+  (``benchmarks/bench_suite.py``; the table and its commands are in ``docs/benchmarks.md``).
+- **length**: ``train.time_budget`` (:data:`DEFAULTS`), or ``train.max_steps`` when given.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..config import Config, ConfigError, apply_overrides, parse_value, validate
+from ..data.base import DataError
+from ..data.inspect import LIST_SUFFIXES, DataProfile, describe_profile, inspect_data, mixed
+
+log = logging.getLogger("deepmetric")
+
+#: share of the classes held out as the unseen test classes (at least 2)
+TEST_SHARE = 0.25
+#: share of the training classes that validate (select the checkpoint) ...
+VAL_SHARE = 0.1
+#: ... at least this many classes
+MIN_VAL_CLASSES = 4
+#: below this many training classes a validation split is too small to select by (see validation_rule)
+FEW_CLASSES = 30
+#: the largest input side chosen for a network trained from scratch (the median image side, capped)
+MAX_SIDE = 64
+#: images per batch (P classes x K images)
+BATCH = 64
+
+#: The training defaults, chosen on the suite's validation splits (docs/benchmarks.md).
+DEFAULTS: Dict[str, Any] = {
+    "loss": {"name": "multi_similarity", "params": {"miner_epsilon": 0.1}},
+    "transform": "tensor",
+    "backbone": "small_cnn",
+    "width": 32,
+    "grid": 2,
+    "embedding_dim": 128,
+    "optimizer": {"name": "adamw", "lr": 0.001, "weight_decay": 0.0001},
+    "scheduler": {"name": "cosine", "warmup_steps": 20},
+    "time_budget": "5m",
+    "samples_per_class": 4,
+    #: a cross-batch memory on the loss (XBM): None, or {size: "auto" (the training images, at most
+    #: MEMORY_MAX) or a number, start_step, weight}
+    "memory": None,
+    "max_side": MAX_SIDE,
+    "batch": BATCH,
+}
+#: the largest cross-batch memory the automatic recipe sizes to the training set
+MEMORY_MAX = 16384
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One decision of the automatic recipe: the recipe key(s), the value, and why."""
+
+    key: str
+    value: Any
+    reason: str
+
+    def line(self) -> str:
+        return f"  {self.key} = {_show(self.value)}: {self.reason}"
+
+
+@dataclass
+class AutoRecipe:
+    """What :func:`auto_config` made: the recipe, its choices and notes, and the data it looked at."""
+
+    config: Config
+    choices: List[Choice]
+    notes: List[str]
+    profile: DataProfile
+    overridden: List[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """The choices, one line each, then the notes (what was done about the data)."""
+        lines = [f"{self.profile.source}: {describe_profile(self.profile)}"]
+        lines += [c.line() for c in self.choices]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)) and len(value) > 6:
+        return f"[{', '.join(map(repr, value[:3]))}, ... {len(value)} in all]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def is_data_path(target: str | os.PathLike) -> bool:
+    """Whether ``deepmetric train TARGET`` means data (an image folder or a list file) rather than a
+    recipe: a folder without ``config.yaml``, or a file ending in ``.csv``/``.txt``/``.lst``/``.list``."""
+    p = Path(os.path.expanduser(os.fspath(target)))
+    if p.is_dir():
+        return not (p / "config.yaml").is_file()
+    return p.is_file() and p.suffix.lower() in LIST_SUFFIXES
+
+
+def hash_order(keys: Sequence[Any]) -> List[Any]:
+    """``keys`` ordered by a stable hash of their text (SHA-1), the same on every machine and run.
+
+    >>> hash_order(["a", "b", "c", "d"])
+    ['c', 'a', 'd', 'b']
+    """
+    return sorted(keys, key=lambda k: hashlib.sha1(str(k).encode("utf-8")).hexdigest())
+
+
+def split_classes(profile: DataProfile, test_share: float = TEST_SHARE):
+    """``(train keys, test keys, distractors)``: the classes with two or more images, ordered by
+    :func:`hash_order`, the first ``test_share`` of them (at least 2) tested; classes with one image
+    are test distractors (they have no pair to learn from, and in the test gallery they are what a
+    search must not return)."""
+    counts = profile.counts
+    keys = profile.class_keys
+    paired = [keys[i] for i in range(len(keys)) if counts[i] >= 2]
+    single = [keys[i] for i in range(len(keys)) if counts[i] < 2]
+    order = hash_order(paired)
+    n_test = min(max(2, int(round(test_share * len(order)))), len(order) - 2)
+    test = set(order[:n_test])
+    return [k for k in keys if k in set(paired) - test], [k for k in keys if k in test], single
+
+
+def validation_rule(n_train: int):
+    """``(val_classes, reason)`` for ``n_train`` training classes: :data:`VAL_SHARE` of them (at
+    least :data:`MIN_VAL_CLASSES`); with fewer than :data:`FEW_CLASSES` classes, a selection on a
+    handful of validation classes picks steps by noise, so there is none: every training class
+    trains, and the run keeps its last step (the cosine schedule ends at a learning rate of zero)."""
+    if n_train < FEW_CLASSES:
+        return None, (f"only {n_train} training classes: a validation split of {max(2, round(VAL_SHARE * n_train))} "
+                      f"would select by noise; all of them train and the last step is kept (the learning rate "
+                      f"decays to zero)")
+    n_val = max(MIN_VAL_CLASSES, int(round(VAL_SHARE * n_train)))
+    return round(n_val / n_train, 4), f"{n_val} of the {n_train} training classes, held out, select the checkpoint"
+
+
+def _override_value(overrides: Sequence[str], key: str) -> Any:
+    """The value ``overrides`` give ``key`` (the last one), or ``...`` when they do not set it."""
+    value: Any = ...
+    for item in overrides:
+        k, _, text = item.partition("=")
+        if k.strip() == key:
+            value = parse_value(text)
+    return value
+
+
+def auto_config(source: str | os.PathLike, overrides: Sequence[str] = (), name: Optional[str] = None) -> AutoRecipe:
+    """The automatic recipe for the images of ``source`` (see the module docstring), with
+    ``overrides`` (``key=value``) applied last.
+
+    Raises:
+        DataError: the data cannot be used (empty, one class, unreadable); one line naming the path.
+        ConfigError: a bad override.
+    """
+    from ..models.pretrained import cached_weights, identify_weights
+
+    profile = inspect_data(source)
+    choices: List[Choice] = []
+    notes: List[str] = []
+
+    def choose(key: str, value: Any, reason: str) -> Any:
+        given = _override_value(overrides, key)
+        if given is not ...:
+            choices.append(Choice(key, given, "set by you"))
+            return given
+        choices.append(Choice(key, value, reason))
+        return value
+
+    # -- data ----------------------------------------------------------------------------------------
+    fmt_reason = {"image_folder": f"{len(profile.class_names):,} class folders",
+                  "csv": "a CSV with path and label columns", "list": "a list of 'path label' lines"}[profile.format]
+    options = dict(profile.options)
+    if profile.unreadable:
+        shown = "; ".join(f"{p}: {why}" for p, why in profile.unreadable[:2])
+        notes.append(f"{len(profile.unreadable)} unreadable file{'s' if len(profile.unreadable) > 1 else ''} left out "
+                     f"(data.options.exclude): {shown}{' ...' if len(profile.unreadable) > 2 else ''}")
+    if profile.loose:
+        notes.append(f"{profile.loose} images lie directly in {profile.source}, in no class folder: left out")
+    train_keys, test_keys, single = split_classes(profile)
+    choices.append(Choice("data.format", profile.format, fmt_reason))
+    given_train, given_test = _override_value(overrides, "data.train_classes"), _override_value(overrides, "data.test_classes")
+    if given_train is ... and given_test is ...:
+        choices.append(Choice("data.test_classes", test_keys + single,
+                              f"{len(test_keys)} of the {len(train_keys) + len(test_keys)} classes "
+                              f"({TEST_SHARE:.0%}), drawn by a hash of their names, are never trained on: "
+                              f"retrieval among them is the test"))
+        if single:
+            notes.append(f"{len(single)} class{'es' if len(single) > 1 else ''} with one image: kept as "
+                         f"distractors in the test gallery")
+        n_train = len(train_keys)
+    else:
+        n_train = len(train_keys) + len(test_keys) if given_train is ... else (
+            len(given_train) if isinstance(given_train, list) else int(round(given_train * len(profile.class_keys))))
+        if given_test is not ... and given_train is ...:
+            n_train = len(profile.class_keys) - len(given_test or [])
+    val, val_reason = validation_rule(n_train)
+    val = choose("data.val_classes", val, val_reason)
+
+    # -- model and input -----------------------------------------------------------------------------
+    pretrained = _override_value(overrides, "model.pretrained")
+    known = None
+    if pretrained not in (..., None, "imagenet"):
+        known = identify_weights(pretrained) if _override_value(overrides, "model.backbone") is ... else None
+    elif pretrained is ...:
+        found = cached_weights()
+        known = found[0] if found else None
+    grey = profile.is_grey
+    side = profile.median_side
+    if known is not None:
+        backbone = choose("model.backbone", known.backbone,
+                          f"the pretrained weights {known.path} are for it" if pretrained is not ...
+                          else f"pretrained weights found in the download cache: {known.path}")
+        choose("model.pretrained", known.path, "its ImageNet weights")
+        size = choose("data.image_size", list(known.input_size), f"{known.input_size[0]} x {known.input_size[1]}: "
+                      f"the input size the backbone was trained at")
+        transform = choose("data.transform", "xbm", "ImageNet normalisation, mild crops (scale 0.2-1) and flips")
+        in_chans = choose("model.in_chans", 3, "the pretrained stem takes RGB")
+        backbone_options: Dict[str, Any] = {}
+        dim = choose("model.embedding_dim", 512, "a 512-d head on the pretrained features")
+    else:
+        backbone = choose("model.backbone", DEFAULTS["backbone"],
+                          "no pretrained weights given or cached (model.pretrained=PATH uses a torchvision or "
+                          "timm file)")
+        backbone_options = {"width": DEFAULTS["width"], "grid": DEFAULTS["grid"]}
+        backbone_options = choose("model.backbone_options", backbone_options,
+                                  f"width {DEFAULTS['width']}, a {DEFAULTS['grid']}x{DEFAULTS['grid']} grid of the last "
+                                  f"map (where a part is matters): chosen on the suite")
+        cap = DEFAULTS["max_side"]
+        s = int(min(cap, max(8, 4 * round(side / 4))))
+        size = choose("data.image_size", [s, s], f"{s} x {s}: the median image side is {side:g}"
+                      + (f" (capped at {cap} for a network trained from scratch)" if side > cap else ""))
+        in_chans = choose("model.in_chans", 1 if grey else 3,
+                          f"{profile.grey} of the {profile.checked} images opened are grey" if grey
+                          else "the images are in colour")
+        transform = choose("data.transform", DEFAULTS["transform"],
+                           "resized whole, no random crops (a crop cuts away most of a small image): chosen on the suite")
+        dim = choose("model.embedding_dim", DEFAULTS["embedding_dim"], "chosen on the suite")
+    if profile.is_grey is False and profile.grey:
+        notes.append(f"images of mixed colour ({mixed(profile)}): trained in colour")
+    elif mixed(profile) and "sizes" in (mixed(profile) or ""):
+        notes.append(f"images of mixed sizes ({mixed(profile)}): each resized to {size[0]} x {size[1]}")
+
+    # -- batch, loss, optimisation -------------------------------------------------------------------
+    counts = profile.counts
+    median = float(np.median(counts[counts >= 2])) if (counts >= 2).any() else 2.0
+    k = int(max(2, min(DEFAULTS["samples_per_class"], median)))
+    n_val = 0 if val is None else max(2, int(round(val * n_train))) if isinstance(val, float) else len(val)
+    p = int(max(2, min(DEFAULTS["batch"] // k, n_train - n_val)))
+    k = choose("data.samples_per_class", k, f"the median class has {median:g} images")
+    p = choose("data.classes_per_batch", p, f"{p} classes x {k} images = {p * k} per batch")
+    loss = dict(DEFAULTS["loss"])
+    memory = DEFAULTS.get("memory")
+    if memory:
+        n_images = int(counts[[i for i, key in enumerate(profile.class_keys) if key in set(train_keys)]].sum())
+        size = memory.get("size", "auto")
+        size = int(min(MEMORY_MAX, n_images)) if size == "auto" else int(size)
+        loss["memory"] = {**{k: v for k, v in memory.items() if k != "size"}, "size": max(size, p * k)}
+    choices.append(Choice("losses", [loss], "chosen on the suite's validation splits (docs/benchmarks.md)"))
+    optimizer = DEFAULTS["optimizer"]
+    choices.append(Choice("optimizer", optimizer, "chosen on the suite"))
+    scheduler = DEFAULTS["scheduler"]
+    choices.append(Choice("scheduler", scheduler, "cosine decay to zero after a short warm-up"))
+    steps = _override_value(overrides, "train.max_steps")
+    budget = _override_value(overrides, "train.time_budget")
+    if steps is not ... and budget is ...:
+        budget = None
+        choices.append(Choice("train.max_steps", steps, "set by you"))
+    else:
+        budget = choose("train.time_budget", DEFAULTS["time_budget"],
+                        "the default length (train.time_budget=10m, or train.max_steps=N, to change it)")
+
+    raw = {
+        "name": name or _run_name(profile.source),
+        "seed": 0,
+        "data": {"format": profile.format, "root": profile.root, "options": options,
+                 "transform": transform, "image_size": size,
+                 "classes_per_batch": p, "samples_per_class": k, "val_classes": val,
+                 "test_classes": test_keys + single},
+        "model": {"backbone": backbone, "backbone_options": backbone_options, "in_chans": in_chans,
+                  "embedding_dim": dim, "pretrained": None if known is None else known.path},
+        "losses": [loss],
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "train": {"time_budget": budget, "eval_every": 0, "log_every": 25},
+        "eval": {"protocol": "retrieval", "metric": "map@r", "ks": [1, 2, 4, 8], "distance": "cosine"},
+    }
+    if steps is not ... and budget is None:
+        raw["train"]["max_steps"] = steps
+    if given_train is not ... or given_test is not ...:
+        raw["data"]["test_classes"] = None
+    try:
+        cfg = validate(apply_overrides(raw, list(overrides)), f"{profile.source} (automatic recipe) with overrides")
+    except ConfigError:
+        raise
+    overridden = [o.split("=", 1)[0] for o in overrides]
+    return AutoRecipe(cfg, choices, notes, profile, overridden)
+
+
+def _run_name(source: str) -> str:
+    p = Path(source)
+    return (p.stem if p.is_file() else p.name) or "run"
+
+
+def recipe_or_data(target: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    """The config ``deepmetric train TARGET`` trains: the automatic recipe of a data folder or list
+    (:func:`is_data_path`), else the recipe (a file, a run directory or a packaged name)."""
+    from ..config import load_config, resolve_recipe
+
+    if is_data_path(target):
+        return auto_config(target, overrides).config
+    return load_config(resolve_recipe(target), overrides)
+
+
+__all__ = ["AutoRecipe", "Choice", "DataError", "auto_config", "hash_order", "is_data_path", "recipe_or_data",
+           "split_classes", "validation_rule"]
