@@ -108,7 +108,7 @@ def api_key_of(args: argparse.Namespace, warn: bool = True) -> Optional[str]:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` (uvicorn listens on it): a busy port or a bad address is one line."""
+    """A listening socket on ``host:port`` (uvicorn serves it): a busy port or a bad address is one line."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
@@ -118,6 +118,7 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(2048)  # clients that come before uvicorn accepts wait in the backlog, not refused
     except OSError as e:
         sock.close()
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}"

@@ -11,9 +11,9 @@ A change (``POST /items``, ``DELETE /items/{id}``) runs under the index's write 
 3. it is applied to the index in memory (should that fail, the log record is cut back);
 4. only then is a removed item's image file unlinked (an added item's was written and fsynced before 2).
 
-Then the 2xx. Every ``save_every`` changes the index file is rewritten (a snapshot, copied under the
-read lock and written outside any lock, atomically) and the log compacted; when the server stops it is
-saved once more and the log removed. ``save_every`` sets how long the log grows and how much a restart
+Then the 2xx. Every ``save_every`` changes a background thread rewrites the index file (a snapshot,
+copied under the read lock and written outside any lock, atomically) and compacts the log; when the
+server stops it is saved once more and the log removed. ``save_every`` sets how long the log grows and how much a restart
 replays, never what survives a crash; with 0 the file is written only when the server stops.
 
 The server owns the file while it runs (:func:`deepmetric.inference.index_lock.serving`: an offline
@@ -115,7 +115,7 @@ class LiveGallery:
     changes live in memory only. Make it with :meth:`open`; :meth:`close` when the server stops."""
 
     def __init__(self, index: Any, items_dir: Optional[Path] = None, index_path: Optional[Path] = None,
-                 save_every: int = 1) -> None:
+                 save_every: int = 100) -> None:
         self.index, self.lock = index, IndexLock()
         self.index_path = None if index_path is None else Path(index_path)
         self.items_dir = None if items_dir is None else Path(items_dir)
@@ -125,13 +125,13 @@ class LiveGallery:
         self.owner: Optional[index_lock.ServerLock] = None
         self.closed = self.broken = False
         self._log_mutex, self._save_mutex, self._close_mutex = threading.Lock(), threading.Lock(), threading.Lock()
-        self._compacting = False
+        self._compacting = self._saving = self._saved_last = False
         self.info: Dict[str, Any] = {}
         self._publish()
 
     @classmethod
     def open(cls, index: Any, items_dir: Optional[Path] = None, index_path: Optional[Path] = None,
-             save_every: int = 1, load: Optional[Callable[[Path], Any]] = None) -> "LiveGallery":
+             save_every: int = 100, load: Optional[Callable[[Path], Any]] = None) -> "LiveGallery":
         """The gallery of ``index``, or (``index`` None) of the file ``index_path`` loaded with ``load``
         once the lock is held. With ``index_path``: the lock is taken, the log replayed (by ``load``)
         and a fresh one started, stale files removed; a problem is one :class:`UserError`."""
@@ -154,16 +154,17 @@ class LiveGallery:
 
     def _start(self) -> None:
         path, index = self.index_path, self.index
-        removed = [p for p in path.parent.glob(f".{path.name}.*.tmp") if p.is_file()]
-        for p in removed:  # our atomic writes that a crash interrupted (we hold the lock: none is running)
-            p.unlink()
-        if removed:
-            log.info("%s: removed %d temporary files left by an interrupted save", path.parent, len(removed))
         try:
             on_disk = index_file.read_header(path, BACKENDS) if path.exists() else {}
         except UserError:
             on_disk = {}
         try:
+            stale = [p for p in path.parent.iterdir()
+                     if p.name.startswith(f".{path.name}.") and p.name.endswith(".tmp") and p.is_file()]
+            for p in stale:  # our atomic writes that a crash interrupted (we hold the lock: none is running)
+                p.unlink(missing_ok=True)
+            if stale:
+                log.info("%s: removed %d temporary files left by an interrupted save", path.parent, len(stale))
             if (on_disk.get("lineage"), on_disk.get("changes")) != (index.lineage, index.changes):
                 index.save(path)  # the replayed changes (or a new index) into the file, before a new log
             self.log = index_log.ChangeLog.start(path, index.lineage)
@@ -188,7 +189,7 @@ class LiveGallery:
             raise ChangeError(503, f"the change log {self.log.path if self.log else ''} could not be repaired "
                                    "after a failed write; restart the server (nothing acknowledged is lost)")
 
-    def _logged(self, append: Callable[[index_log.ChangeLog], int], what: str) -> Optional[int]:
+    def _logged(self, append: Callable[[index_log.ChangeLog], int]) -> Optional[int]:
         """Append a record (durable when this returns); its offset, or None without a log."""
         if self.log is None:
             return None
@@ -223,7 +224,7 @@ class LiveGallery:
                 except SearchIndexError as e:
                     raise ChangeError(422, str(e)) from None
                 first = self.index.next_id
-                offset = self._logged(lambda lg: lg.append_add(batch, self.index.changes + 1, first), "add")
+                offset = self._logged(lambda lg: lg.append_add(batch, self.index.changes + 1, first))
                 try:
                     ids = self.index.add_batch(batch)
                 except BaseException:
@@ -258,7 +259,7 @@ class LiveGallery:
             self._check_open()
             ids = self.index.select(ids=[item_id])
             paths = [self.index.path_of(int(i)) for i in ids] if self.index.mode == "items" else []
-            offset = self._logged(lambda lg: lg.append_remove(ids, self.index.changes + 1), "remove")
+            offset = self._logged(lambda lg: lg.append_remove(ids, self.index.changes + 1))
             try:
                 self.index.remove(ids=ids)
             except BaseException:
@@ -292,8 +293,16 @@ class LiveGallery:
         return [position[s] for s in labels], names
 
     def _after_change(self) -> None:
-        if self.log is not None and self.save_every and self.log.pending >= self.save_every:
-            self.save(wait=False)
+        if self.log is not None and self.save_every and self.log.pending >= self.save_every and not self._saving:
+            self._saving = True  # the change is durable already: no client waits for the file
+
+            def run() -> None:
+                try:
+                    self.save()
+                finally:
+                    self._saving = False
+
+            threading.Thread(target=run, name="deepmetric-save", daemon=True).start()
         self._compact_in_background()
 
     # -- snapshots and compaction ----------------------------------------------------------------
@@ -306,6 +315,8 @@ class LiveGallery:
         if not self._save_mutex.acquire(blocking=wait):
             return False
         try:
+            if self._saved_last:  # closed: the last save is done and the log gone
+                return False
             with self.lock.reading():
                 if not self.log.pending:
                     return True
@@ -323,8 +334,9 @@ class LiveGallery:
             self._save_mutex.release()
 
     def _compact_in_background(self) -> None:
-        if self._compacting or self.closed or not hasattr(self.index, "compaction"):
-            return
+        backend = getattr(self.index, "backend", None)
+        if self._compacting or self.closed or getattr(backend, "slots", 0) == len(self.index):
+            return  # nothing removed is kept (a read without the lock: a hint, checked again under it)
         with self.lock.reading():
             job = self.index.compaction()  # copies the live vectors
         if job is None:
@@ -354,9 +366,13 @@ class LiveGallery:
                 self.closed = True
             try:
                 if self.log is not None and self.save(wait=True) and not self.log.pending:
-                    self.log.close()
-                    index_log.discard(self.index_path)
+                    with self._save_mutex:
+                        self._saved_last = True
+                        self.log.close()
+                        index_log.discard(self.index_path)
             finally:
+                with self._save_mutex:
+                    self._saved_last = True
                 if self.log is not None:
                     self.log.close()
                 if self.owner is not None:
