@@ -4,6 +4,7 @@ leave /search its workers, /health never waits for the index lock, and a faiss-h
 rebuild the graph in the request."""
 from __future__ import annotations
 
+import queue
 import random
 import socket
 import threading
@@ -65,29 +66,35 @@ def run_threads(targets, seconds: float) -> None:
 
 def test_an_upload_of_a_deleted_items_bytes_keeps_its_image(serve, predictor_and_index, tmp_path):
     """Item 1: POST /items with the bytes and name of an item being deleted answered 201, and its image was
-    unlinked (the add skipped writing a same-named file outside the lock; the delete removed it)."""
-    data, kept, lock = png(1), {}, threading.Lock()
-    with live(serve, predictor_and_index, tmp_path) as (url, gallery):
-        def pair(deadline: float) -> None:
-            with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
-                previous = add(c, data)
-                while time.monotonic() < deadline:
-                    new = add(c, data)  # the same bytes and name, while another thread deletes its twin
-                    with lock:
-                        kept[new] = True
-                    assert c.delete(f"/items/{previous}").status_code == 200
-                    with lock:
-                        kept.pop(previous, None)
-                    previous = new
-                with lock:
-                    kept[previous] = True
+    unlinked (the add skipped writing a same-named file outside the lock; the delete removed it). Four
+    pairs: one thread adds the pair's image again and again and reads each new item's image back, the
+    other deletes each item as soon as it was read, racing the next add (before the fix: about a third
+    of the adds lost their image)."""
+    served = {}  # id -> (status, body intact) of the read right after the add
 
-        run_threads([pair] * 4, seconds=1.5)
-        with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
-            for item_id in kept:
-                r = c.get(f"/images/{item_id}")
-                assert r.status_code == 200 and r.content == data, (item_id, r.status_code)
-        assert len(kept) >= 4 and len({gallery.index.path_of(i) for i in kept}) == len(kept), "a file each"
+    def pair(seed: int, url: str, deadline: float) -> None:
+        data, added = png(seed), queue.Queue()
+
+        def adder(deadline: float) -> None:
+            with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+                while time.monotonic() < deadline:
+                    item_id = add(c, data)
+                    r = c.get(f"/images/{item_id}")
+                    served[item_id] = (r.status_code, r.content == data)
+                    added.put(item_id)
+            added.put(None)
+
+        def deleter(deadline: float) -> None:
+            with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+                for item_id in iter(added.get, None):
+                    assert c.delete(f"/items/{item_id}").status_code == 200
+
+        run_threads([adder, deleter], seconds=deadline - time.monotonic())
+
+    with live(serve, predictor_and_index, tmp_path) as (url, gallery):
+        run_threads([lambda deadline, k=k: pair(k, url, deadline) for k in range(4)], seconds=1.5)
+        assert len(gallery.index) == 20 and not list((tmp_path / "items").glob("*/*.png")), "every image went"
+    assert len(served) >= 8 and all(v == (200, True) for v in served.values()), served
 
 
 def test_an_image_read_racing_its_delete_is_whole_or_404(serve, predictor_and_index, tmp_path):
