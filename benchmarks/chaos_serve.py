@@ -192,7 +192,8 @@ class Churn:
                         return
                     took = time.perf_counter() - start
                     if r.status_code == 200:
-                        (self.health_during_deletes if during or self.inflight_deletes else self.health_other).append(took)
+                        during = during or self.inflight_deletes > 0
+                        (self.health_during_deletes if during else self.health_other).append(took)
                     time.sleep(0.02)
 
         roles = (adder, adder, adder, deleter, deleter, searcher, searcher, prober)
@@ -268,7 +269,8 @@ def main() -> None:
         results = [run_backend(work, model, b, args) for b in args.backends]
     print(f"\n{args.seconds:.0f} s of churn, {args.kills} SIGKILLs + restarts, {args.items} items of {args.dim}-d, "
           f"{os.cpu_count()} CPUs")
-    print(f"{'backend':<11} {'adds':>5} {'deletes':>7} {'lost':>4} {'back':>4} {'health p50/p99/max during deletes (ms)':>40} "
+    health = "health p50/p99/max during deletes (ms)"
+    print(f"{'backend':<11} {'adds':>5} {'deletes':>7} {'lost':>4} {'back':>4} {health:>40} "
           f"{'delete p50/p99 (ms)':>20} {'search p99 (ms)':>15}")
     for r in results:
         hd, dl = r["health_deletes"], r["delete"]

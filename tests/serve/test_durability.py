@@ -262,8 +262,8 @@ def test_acknowledged_changes_survive_a_crash_between_saves(predictor_and_index,
     path = predictor_and_index[1].save(tmp_path / "gallery.index")
     app = create_app(predictor_and_index[0], path, api_key=KEY, items_dir=tmp_path / "items", save_every=10)
     c = TestClient(app, raise_server_exceptions=False)  # no `with`: the lifespan never closes it
-    added = [c.post("/items", files={"file": (f"{i}.png", png(10 + i), "image/png")}, headers=AUTH).json()["items"][0]["id"]
-             for i in range(4)]
+    added = [c.post("/items", files={"file": (f"{i}.png", png(10 + i), "image/png")}, headers=AUTH).json()
+             ["items"][0]["id"] for i in range(4)]
     image = app.state.items.index.path_of(added[1])
     assert [c.delete(f"/items/{i}", headers=AUTH).status_code for i in (added[1], 5)] == [200, 200]
     on_disk = SearchIndex.load(path)

@@ -350,8 +350,9 @@ class SearchIndex:
             self.counts, self._sums = self.counts[kept], self._sums[kept]
 
     def compaction(self, force: bool = False) -> Any:
-        """The backend's compaction (``faiss-hnsw`` with removed rows: :class:`~deepmetric.inference.hnsw.HNSWCompaction`)
-        once worth it (``force``: whenever there is a removed row), else None."""
+        """The backend's compaction (``faiss-hnsw`` with removed rows:
+        :class:`~deepmetric.inference.hnsw.HNSWCompaction`) once worth it (``force``: whenever there is a
+        removed row), else None."""
         return self.backend.compaction(force)
 
     def compact(self) -> None:

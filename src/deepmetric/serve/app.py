@@ -144,7 +144,8 @@ UPLOAD_ERRORS: Dict[Union[int, str], Dict[str, Any]] = {
     415: _error("not an image: JPEG, PNG, WebP, BMP, GIF, TIFF or PPM"),
     422: {"model": ValidationErrorOut, "description": "missing 'file' field or invalid query parameter"},
     503: _error("the server holds workers + queue image requests already, or none was free within queue_timeout; "
-                "retry later", headers={"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}),
+                "retry later",
+                headers={"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}),
 }
 
 

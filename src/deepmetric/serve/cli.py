@@ -121,8 +121,8 @@ def bind(host: str, port: int) -> socket.socket:
         sock.listen(2048)  # clients that come before uvicorn accepts wait in the backlog, not refused
     except OSError as e:
         sock.close()
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}"
-                        + (" (another server uses that port: pick another with --port)" if e.errno == errno.EADDRINUSE else "")) from None
+        busy = " (another server uses that port: pick another with --port)" if e.errno == errno.EADDRINUSE else ""
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}{busy}") from None
     return sock
 
 

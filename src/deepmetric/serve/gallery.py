@@ -13,8 +13,9 @@ A change (``POST /items``, ``DELETE /items/{id}``) runs under the index's write 
 
 Then the 2xx. Every ``save_every`` changes a background thread rewrites the index file (a snapshot,
 copied under the read lock and written outside any lock, atomically) and compacts the log; when the
-server stops it is saved once more and the log removed. ``save_every`` sets how long the log grows and how much a restart
-replays, never what survives a crash; with 0 the file is written only when the server stops.
+server stops it is saved once more and the log removed. ``save_every`` sets how long the log grows and
+how much a restart replays, never what survives a crash; with 0 the file is written only when the
+server stops.
 
 The server owns the file while it runs (:func:`deepmetric.inference.index_lock.serving`: an offline
 ``deepmetric index add / remove`` is refused), and starts by replaying the log, saving the file if the

@@ -130,10 +130,14 @@ class UploadGate:
         self.active = self.reading = 0  # touched on the event loop only
 
     def _busy(self) -> Optional[JSONResponse]:
-        if self.active >= self.capacity or self.reading >= READERS_PER_SLOT * max(self.capacity, 1):
-            return json_error(503, f"busy: {self.capacity} image requests are in progress; retry in {RETRY_AFTER_S} s",
-                              {"Retry-After": str(RETRY_AFTER_S)})
-        return None
+        readers = READERS_PER_SLOT * max(self.capacity, 1)
+        if self.active >= self.capacity:
+            what = f"{self.capacity} image requests are in progress"
+        elif self.reading >= readers:
+            what = f"{readers} uploads are still arriving"
+        else:
+            return None
+        return json_error(503, f"busy: {what}; retry in {RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)})
 
     def _too_large(self, size: str) -> JSONResponse:
         return json_error(413, f"upload of {size} bytes is above the limit of {self.file_limit} bytes "
