@@ -338,3 +338,21 @@ def test_an_items_dir_of_another_index_is_refused(predictor_and_index, tmp_path)
     create_app(predictor_and_index[0], first, api_key=KEY, items_dir=tmp_path / "shared").state.items.close()
     with pytest.raises(UserError, match="holds the images of another index"):
         create_app(predictor_and_index[0], second, api_key=KEY, items_dir=tmp_path / "shared")
+
+
+def test_a_keyed_server_on_a_read_only_folder_is_one_line_at_start(predictor_and_index, tmp_path, monkeypatch):
+    """Item 4 at start: a server that may change the index needs to write its log; without a key it
+    serves a read-only folder as before."""
+    from deepmetric.inference import index_log
+
+    path = predictor_and_index[1].save(tmp_path / "gallery.index")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(index_log, "atomic_write", read_only)
+    with pytest.raises(UserError, match="cannot write the index or its change log there .Read-only file system"):
+        create_app(predictor_and_index[0], path, api_key=KEY)
+    create_app(predictor_and_index[0], path).state.items.close()  # no key: nothing to write
+    monkeypatch.undo()
+    create_app(predictor_and_index[0], path, api_key=KEY).state.items.close()  # the lock was let go
