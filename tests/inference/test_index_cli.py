@@ -107,3 +107,30 @@ def test_build_accepts_the_old_metric_name(tmp_path, capsys):
     assert main(["index", "build", "--embeddings", str(f), "--output", str(tmp_path / "g.index"), "--metric", "l2"]) == 0
     assert "exact squared_euclidean index of 4 vectors" in capsys.readouterr().out
     assert SearchIndex.load(tmp_path / "g.index").metric == "squared_euclidean"
+
+
+def test_non_finite_vectors_are_one_line_naming_the_row(gallery, tmp_path, capsys):
+    """Issue 23, item 10: NaN vectors were accepted by build and add, and a search with top-k of at least
+    the item count then raised IndexError."""
+    index, _ = gallery
+    vectors = np.ones((3, D))
+    vectors[2, 5] = np.nan
+    f, paths = features(tmp_path / "nan.npz", vectors, [0, 1, 0], ["mug", "kettle"])
+    before = index.read_bytes()
+    for argv in (["index", "build", "--embeddings", str(f), "--output", str(tmp_path / "nan.index")],
+                 ["index", "add", "--index", str(index), "--embeddings", str(f)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"row 2 ({paths[2]}) holds NaN or infinite values" in err, err
+    assert index.read_bytes() == before and not (tmp_path / "nan.index").exists()
+
+
+@pytest.mark.parametrize("params", [["nlist=100000"], ["nlist=4", "nbits=8"]])
+def test_more_clusters_than_vectors_is_one_line(tmp_path, capsys, params):
+    """Issue 23, item 11: --param nlist=100000 on a few vectors was a FAISS traceback."""
+    f, _ = features(tmp_path / "a.npz", np.random.default_rng(0).standard_normal((40, D)), [0] * 40, ["mug"])
+    backend = "faiss-ivf" if len(params) == 1 else "faiss-ivfpq"
+    argv = ["index", "build", "--embeddings", str(f), "--output", str(tmp_path / "g.index"), "--backend", backend]
+    assert main(argv + [a for p in params for a in ("--param", p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "at least" in err and "there are 40" in err, err

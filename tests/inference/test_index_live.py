@@ -316,3 +316,116 @@ def test_missing_faiss_names_the_extra(data, gallery, monkeypatch):
     index = SearchIndex(D)  # the exact backend needs no FAISS
     index.add(data[0][:3])
     assert len(index.search(data[0][0], k=2)[0]) == 2
+
+
+# -- issue 23: NaN, tombstones, the change log, the lock ---------------------------------------------
+
+def test_non_finite_vectors_are_refused_by_row(data):
+    index = SearchIndex(D, "cosine", "faiss-hnsw")
+    x = data[0][:6].copy()
+    x[4, 2] = np.nan
+    with pytest.raises(SearchIndexError, match=r"row 4 \(/gallery/4.jpg\) holds NaN or infinite values"):
+        index.add(x, paths=data[2][:6])
+    x[4, 2], x[1, 0] = 1.0, np.inf
+    with pytest.raises(SearchIndexError, match=r"row 1 holds NaN"):
+        index.add(x)
+    assert len(index) == 0 and index.changes == 0, "nothing was added"
+    index.add(data[0][:6])
+    with pytest.raises(SearchIndexError, match="query: row 0 holds NaN"):
+        index.search(np.full(D, np.nan, np.float32), k=10)
+
+
+def test_hnsw_removal_is_a_tombstone_that_saves_and_compacts(data, tmp_path):
+    """A removal marks the row dead (no rebuild); searches skip it; the file keeps the tombstones; a
+    compaction built while the old graph serves catches up with what changed meanwhile."""
+    x, labels, paths, q = data
+    index = SearchIndex(D, "cosine", "faiss-hnsw")
+    index.add(x[:200], labels[:200], paths[:200])
+    graph = index.backend.index
+    index.remove(ids=list(range(0, 40)))
+    assert index.backend.index is graph and index.backend.slots == 200 and len(index) == 160
+    assert not np.isin(index.search_arrays(q, 10)[1], np.arange(40)).any()
+    loaded = SearchIndex.load(index.save(tmp_path / "g.index"))
+    assert loaded.backend.slots == 200 and index_file.read_header(tmp_path / "g.index", ["faiss-hnsw"])["slots"] == 200
+    np.testing.assert_array_equal(loaded.search_arrays(q, 10)[1], index.search_arrays(q, 10)[1])
+    assert index.compaction() is None, "40 of 200 dead: below the quarter that makes a rebuild worth it"
+    job = index.compaction(force=True)
+    job.build()
+    index.remove(ids=[50, 60])  # meanwhile: a removal and an add
+    new = index.add(x[200:210], labels[200:210], paths[200:210])
+    job.install()
+    assert index.backend.index is not graph and index.backend.slots == 170 and len(index) == 168
+    truth = SearchIndex(D, "cosine", "exact")
+    truth.add(x[index.ids], labels[index.ids])
+    exact = index.ids[truth.search_arrays(q, 10)[1]]
+    got = index.search_arrays(q, 10)[1]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)]) >= 0.95
+    assert not np.isin(got, [50, 60]).any() and np.isin(new, index.ids).all()
+
+
+def log_with_changes(data, tmp_path):
+    """A saved 100-item index, then 3 logged changes (an add, a remove, an add) applied in memory only."""
+    from deepmetric.inference import index_log
+
+    x, labels, paths, _ = data
+    index = SearchIndex(D, "cosine", "faiss-flat")
+    index.add(x[:100], labels[:100], paths[:100])
+    path = index.save(tmp_path / "g.index")
+    log = index_log.ChangeLog.start(path, index.lineage)
+    for change in ("add", "remove", "add"):
+        if change == "add":
+            batch = index.check_batch(x[index.next_id:index.next_id + 2], labels[:2], ["a.jpg", None])
+            log.append_add(batch, index.changes + 1, index.next_id)
+            index.add_batch(batch)
+        else:
+            log.append_remove([7, 8], index.changes + 1)
+            index.remove(ids=[7, 8])
+    log.close()
+    return index, path
+
+
+def test_load_replays_the_change_log(data, tmp_path):
+    index, path = log_with_changes(data, tmp_path)
+    loaded = SearchIndex.load(path)
+    assert loaded.ids.tolist() == index.ids.tolist() and loaded.changes == index.changes == 4
+    assert len(SearchIndex.load(path, log=False)) == 100
+    wal = tmp_path / "g.index.wal"
+    whole = wal.read_bytes()
+    wal.write_bytes(whole[:-10])  # the last record cut short: it was never acknowledged
+    assert SearchIndex.load(path).ids.tolist() == index.ids.tolist()[:-2]
+    broken = bytearray(whole)
+    broken[len(whole) // 2] ^= 0xFF  # damage before intact records: refused, naming the log
+    wal.write_bytes(bytes(broken))
+    with pytest.raises(index_file.IndexFileError, match="g.index.wal: the change log is damaged"):
+        SearchIndex.load(path)
+    wal.write_bytes(whole)
+    rebuilt = SearchIndex(D, "cosine", "faiss-flat")
+    rebuilt.add(data[0][:3])
+    rebuilt.save(path)  # another index at that path: its log is not this one's
+    assert len(SearchIndex.load(path)) == 3
+
+
+def test_edit_index_replays_the_log_into_the_file(data, tmp_path):
+    index, path = log_with_changes(data, tmp_path)
+    with edit_index(path) as edited:
+        assert edited.ids.tolist() == index.ids.tolist()
+        edited.remove(ids=[0])
+    assert not (tmp_path / "g.index.wal").exists()
+    assert SearchIndex.load(path, log=False).ids.tolist() == index.ids.tolist()[1:]
+
+
+def test_an_edit_refuses_an_index_a_server_holds(data, gallery):
+    from deepmetric.inference import index_lock
+
+    held = index_lock.serving(gallery)
+    try:
+        with pytest.raises(index_lock.IndexLockedError, match=f"PID {os.getpid()}.*stop the server first"):
+            with edit_index(gallery):
+                pass
+        with pytest.raises(index_lock.IndexLockedError, match="already served by another"):
+            index_lock.serving(gallery)
+    finally:
+        held.release()
+    with edit_index(gallery) as index:
+        index.remove(ids=[3])
+    assert len(SearchIndex.load(gallery)) == 199

@@ -102,3 +102,53 @@ def test_embed_with_worker_processes_gives_the_same_vectors(checkpoint_dir, imag
         main(["embed", "--checkpoint", str(checkpoint_dir), "--input", str(image_folder),
               "--output", str(tmp_path / "x.npz"), "--workers", "-1"])
     assert "expected a number of processes >= 0 or 'auto'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["embed_under_a_file", "build_under_a_file", "build_read_only", "build_disk_full"])
+def test_an_output_that_cannot_be_written_is_one_line(checkpoint_dir, image_folder, tmp_path, capsys, monkeypatch,
+                                                      case):
+    """Issue 23, item 11: `embed --output F/x.npz` and `index build --output F/x.index` (F a file), and a
+    build onto a read-only folder, were tracebacks. (The tests run as root, where permissions do not
+    refuse: the read-only folder and the full disk are simulated.)"""
+    import errno
+
+    from deepmetric.inference import cli as inference_cli
+    from deepmetric.inference import index_file
+
+    (tmp_path / "F").write_text("a file, not a folder")
+    np.savez(tmp_path / "f.npz", vectors=np.eye(2, 16, dtype=np.float32), labels=np.array([0, 1]),
+             paths=np.array(["/x/a.jpg", "/x/b.jpg"]), class_names=np.array(["a", "b"]), meta=np.array("{}"))
+    build = ["index", "build", "--embeddings", str(tmp_path / "f.npz"), "--output"]
+    if case == "build_read_only":
+        monkeypatch.setattr(inference_cli.os, "access", lambda path, mode: False)
+    if case == "build_disk_full":
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".x.index.1a2b3c4d.tmp"))
+        monkeypatch.setattr(index_file, "atomic_write", full)
+    argv, expect = {
+        "embed_under_a_file": (["embed", "--checkpoint", str(checkpoint_dir), "--input", str(image_folder),
+                                "--output", str(tmp_path / "F" / "x.npz")], "is a file, not a folder"),
+        "build_under_a_file": (build + [str(tmp_path / "F" / "sub" / "x.index")], "is a file, not a folder"),
+        "build_read_only": (build + [str(tmp_path / "x.index")], "permission denied"),
+        "build_disk_full": (build + [str(tmp_path / "x.index")], "No space left on device"),
+    }[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deepmetric: error: --output ") and "\n" not in err and expect in err, err
+
+
+def test_embed_logs_progress_lines_off_a_terminal(checkpoint_dir, image_folder, tmp_path, caplog, monkeypatch):
+    """Off a terminal (here: pytest's captured stderr) embed logs lines, not a tqdm bar; a resumed run
+    counts from where it starts."""
+    import logging
+
+    from deepmetric.inference import cli as inference_cli
+
+    monkeypatch.setattr(inference_cli, "PROGRESS_EVERY_S", 0.0)
+    out = tmp_path / "f.npz"
+    with caplog.at_level(logging.INFO, logger="deepmetric"):
+        assert main(["embed", "--checkpoint", str(checkpoint_dir), "--input", str(image_folder), "--output",
+                     str(out), "--chunk-size", "8", "--batch-size", "4"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("embed: ")]
+    assert lines[0].startswith("embed: 4/20 images") and lines[-1].startswith("embed: 20/20 images"), lines
+    assert all("img/s  ETA " in line for line in lines), lines

@@ -95,3 +95,4 @@ def live_server(predictor_and_index):
 
     with serving(create_app(*predictor_and_index, max_upload_mb=1)) as url:
         yield url
+

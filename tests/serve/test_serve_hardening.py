@@ -165,7 +165,9 @@ def test_foreign_host_header_is_refused(predictor_and_index):
         assert c.get("/health", headers={"Host": "example.com"}).status_code == 400
 
 
-def test_api_key_is_required_beyond_loopback(predictor_and_index, query):
+def test_api_key_is_required_from_every_client_by_default(predictor_and_index, query):
+    """Issue 23's design risk: behind a same-host relay (ssh -L, a proxy adding no X-Forwarded-For) every
+    client looks local, so loopback needs the key too unless the server opts out."""
     predictor, index = predictor_and_index
     app = create_app(predictor, index, api_key="s3cret")
     with TestClient(app) as remote:  # TestClient's client address is "testclient": not loopback
@@ -177,12 +179,15 @@ def test_api_key_is_required_beyond_loopback(predictor_and_index, query):
         assert remote.get("/").status_code == 200 and remote.get("/static/app.js").status_code == 200  # page shell
         assert remote.get("/images/0").status_code == 401
 
-    async def local():
+    async def local(app, path):
         transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-            return await client.get("/health")
+            return await client.get(path)
 
-    assert asyncio.run(local()).status_code == 200  # this machine's own clients need no key
+    for path in ("/health", "/images/0", "/openapi.json"):
+        assert asyncio.run(local(app, path)).status_code == 401, path  # a relayed client looks local
+    opted_out = create_app(predictor, index, api_key="s3cret", loopback_without_key=True)
+    assert asyncio.run(local(opted_out, "/health")).status_code == 200
     schema = TestClient(app).get("/openapi.json", headers={"X-API-Key": "s3cret"}).json()
     assert "401" in schema["paths"]["/search"]["post"]["responses"]
 

@@ -4,8 +4,11 @@
 Each backend stores vectors already prepared for its metric (normalised for cosine) in rows 0..N-1 and
 answers ``search(queries, k) -> (scores (Q, k), rows (Q, k))``, best first, rows -1 where fewer than k
 exist. ``state()`` gives its arrays for the file, ``restore()`` rebuilds it from checked arrays
-(``expected()`` says their dtypes and shapes), ``keep(mask)`` drops the rows where mask is False, the
-others keeping their order. The table of what each costs is in :mod:`deepmetric.inference.index`.
+(``expected(count, slots)`` says their dtypes and shapes), ``keep(mask)`` drops the rows where mask is
+False, the others keeping their order. ``slots`` is the rows a backend stores: ``ntotal`` for all but
+``faiss-hnsw``, which keeps removed rows in its graph as tombstones until it is compacted
+(``compaction()``; None where there is nothing to compact). The table of what each costs is in
+:mod:`deepmetric.inference.index`.
 """
 from __future__ import annotations
 
@@ -45,6 +48,12 @@ def checked_params(backend: str, params: Dict[str, Any], defaults: Dict[str, Any
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise SearchIndexError(f"backend {backend}: {key} must be an integer from {lo} to {hi}, got {value!r}")
     return dict(params)
+
+
+def no_tombstones(backend: str, count: int, slots: int) -> None:
+    """Refuse a file that claims removed rows for a backend that keeps none."""
+    if slots != count:
+        raise ValueError(f"{slots} stored rows for {count} items, but {backend} keeps no removed rows")
 
 
 def exact_topk(q: np.ndarray, g: np.ndarray, sq: Optional[np.ndarray], k: int, metric: str
@@ -150,6 +159,11 @@ class ExactBackend:
     def ntotal(self) -> int:
         return int(self._x.shape[0] + sum(p.shape[0] for p in self._parts))
 
+    slots = ntotal
+
+    def compaction(self, force: bool = False) -> None:
+        return None
+
     def add(self, x: np.ndarray) -> None:
         self._parts.append(np.array(x, np.float32))
 
@@ -205,7 +219,8 @@ class ExactBackend:
     def state(self) -> Dict[str, np.ndarray]:
         return {"vectors": self._gallery()[0]}
 
-    def expected(self, count: int) -> Dict[str, Tuple[str, Optional[tuple]]]:
+    def expected(self, count: int, slots: int) -> Dict[str, Tuple[str, Optional[tuple]]]:
+        no_tombstones(self.name, count, slots)
         return {"vectors": ("F32", (count, self.dim))}
 
     def restore(self, arrays: Dict[str, np.ndarray]) -> None:

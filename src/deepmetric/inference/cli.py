@@ -1,19 +1,100 @@
 """``deepmetric embed | index | search | export``: thin handlers over predictor, index and export.
 
 ``register(subparsers)`` adds the commands to the main parser (``deepmetric.cli``); each handler
-returns an exit code and raises :class:`~deepmetric.core.errors.UserError` for bad input.
+returns an exit code and raises :class:`~deepmetric.core.errors.UserError` for bad input. An output
+that cannot be written (a file where a folder should be, a read-only folder, a full disk) is checked
+before the work starts and is one line too. On a terminal ``embed`` shows a progress bar; elsewhere (a
+log file, a job scheduler) it logs ``embed: 2048/10000 images  85 img/s  ETA 1m34s`` every
+:data:`PROGRESS_EVERY_S` seconds instead.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List, Optional
 
 from ..core.errors import UserError
 
 log = logging.getLogger("deepmetric")
+
+#: seconds between progress lines off a terminal
+PROGRESS_EVERY_S = 10.0
+_WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                 getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def check_output(path: Path, what: str) -> None:
+    """Refuse, before any work, an output ``path`` that cannot be written: a folder above it that is a
+    file, or a folder this user cannot write to."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path}: is a folder; name a file to write")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: cannot write in {parent} (permission denied)")
+
+
+@contextmanager
+def writing(path: Path, what: str) -> Iterator[None]:
+    """An OS error writing ``path`` (read-only, disk full, a file in the way) as one line naming it."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _WRITE_ERRORS:
+            raise
+        raise UserError(f"{what} {path}: cannot write {e.filename or path}: {e.strerror}") from None
+
+
+class EmbedProgress:
+    """Progress of ``write_embeddings`` as log lines: a stand-in for the predictor that counts what
+    ``iter_embeddings`` yields. Chunks come in order (``chunk_size`` images each, as the input list), so
+    a resumed run starts counting at the first chunk it embeds."""
+
+    def __init__(self, predictor: Any, paths: List[str], chunk_size: int, every_s: float) -> None:
+        self._predictor, self._paths, self._chunk = predictor, paths, chunk_size
+        self.total, self.done, self.every_s = len(paths), 0, every_s
+        self._start = self._last = time.monotonic()
+        self._embedded = 0  # by this process: the rate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._predictor, name)
+
+    def _position(self, paths: List[str]) -> int:
+        """Where the chunk ``paths`` starts in the input list (at or after what is done)."""
+        for start in range(self.done - self.done % self._chunk, self.total, self._chunk):
+            if self._paths[start:start + len(paths)] == list(paths):
+                return start
+        return self.done
+
+    def iter_embeddings(self, paths: List[str], *args: Any, **kwargs: Any) -> Iterator[Any]:
+        self.done = self._position(paths)
+        for emb in self._predictor.iter_embeddings(paths, *args, **kwargs):
+            self.done += len(emb)
+            self._embedded += len(emb)
+            now = time.monotonic()
+            if now - self._last >= self.every_s or self.done == self.total:
+                self._last = now
+                self.report(now)
+            yield emb
+
+    def report(self, now: Optional[float] = None) -> None:
+        from ..engine.callbacks import format_duration
+
+        elapsed = max((now or time.monotonic()) - self._start, 1e-9)
+        rate = self._embedded / elapsed
+        eta = format_duration((self.total - self.done) / rate) if rate > 0 else "?"
+        log.info("embed: %d/%d images  %.0f img/s  ETA %s", self.done, self.total, rate, eta)
 
 
 def _params(items: List[str]) -> Dict[str, Any]:
@@ -34,13 +115,19 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     from ..data.loading import loader_settings
 
+    output = Path(args.output)
+    check_output(output, "--output")
     inputs = list_inputs(args.input)
     predictor = Predictor.load(args.checkpoint, device=args.device, runtime=args.runtime)
     model_device = args.device if args.runtime == "torch" else "cpu"
     workers = loader_settings(args.workers, False, model_device).num_workers  # auto: CUDA -> CPUs - 1
-    out = write_embeddings(predictor, inputs, args.output, batch_size=args.batch_size, dtype=args.dtype,
-                           chunk_size=args.chunk_size, num_workers=workers,
-                           progress=not (args.no_progress or getattr(args, "quiet", False)))
+    show = not (args.no_progress or getattr(args, "quiet", False))
+    bar = show and sys.stderr.isatty()
+    if show and not bar:
+        predictor = EmbedProgress(predictor, list(inputs.paths), args.chunk_size, PROGRESS_EVERY_S)
+    with writing(output, "--output"):
+        out = write_embeddings(predictor, inputs, output, batch_size=args.batch_size, dtype=args.dtype,
+                               chunk_size=args.chunk_size, num_workers=workers, progress=bar)
     labelled = int((inputs.labels >= 0).sum())
     print(f"wrote {out}: {len(inputs.paths)} x {predictor.embedding_dim} {args.dtype} embeddings "
           f"({labelled} labelled, {len(inputs.class_names)} classes)")
@@ -48,15 +135,26 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
+    from . import index_lock, index_log
     from .index import SearchIndex
     from .predictor import load_embeddings
 
     params = _params(args.param)
+    output = Path(args.output)
+    check_output(output, "--output")
+    index_lock.check_not_served(output)
     f = load_embeddings(args.embeddings)
     source = {"embeddings": str(args.embeddings), "model": f.meta.get("model"), "checkpoint": f.meta.get("source")}
+    start, big = time.monotonic(), len(f.embeddings) >= 100_000
+    if big:
+        log.info("index build: %d vectors into a %s index...", len(f.embeddings), args.backend)
     index = SearchIndex.build(f.embeddings, backend=args.backend, metric=args.metric, centroids=args.centroids,
                               class_names=f.class_names or None, source=source, **params)
-    index.save(args.output)
+    with writing(output, "--output"):
+        index.save(output)
+        index_log.discard(output)  # the change log of an index that stood here before is void
+    if big:
+        log.info("index build: done in %.0f s", time.monotonic() - start)
     what = f"{len(index)} centroids of {len(f.embeddings)} vectors" if args.centroids else f"{len(index)} vectors"
     print(f"wrote {args.output}: {args.backend} {index.metric} index of {what}, params {index.info()['params']}")
     return 0
@@ -82,7 +180,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
     from .predictor import load_embeddings
 
     f = load_embeddings(args.embeddings)
-    with edit_index(args.index) as index:
+    with writing(Path(args.index), "--index"), edit_index(args.index) as index:
         theirs, ours = f.meta.get("model"), index.source.get("model")
         if theirs and ours and theirs != ours and not args.allow_other_model:
             raise UserError(f"{args.embeddings} was embedded by model {theirs}, but {args.index} holds embeddings of "
@@ -103,7 +201,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
 def cmd_index_remove(args: argparse.Namespace) -> int:
     from .index import edit_index
 
-    with edit_index(args.index) as index:
+    with writing(Path(args.index), "--index"), edit_index(args.index) as index:
         removed = index.remove(ids=args.ids, paths=args.paths, labels=args.labels)
     noun = "centroids" if index.mode == "centroids" else "items"
     print(f"removed {len(removed)} {noun} from {args.index} ({_id_span(removed)}); now {len(index)} {noun}")

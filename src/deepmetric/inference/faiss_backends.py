@@ -1,5 +1,6 @@
-"""The FAISS backends of the search index: flat, IVF, IVF-PQ and HNSW (the interface is in
-:mod:`deepmetric.inference.backends`; what each costs, in :mod:`deepmetric.inference.index`).
+"""The FAISS backends of the search index: flat, IVF and IVF-PQ here, HNSW in
+:mod:`deepmetric.inference.hnsw` (the interface is in :mod:`deepmetric.inference.backends`; what each
+costs, in :mod:`deepmetric.inference.index`).
 
 The FAISS index is created (and trained, for IVF) on the first ``add``. Its state for the file is
 FAISS's own arrays (coarse centroids, inverted lists, PQ codebooks, HNSW links), and it is rebuilt from
@@ -13,9 +14,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from .backends import FaissMissingError, SearchIndexError, checked_params
+from .backends import FaissMissingError, SearchIndexError, checked_params, no_tombstones
 
-log = logging.getLogger("deepmetric")
 
 
 def _import_faiss(backend: str) -> Any:
@@ -28,7 +28,7 @@ def _import_faiss(backend: str) -> Any:
     return faiss
 
 
-def _flat_vectors(faiss: Any, flat: Any, dim: int) -> np.ndarray:
+def flat_vectors(faiss: Any, flat: Any, dim: int) -> np.ndarray:
     """The ``(N, D)`` vectors of an ``IndexFlat`` (a view of FAISS's memory: copy before changing it)."""
     flat = faiss.downcast_index(flat)
     if flat.ntotal == 0:
@@ -54,6 +54,13 @@ class FaissBackend:
     @property
     def ntotal(self) -> int:
         return 0 if self.index is None else int(self.index.ntotal)
+
+    @property
+    def slots(self) -> int:
+        return self.ntotal
+
+    def compaction(self, force: bool = False) -> Any:
+        return None
 
     def _flat(self) -> Any:
         return self.faiss.IndexFlatIP(self.dim) if self.metric == "cosine" else self.faiss.IndexFlatL2(self.dim)
@@ -103,9 +110,10 @@ class FlatBackend(FaissBackend):
         return self._flat()
 
     def state(self) -> Dict[str, np.ndarray]:
-        return {"vectors": _flat_vectors(self.faiss, self.index, self.dim)}
+        return {"vectors": flat_vectors(self.faiss, self.index, self.dim)}
 
-    def expected(self, count: int) -> Dict[str, Tuple[str, Optional[tuple]]]:
+    def expected(self, count: int, slots: int) -> Dict[str, Tuple[str, Optional[tuple]]]:
+        no_tombstones(self.name, count, slots)
         return {"vectors": ("F32", (count, self.dim))}
 
     def restore(self, arrays: Dict[str, np.ndarray]) -> None:
@@ -125,7 +133,11 @@ class IVFBackend(FaissBackend):
     def _nlist(self, n: int) -> int:
         if self.params["nlist"] is None:  # ~4 sqrt(N) lists, each with >= 39 training points (faiss's minimum)
             self.params["nlist"] = int(max(1, min(4 * math.sqrt(n), n // 39)))
-        return int(self.params["nlist"])
+        nlist = int(self.params["nlist"])
+        if nlist > n:  # k-means cannot make more lists than it has points (FAISS fails with a traceback)
+            raise SearchIndexError(f"{self.name}: nlist={nlist} lists need at least {nlist} vectors to train on, "
+                                   f"and there are {n}; pass a smaller --param nlist (or leave it out: about 4 sqrt(N))")
+        return nlist
 
     def _create(self, x: np.ndarray) -> Any:
         index = self.faiss.IndexIVFFlat(self._flat(), self.dim, self._nlist(x.shape[0]), self._mt)
@@ -175,7 +187,8 @@ class IVFBackend(FaissBackend):
         centroids, lists, codes = self._ivf_state()
         return {"ivf_centroids": centroids, "ivf_lists": lists, "vectors": codes.view("<f4")}
 
-    def expected(self, count: int) -> Dict[str, Tuple[str, Optional[tuple]]]:
+    def expected(self, count: int, slots: int) -> Dict[str, Tuple[str, Optional[tuple]]]:
+        no_tombstones(self.name, count, slots)
         return {"ivf_centroids": ("F32", (self.params["nlist"], self.dim)), "ivf_lists": ("I64", (count,)),
                 "vectors": ("F32", (count, self.dim))}
 
@@ -205,6 +218,9 @@ class IVFPQBackend(IVFBackend):
             raise SearchIndexError(f"faiss-ivfpq: m={p['m']} must divide the vector size {d}")
         if p["nbits"] is None:  # 2^nbits centroids per sub-quantiser, >= 39 training points each
             p["nbits"] = int(max(1, min(8, math.floor(math.log2(max(n / 39, 2))))))
+        if (1 << int(p["nbits"])) > n:
+            raise SearchIndexError(f"faiss-ivfpq: nbits={p['nbits']} needs at least {1 << int(p['nbits'])} vectors "
+                                   f"to train its codebooks, and there are {n}; pass a smaller --param nbits")
         index = self.faiss.IndexIVFPQ(self._flat(), d, nlist, int(p["m"]), int(p["nbits"]), self._mt)
         index.cp.max_points_per_centroid = 64
         index.pq.cp.max_points_per_centroid = 64  # m small k-means of 2^nbits centroids: 16k points each at most
@@ -223,10 +239,11 @@ class IVFPQBackend(IVFBackend):
         out = {"ivf_centroids": centroids, "ivf_lists": lists, "pq_codes": codes,
                "pq_centroids": self.faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)}
         if self.params["refine"]:
-            out["vectors"] = _flat_vectors(self.faiss, self.index.refine_index, self.dim)
+            out["vectors"] = flat_vectors(self.faiss, self.index.refine_index, self.dim)
         return out
 
-    def expected(self, count: int) -> Dict[str, Tuple[str, Optional[tuple]]]:
+    def expected(self, count: int, slots: int) -> Dict[str, Tuple[str, Optional[tuple]]]:
+        no_tombstones(self.name, count, slots)
         m, nbits = self.params["m"], self.params["nbits"]
         if m is None or nbits is None or self.dim % m:
             raise ValueError(f"m={m}, nbits={nbits} do not describe a product quantiser of {self.dim}-d vectors")
@@ -249,78 +266,3 @@ class IVFPQBackend(IVFBackend):
             index = self.faiss.IndexRefineFlat(ivf, self.faiss.swig_ptr(vectors))
         self.index = index
         self._apply_knobs()
-
-
-class HNSWBackend(FaissBackend):
-    """``IndexHNSWFlat``; its arrays are the vectors and the graph (levels, link offsets, links, entry)."""
-
-    name = "faiss-hnsw"
-    defaults = {"M": 32, "ef_construction": 64, "ef_search": 96}
-    knobs = ("ef_search",)
-
-    def _create(self, x: Optional[np.ndarray]) -> Any:
-        index = self.faiss.IndexHNSWFlat(self.dim, int(self.params["M"]), self._mt)
-        index.hnsw.efConstruction = int(self.params["ef_construction"])
-        return index
-
-    def _apply_knobs(self) -> None:
-        self.index.hnsw.efSearch = int(self.params["ef_search"])
-
-    def state(self) -> Dict[str, np.ndarray]:
-        h, v2a = self.index.hnsw, self.faiss.vector_to_array
-        return {"vectors": _flat_vectors(self.faiss, self.index.storage, self.dim),
-                "hnsw_levels": v2a(h.levels), "hnsw_offsets": v2a(h.offsets).astype(np.int64),
-                "hnsw_neighbors": v2a(h.neighbors), "hnsw_entry": np.array([h.entry_point, h.max_level], np.int64)}
-
-    def expected(self, count: int) -> Dict[str, Tuple[str, Optional[tuple]]]:
-        return {"vectors": ("F32", (count, self.dim)), "hnsw_levels": ("I32", (count,)),
-                "hnsw_offsets": ("I64", (count + 1,)), "hnsw_neighbors": ("I32", None), "hnsw_entry": ("I64", (2,))}
-
-    def restore(self, arrays: Dict[str, np.ndarray]) -> None:
-        index = self._create(None)
-        h, a2v = index.hnsw, self.faiss.copy_array_to_vector
-        levels, offsets, links = arrays["hnsw_levels"], arrays["hnsw_offsets"], arrays["hnsw_neighbors"]
-        entry, top = (int(v) for v in arrays["hnsw_entry"])
-        _check_hnsw_graph(levels, offsets, links, entry, top, self.faiss.vector_to_array(h.cum_nneighbor_per_level))
-        self.faiss.downcast_index(index.storage).add(np.ascontiguousarray(arrays["vectors"]))
-        a2v(np.ascontiguousarray(levels), h.levels)
-        a2v(offsets.astype(np.uint64), h.offsets)
-        a2v(np.ascontiguousarray(links), h.neighbors)
-        h.entry_point, h.max_level, index.ntotal = entry, top, len(levels)
-        self.index = index
-        self._apply_knobs()
-
-    def keep(self, mask: np.ndarray) -> None:
-        x = _flat_vectors(self.faiss, self.index.storage, self.dim)[mask]  # a copy
-        log.info("faiss-hnsw: removing items rebuilds the graph over the %d remaining vectors", len(x))
-        self.index = None
-        self.add(x)
-
-
-def _check_hnsw_graph(levels: np.ndarray, offsets: np.ndarray, links: np.ndarray, entry: int, top: int,
-                      cum: np.ndarray, chunk: int = 4096) -> None:
-    """Refuse a graph FAISS could not search safely: node ``i`` has ``levels[i]`` levels and its level-``l``
-    links at ``offsets[i] + cum[l] .. offsets[i] + cum[l + 1]``; every link must name a node that has
-    that level. Checked ``chunk`` nodes at a time, so the temporaries stay small."""
-    n = len(levels)
-    if n == 0:
-        if entry != -1 or len(links) or offsets[0] != 0:
-            raise ValueError("an empty HNSW graph with links or an entry point")
-        return
-    if int(levels.min()) < 1 or int(levels.max()) > len(cum) - 1:
-        raise ValueError(f"hnsw_levels outside 1..{len(cum) - 1}")
-    if offsets[0] != 0 or offsets[-1] != len(links):
-        raise ValueError("hnsw_offsets do not run from 0 to the number of links")
-    if not 0 <= entry < n or top != int(levels[entry]) - 1 or top != int(levels.max()) - 1:
-        raise ValueError("hnsw_entry is not a node of the top level")
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        sizes = cum[levels[s:e]].astype(np.int64)
-        if not np.array_equal(offsets[s + 1:e + 1] - offsets[s:e], sizes):
-            raise ValueError("hnsw_offsets do not match the nodes' levels")
-        nb = links[offsets[s]:offsets[e]]
-        slot = np.arange(offsets[s], offsets[e]) - np.repeat(offsets[s:e], sizes)
-        level = np.searchsorted(cum, slot, side="right") - 1
-        if int(nb.min(initial=0)) < -1 or int(nb.max(initial=0)) >= n or \
-                not ((nb < 0) | (levels[np.maximum(nb, 0)] > level)).all():
-            raise ValueError("hnsw_neighbors: a link to no node, or to a node without that level")

@@ -6,15 +6,20 @@
 | ``faiss-flat`` | ``IndexFlatIP`` / ``IndexFlatL2`` | ``4 D`` bytes | exact | append | drop rows |
 | ``faiss-ivf`` | ``IndexIVFFlat``, ``nlist`` lists, ``nprobe`` probed | ``4 D`` bytes | tunable | into the nearest list | drop rows from their lists |
 | ``faiss-ivfpq`` | ``IndexIVFPQ``, ``m`` codes of ``nbits``; ``refine=R`` re-ranks ``R k`` exactly | ``m`` (``+4 D``) bytes | lossy | encoded into its list | drop rows from their lists |
-| ``faiss-hnsw`` | ``IndexHNSWFlat``, ``M`` links, ``efSearch`` | ``4 D + 8 M`` bytes | tunable | graph insert | rebuilds the graph |
+| ``faiss-hnsw`` | ``IndexHNSWFlat``, ``M`` links, ``efSearch`` | ``4 D + 8 M`` bytes | tunable | graph insert | tombstone; searches skip it |
 
 IVF centroids and PQ codebooks are trained on the first ``add`` and kept: later items go into the
 existing lists, so a catalogue that drifts far from its first batch is better rebuilt (``index build``).
-FAISS has no removal for HNSW graphs, so removing from ``faiss-hnsw`` re-inserts the remaining vectors
-(seconds per 100k items; batch removals).
+FAISS has no removal for HNSW graphs, so ``faiss-hnsw`` marks removed items dead and its searches skip
+them; :meth:`SearchIndex.compact` rebuilds the graph over the live items (seconds per 100k items),
+which ``edit_index`` does once a quarter of the graph is dead and a server does in the background
+(:mod:`deepmetric.inference.hnsw`).
 
 Item ids are stable: ``add`` numbers new items from ``next_id`` on, ``remove`` never renumbers and no id
-is ever reused, and hits report that id. Backends work in rows (0..N-1, in id order); the index maps rows
+is ever reused, and hits report that id. Every vector must be finite: a NaN or infinite one is refused
+with its row. ``changes`` counts the adds and removes an index has seen since it was built
+(``lineage`` names that build); with them a file's change log (:mod:`deepmetric.inference.index_log`)
+is matched to it, and :meth:`SearchIndex.load` replays the log's changes the file does not hold yet. Backends work in rows (0..N-1, in id order); the index maps rows
 to ids, so the exact backends give exactly what a fresh build over the remaining items gives.
 
 Metrics: ``cosine`` (vectors and queries are L2-normalised, score = inner product, higher is closer)
@@ -30,7 +35,8 @@ centroid is a new item with a new id, the old id retires; new labels get new cen
 takes labels or centroid ids; members cannot be removed one by one (they are not stored).
 
 The file (format 2, safetensors) and its checks are in :mod:`deepmetric.inference.index_file`;
-:func:`edit_index` adds a lock for read-modify-write. The backends are in
+:func:`edit_index` adds a lock for read-modify-write (:mod:`deepmetric.inference.index_lock`), which
+refuses an index a server is changing. The backends are in
 :mod:`deepmetric.inference.backends`; none needs PyTorch.
 
 Not thread-safe while changing: ``add``, ``remove`` and ``set_search_params`` must not run during a search.
@@ -39,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
+import secrets
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,23 +53,19 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core.distances import DISTANCES
-from . import index_file
+from . import index_file, index_lock, index_log
 from .backends import ExactBackend, FaissMissingError, SearchIndexError
-from .faiss_backends import FlatBackend, HNSWBackend, IVFBackend, IVFPQBackend
+from .faiss_backends import FlatBackend, IVFBackend, IVFPQBackend
+from .hnsw import HNSWBackend
 from .index_file import MODES, IndexFileError, StringTable, few
+from .vectors import (METRIC_ALIASES, METRICS, as_matrix, canonical_metric, centroid_vectors, check_finite,
+                      l2_normalize, label_centroids, labelled, member_sums)
 
 __all__ = ["SearchIndex", "Hit", "StringTable", "edit_index", "label_centroids", "canonical_metric", "BACKENDS",
            "METRICS", "METRIC_ALIASES", "MODES", "SearchIndexError", "UnknownItemError", "IndexFileError",
            "FaissMissingError"]
 
 log = logging.getLogger("deepmetric")
-
-#: the :data:`~deepmetric.core.distances.DISTANCES` an index scores by; not plain ``euclidean``, which ranks
-#: as squared does (and FAISS reports squared)
-METRICS = tuple(d for d in DISTANCES if d != "euclidean")
-METRIC_ALIASES = {"l2": "squared_euclidean"}
-
 
 #: backend name -> class ``(dim, metric, params)`` (:mod:`.backends`, :mod:`.faiss_backends`)
 BACKENDS = {b.name: b for b in (ExactBackend, FlatBackend, IVFBackend, IVFPQBackend, HNSWBackend)}
@@ -82,6 +84,17 @@ class UnknownItemError(SearchIndexError):
 
 
 @dataclass(frozen=True)
+class Batch:
+    """Items to add, checked by :meth:`SearchIndex.check_batch`: ``vectors (N, D)`` float32 as given
+    (finite), ``labels (N,)`` int64 (>= -1; indexes into ``class_names`` when given), ``paths``."""
+
+    vectors: np.ndarray
+    labels: np.ndarray
+    paths: List[Optional[str]]
+    class_names: Optional[List[str]] = None
+
+
+@dataclass(frozen=True)
 class Hit:
     """One search result: the item's stable ``id``, ``score`` (cosine similarity, or squared Euclidean
     distance for ``metric="squared_euclidean"``), the stored ``label`` and ``path``, and the label's name."""
@@ -94,71 +107,6 @@ class Hit:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
-
-
-def canonical_metric(name: str) -> str:
-    """``name`` as one of :data:`METRICS` (``l2`` is ``squared_euclidean``)."""
-    name = METRIC_ALIASES.get(name, name)
-    if name not in METRICS:
-        raise SearchIndexError(f"unknown metric {name!r} (valid: {', '.join(METRICS)}; 'l2' = squared_euclidean)")
-    return name
-
-
-def _as_matrix(x: Any, dim: Optional[int], what: str) -> np.ndarray:
-    torch = sys.modules.get("torch")  # a tensor exists only where torch is imported; never imported here
-    if torch is not None and torch.is_tensor(x):
-        x = x.detach().cpu().float().numpy()
-    arr = np.asarray(x, dtype=np.float32)
-    if arr.ndim == 1:
-        arr = arr[None, :]
-    if arr.ndim != 2 or (dim is not None and arr.shape[1] != dim):
-        raise SearchIndexError(f"{what}: expected shape (N, {dim or 'D'}), got {tuple(arr.shape)}")
-    return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
-# -- centroids ---------------------------------------------------------------------------------------
-
-def _member_sums(x: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per label of ``labels`` (all >= 0): ``(labels (C,), first member (C,), sums (C, D) float64, counts (C,))``."""
-    uniq, first, inverse, counts = np.unique(labels, return_index=True, return_inverse=True, return_counts=True)
-    sums = np.zeros((len(uniq), x.shape[1]), dtype=np.float64)
-    np.add.at(sums, inverse, x)
-    return uniq.astype(np.int64), first, sums, counts.astype(np.int64)
-
-
-def _centroid_vectors(sums: np.ndarray, counts: np.ndarray, metric: str) -> np.ndarray:
-    cent = sums / counts[:, None]
-    return (_l2_normalize(cent) if metric == "cosine" else cent).astype(np.float32)
-
-
-def _labelled(labels: np.ndarray) -> np.ndarray:
-    keep = np.flatnonzero(labels >= 0)
-    if not len(keep):
-        raise SearchIndexError("centroid mode needs labels: every item is unlabelled (-1); embed a folder "
-                               "with one subfolder per class, or a list file with labels")
-    return keep
-
-
-def label_centroids(vectors: Any, labels: Sequence[int], paths: Optional[Sequence[Optional[str]]] = None,
-                    metric: str = "cosine"):
-    """One vector per label: ``(centroids (C, D) float32, labels (C,) int64, paths, counts (C,) int64)``.
-
-    The mean of each label's vectors (members L2-normalised first and the mean re-normalised for
-    ``cosine``); ``paths`` holds each label's first member (a picture to show for the centroid).
-    Labels < 0 (unlabelled) are skipped.
-    """
-    metric = canonical_metric(metric)
-    x = _as_matrix(vectors, None, "centroids")
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    idx = _labelled(labels)
-    uniq, first, sums, counts = _member_sums(_l2_normalize(x[idx]) if metric == "cosine" else x[idx], labels[idx])
-    rep = None if paths is None else [paths[i] for i in idx[first]]
-    return _centroid_vectors(sums, counts, metric), uniq, rep, counts
 
 
 # -- the index -----------------------------------------------------------------------------------------
@@ -186,6 +134,8 @@ class SearchIndex:
         self.backend = make_backend(backend, self.dim, self.metric, dict(params))
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.source: Dict[str, Any] = dict(source or {})
+        self.lineage = secrets.token_hex(8)  # this build; kept by every save and load
+        self.changes = 0  # adds and removes since the build
         self.next_id = 0
         self._ids = np.zeros(0, np.int64)
         self._labels = np.zeros(0, np.int64)
@@ -227,7 +177,7 @@ class SearchIndex:
         return self._paths[int(self._rows_of_ids([item_id])[0])]
 
     def _prepare(self, x: np.ndarray) -> np.ndarray:
-        return _l2_normalize(x) if self.metric == "cosine" else x
+        return l2_normalize(x) if self.metric == "cosine" else x
 
     def add(self, vectors: Any, labels: Optional[Sequence[int]] = None,
             paths: Optional[Sequence[Optional[str]]] = None,
@@ -238,22 +188,40 @@ class SearchIndex:
         lacks are appended); without, they are taken as the index's labels. In centroid mode the vectors
         are members: their labels' centroids are recomputed (see the module docstring).
         """
-        x = _as_matrix(vectors, self.dim, "SearchIndex.add")
+        return self.add_batch(self.check_batch(vectors, labels, paths, class_names))
+
+    def check_batch(self, vectors: Any, labels: Optional[Sequence[int]] = None,
+                    paths: Optional[Sequence[Optional[str]]] = None,
+                    class_names: Optional[Sequence[str]] = None) -> Batch:
+        """The arguments of :meth:`add`, checked without changing the index: everything that would make
+        ``add`` fail raises here (:class:`SearchIndexError`), so :meth:`add_batch` of the result cannot."""
+        x = as_matrix(vectors, self.dim, "SearchIndex.add")
         n = x.shape[0]
         lab = np.full(n, -1, np.int64) if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
         pth = [None] * n if paths is None else [None if p is None else str(p) for p in paths]
         if len(lab) != n or len(pth) != n:
             raise SearchIndexError(f"SearchIndex.add: {n} vectors but {len(lab)} labels and {len(pth)} paths")
+        check_finite(x, "SearchIndex.add", pth)
         if len(lab) and int(lab.min()) < -1:
             raise SearchIndexError(f"SearchIndex.add: label {int(lab.min())}; labels are >= 0, or -1 for unlabelled")
-        names = self.class_names
-        if class_names is not None:
-            lab, names = self._map_labels(lab, [str(c) for c in class_names])
+        names = None if class_names is None else [str(c) for c in class_names]
+        if names is not None:
+            self._map_labels(lab, names)
+        if self.mode == "centroids" and n:
+            labelled(lab)
+        return Batch(x, lab, pth, names)
+
+    def add_batch(self, batch: Batch) -> np.ndarray:
+        """Add a batch :meth:`check_batch` made; returns the new ids."""
+        lab, names = batch.labels, self.class_names
+        if batch.class_names is not None:
+            lab, names = self._map_labels(lab, batch.class_names)
         if self.mode == "centroids":
-            ids = self._add_members(self._prepare(x), lab, pth)
+            ids = self._add_members(self._prepare(batch.vectors), lab, batch.paths)
         else:
-            ids = self._append(self._prepare(x), lab, StringTable.from_list(pth))
+            ids = self._append(self._prepare(batch.vectors), lab, StringTable.from_list(batch.paths))
         self.class_names = names
+        self.changes += 1
         return ids
 
     def _map_labels(self, lab: np.ndarray, names: List[str]) -> Tuple[np.ndarray, List[str]]:
@@ -284,11 +252,11 @@ class SearchIndex:
         return ids
 
     def _add_members(self, x: np.ndarray, lab: np.ndarray, pth: List[Optional[str]]) -> np.ndarray:
-        idx = _labelled(lab)
+        idx = labelled(lab)
         if len(idx) < len(lab):
             self.source["unlabelled_skipped"] = int(self.source.get("unlabelled_skipped", 0)) + len(lab) - len(idx)
             log.warning("centroid index: %d unlabelled vectors have no centroid and were skipped", len(lab) - len(idx))
-        uniq, first, sums, counts = _member_sums(x[idx], lab[idx])
+        uniq, first, sums, counts = member_sums(x[idx], lab[idx])
         row = {int(label): r for r, label in enumerate(self._labels.tolist())}
         old = np.array([row.get(int(label), -1) for label in uniq], np.int64)
         hit = old >= 0
@@ -297,7 +265,7 @@ class SearchIndex:
         paths = [self._paths[r] if r >= 0 else pth[i] for r, i in zip(old.tolist(), idx[first].tolist())]
         if hit.any():  # updated centroids are new items: the old ids retire
             self._drop_rows(old[hit])
-        return self._append(_centroid_vectors(sums, counts, self.metric), uniq, StringTable.from_list(paths),
+        return self._append(centroid_vectors(sums, counts, self.metric), uniq, StringTable.from_list(paths),
                             counts, sums)
 
     def remove(self, ids: Optional[Sequence[int]] = None, paths: Optional[Sequence[str]] = None,
@@ -307,6 +275,15 @@ class SearchIndex:
 
         Raises :class:`UnknownItemError` naming what matches no item, and refuses to empty the index.
         """
+        removed = self.select(ids, paths, labels)
+        if len(removed):
+            self._drop_rows(self._rows_of_ids(removed))
+            self.changes += 1
+        return removed
+
+    def select(self, ids: Optional[Sequence[int]] = None, paths: Optional[Sequence[str]] = None,
+               labels: Optional[Sequence[Any]] = None) -> np.ndarray:
+        """The ids :meth:`remove` would remove, ascending, with its errors; the index is not changed."""
         if ids is None and paths is None and labels is None:
             raise SearchIndexError("remove: name the items to remove by ids, paths or labels")
         drop = np.zeros(len(self), bool)
@@ -319,10 +296,7 @@ class SearchIndex:
         if drop.all():
             raise SearchIndexError(f"remove: that would remove all {len(self)} items, and an index needs at "
                                    "least one; build a new index instead")
-        removed = self._ids[drop]
-        if len(removed):
-            self._drop_rows(np.flatnonzero(drop))
-        return removed
+        return self._ids[drop]
 
     def _rows_of_ids(self, ids: Sequence[int]) -> np.ndarray:
         want = np.asarray(ids).reshape(-1)
@@ -375,6 +349,19 @@ class SearchIndex:
         if self.counts is not None:
             self.counts, self._sums = self.counts[kept], self._sums[kept]
 
+    def compaction(self, force: bool = False) -> Any:
+        """The backend's compaction (``faiss-hnsw`` with removed rows:
+        :class:`~deepmetric.inference.hnsw.HNSWCompaction`) once worth it (``force``: whenever there is a
+        removed row), else None."""
+        return self.backend.compaction(force)
+
+    def compact(self) -> None:
+        """Drop the removed rows a backend still keeps (``faiss-hnsw``'s tombstones) now: a rebuild."""
+        job = self.compaction(force=True)
+        if job is not None:
+            job.build()
+            job.install()
+
     def set_search_params(self, **params: Any) -> None:
         """Speed/recall knobs: ``nprobe`` (faiss-ivf, faiss-ivfpq), ``ef_search`` (faiss-hnsw)."""
         self.backend.set_search_params(**params)
@@ -382,7 +369,8 @@ class SearchIndex:
     def _search_rows(self, queries: Any, k: int) -> Tuple[np.ndarray, np.ndarray]:
         if k < 1:
             raise SearchIndexError(f"search: k must be >= 1, got {k}")
-        q = _as_matrix(queries, self.dim, "SearchIndex.search queries")
+        q = as_matrix(queries, self.dim, "SearchIndex.search queries")
+        check_finite(q, "SearchIndex.search: query")
         if len(q) == 0:
             return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
         return self.backend.search(self._prepare(q), int(k))
@@ -428,26 +416,43 @@ class SearchIndex:
             out.update(counts=self.counts, centroid_sums=self._sums)
         return {**out, **self.backend.state()}
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the index to one file atomically (format: :mod:`deepmetric.inference.index_file`)."""
+    def header(self) -> Dict[str, Any]:
+        """The file's JSON header (:mod:`deepmetric.inference.index_file`), array checksums aside."""
         from ..core import __version__
 
-        path = Path(path)
-        if len(self) == 0:
-            raise SearchIndexError(f"{path}: refusing to save an empty index")
-        header = {**self.info(), "class_count": None if self.class_names is None else len(self.class_names),
-                  "written_by": f"deepmetric {__version__}"}
-        return index_file.write(path, self.arrays(), header)
+        return {**self.info(), "class_count": None if self.class_names is None else len(self.class_names),
+                "lineage": self.lineage, "changes": self.changes, "slots": int(self.backend.slots),
+                "written_by": f"deepmetric {__version__}"}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the index to one file atomically (format: :mod:`deepmetric.inference.index_file`)."""
+        return self.snapshot(copy=False).save(path)
+
+    def snapshot(self, copy: bool = True) -> "IndexSnapshot":
+        """What :meth:`save` writes, taken now: with ``copy`` its arrays are copies, so the snapshot can be
+        written while the index changes (a server copies under its lock and writes outside it)."""
+        arrays = self.arrays()
+        if copy:
+            arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
+        return IndexSnapshot(arrays, self.header(), self.changes, len(self))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SearchIndex":
-        """Read a file written by :meth:`save`; :class:`IndexFileError` names the file if it is not one."""
+    def load(cls, path: str | os.PathLike, log: bool = True) -> "SearchIndex":
+        """Read a file written by :meth:`save`; :class:`IndexFileError` names the file if it is not one.
+
+        With ``log``, the changes its change log (``PATH.wal``, written by a server) holds beyond the
+        file are replayed (:func:`deepmetric.inference.index_log.replay`), so a reader sees every
+        change a server acknowledged, even before the server saved the file.
+        """
         def open_index(h: Dict[str, Any], read_arrays) -> "SearchIndex":
             index = cls(h["dim"], h["metric"], h["backend"], mode=h["mode"], source=h["source"], **h["params"])
             index._restore(h, read_arrays(index_file.expected_arrays(h, index.backend)))
             return index
 
-        return index_file.read(Path(path), open_index, BACKENDS)
+        index = index_file.read(Path(path), open_index, BACKENDS)
+        if log:
+            index_log.replay(index, Path(path))
+        return index
 
     def _restore(self, h: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> None:
         """Fill a new index from a file's checked arrays (their values are checked here)."""
@@ -466,24 +471,43 @@ class SearchIndex:
                 raise ValueError("a centroid of no members")
             self.counts, self._sums = arrays["counts"], arrays["centroid_sums"]
         self.backend.restore(arrays)
+        if self.backend.ntotal != len(ids):
+            raise ValueError(f"the backend holds {self.backend.ntotal} live rows for {len(ids)} items")
         self._ids, self._labels, self._paths, self.next_id = ids, labels, paths, h["next_id"]
+        self.lineage, self.changes = h["lineage"], h["changes"]
+
+
+@dataclass(frozen=True)
+class IndexSnapshot:
+    """An index's file contents at one moment (:meth:`SearchIndex.snapshot`): ``changes`` and ``count``
+    are the index's then."""
+
+    arrays: Dict[str, np.ndarray]
+    header: Dict[str, Any]
+    changes: int
+    count: int
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        if self.count == 0:
+            raise SearchIndexError(f"{path}: refusing to save an empty index")
+        return index_file.write(path, self.arrays, self.header)
 
 
 @contextmanager
 def edit_index(path: str | os.PathLike) -> Iterator[SearchIndex]:
-    """Load the index at ``path``, yield it for changes and save it atomically when the block ends without
-    an error. An exclusive lock on a sidecar ``.NAME.lock`` file (POSIX) serialises concurrent edits, so
-    two ``deepmetric index add`` runs cannot lose each other's items."""
+    """Load the index at ``path`` (its change log replayed), yield it for changes and save it atomically
+    when the block ends without an error; then the log, now in the file, is removed. An exclusive lock
+    (:func:`deepmetric.inference.index_lock.editing`) serialises concurrent edits, so two
+    ``deepmetric index add`` runs cannot lose each other's items, and refuses an index that a running
+    ``deepmetric serve`` is changing (its next save would undo the edit)."""
     path = Path(path)
     if not path.is_file():
         SearchIndex.load(path)  # raises the error that says what is there instead
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; each save is still atomic
-        fcntl = None
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    with index_lock.editing(path):
         index = SearchIndex.load(path)
         yield index
+        if index.compaction() is not None:
+            index.compact()
         index.save(path)
+        index_log.discard(path)

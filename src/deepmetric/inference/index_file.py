@@ -4,8 +4,12 @@ file any safetensors reader can open.
 Arrays: ``ids``, ``labels`` (int64), ``path_offsets``/``path_bytes`` and ``class_offsets``/``class_bytes``
 (UTF-8 strings), in centroid mode ``counts`` and ``centroid_sums``, and the backend's own arrays
 (``vectors``, ``ivf_centroids``, ``ivf_lists``, ``pq_centroids``, ``pq_codes``, ``hnsw_levels``,
-``hnsw_offsets``, ``hnsw_neighbors``, ``hnsw_entry``). Its metadata ``header`` is JSON (backend, metric,
-dim, count, next id, mode, params, source, class count, each array's CRC-32) with a CRC-32 of its own.
+``hnsw_offsets``, ``hnsw_neighbors``, ``hnsw_entry``, ``hnsw_alive``). Its metadata ``header`` is JSON
+(backend, metric, dim, count, next id, mode, params, source, class count, each array's CRC-32) with a
+CRC-32 of its own. Optional fields (files before them read as their defaults): ``lineage`` (an id
+minted when an index is built and kept by every save: it pairs the file with its change log,
+:mod:`deepmetric.inference.index_log`), ``changes`` (adds and removes applied since the build; default
+0) and ``slots`` (rows the backend stores, removed ones it still keeps included; default ``count``).
 
 FAISS indexes are rebuilt from those arrays after they are checked, never by FAISS's deserialiser, which
 trusts its input. Reading refuses a container header over 1 MiB before parsing it, then checks every
@@ -202,7 +206,20 @@ def _parse_header(meta: Dict[str, str], backends: Collection[str]) -> Dict[str, 
     if h.get("class_count") is not None:
         _field(h, "class_count", int, 0, 1 << 40)
     h.setdefault("class_count", None)
+    h.setdefault("changes", 0)
+    _field(h, "changes", int)
+    h.setdefault("slots", h["count"])
+    _field(h, "slots", int, h["count"], 1 << 40)
+    if "lineage" in h and (not isinstance(h["lineage"], str) or not 0 < len(h["lineage"]) <= 64
+                           or not (h["lineage"].isascii() and h["lineage"].isalnum())):
+        raise _Bad("header field 'lineage' must be 1 to 64 letters and digits")
+    h.setdefault("lineage", f"file{_crc_text(text):08x}")  # older files: stable for the file's content
     return h
+
+
+def read_header(path: Path, backends: Collection[str]) -> Dict[str, Any]:
+    """The checked header of the index file at ``path`` (no array is read)."""
+    return read(path, lambda h, read_arrays: h, backends)
 
 
 def expected_arrays(h: Dict[str, Any], backend: Any) -> Dict[str, Spec]:
@@ -213,7 +230,7 @@ def expected_arrays(h: Dict[str, Any], backend: Any) -> Dict[str, Spec]:
            "class_offsets": ("I64", (classes + 1,)), "class_bytes": ("U8", None)}
     if h["mode"] == "centroids":
         out.update(counts=("I64", (n,)), centroid_sums=("F32", (n, h["dim"])))
-    return {**out, **backend.expected(n)}
+    return {**out, **backend.expected(n, h["slots"])}
 
 
 def _v1_message(path: Path, size: int) -> str:

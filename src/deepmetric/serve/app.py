@@ -4,7 +4,7 @@ FastAPI app.
 | route | in | out |
 |---|---|---|
 | ``GET /`` | | the search page (static HTML + JS, no external resources) |
-| ``GET /health`` | | model, index and limits |
+| ``GET /health`` | | model, index and limits (never waits for a change to the index) |
 | ``POST /embed`` | multipart ``file`` (one image) | ``{"embedding": [...], "dim", "l2_normalized"}`` |
 | ``POST /search?top_k=10`` | multipart ``file`` | ``{"hits": [{"rank", "id", "score", "label", "label_name", "name", "image_url"}], ...}`` |
 | ``GET /images/{id}`` | gallery id | the gallery image file stored in the index (404 for any other id) |
@@ -16,12 +16,14 @@ Every error is JSON ``{"detail": "<message>"}`` (422 adds ``errors``), never a 5
 | status | when |
 |---|---|
 | 400 | empty, corrupt or truncated image; more than one file; a ``Host`` not in ``allowed_hosts`` |
-| 401 | ``api_key`` is set and a client beyond loopback did not send it (``X-API-Key`` or ``Authorization: Bearer``); ``/items`` from any client |
+| 401 | ``api_key`` is set and the client did not send it (``X-API-Key`` or ``Authorization: Bearer``); loopback clients too unless ``loopback_without_key`` (``/items`` always) |
 | 403 | ``/items`` on a server without ``api_key`` (read-only) |
+| 408 | an upload body that did not arrive whole within ``read_timeout`` seconds |
 | 413 | body above ``max_upload_bytes`` (refused before it is read), image above ``max_pixels`` (from its header) |
 | 415 | not an image |
-| 422 | missing ``file`` field, bad ``top_k`` or id |
-| 503 | ``workers + queue`` image requests already in the server: retry after ``Retry-After`` seconds |
+| 422 | missing ``file`` field, bad ``top_k``, id or label, a non-finite embedding |
+| 503 | ``workers + queue`` image requests already in the server, or one waited ``queue_timeout`` s for a worker: retry after ``Retry-After`` seconds; a change while the server stops |
+| 500, 507 | a change the disk refused (507: no space): nothing was changed (:mod:`.gallery`) |
 
 Bounded work per request: an upload is at most ``max_upload_bytes``; its pixels are checked against
 ``max_pixels`` (default sized to the model's input, :func:`~deepmetric.inference.preprocess.default_max_pixels`)
@@ -30,38 +32,46 @@ So a request holds at most ``max_upload_bytes + 4 * max_pixels`` bytes (``max_re
 ``/health``), and at most ``workers + queue`` requests are in the server at once: the rest get 503
 before their body is read.
 
+Bodies are received by :class:`~.guards.UploadGate` before a worker is taken, each within
+``read_timeout`` seconds, in at most ``2 x (workers + queue)`` at once: slow senders never hold the
+workers that searches need.
+
 Concurrency: decoding, embedding and search run in worker threads, at most ``workers`` at a time and
 in arrival order, so the event loop is never starved and latency grows evenly with load. The forward
 pass runs one at a time under the predictor's lock (its intra-op threads already use the cores).
+Changes to the index and its durability are :mod:`.gallery`'s.
 """
 from __future__ import annotations
 
-import hmac
-import ipaddress
+import logging
 import mimetypes
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import anyio
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from ..core.errors import UserError
 from . import items
-from .items import IndexLock, ItemStore, WriteGuard
+from .gallery import LiveGallery
+from .guards import ApiKeyGuard, HostGuard, UploadGate, WriteGuard, is_loopback, json_error
+
+log = logging.getLogger("deepmetric")
 
 STATIC = Path(__file__).parent / "static"
 UPLOAD_ROUTES = ("/embed", "/search")
-PUBLIC_PATHS = ("/", "/static/")  # the page shell (no data): served without the API key
-MULTIPART_OVERHEAD = 64 * 1024  # boundary lines and part headers around the file
 RETRY_AFTER_S = 1
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+IMAGE_CHUNK = 256 * 1024
+
+__all__ = ["create_app", "check_settings", "default_allowed_hosts", "is_loopback"]
 
 
 class HitOut(items.ItemOut):
@@ -129,189 +139,132 @@ def _error(description: str, **extra: Any) -> Dict[str, Any]:
 
 UPLOAD_ERRORS: Dict[Union[int, str], Dict[str, Any]] = {
     400: _error("empty, corrupt or truncated image, more than one file, or a malformed multipart body"),
+    408: _error("the upload did not arrive whole within read_timeout seconds"),
     413: _error("upload above max_upload_bytes, or image above max_pixels (refused from its header)"),
     415: _error("not an image: JPEG, PNG, WebP, BMP, GIF, TIFF or PPM"),
     422: {"model": ValidationErrorOut, "description": "missing 'file' field or invalid query parameter"},
-    503: _error("the server holds workers + queue image requests already; retry later",
+    503: _error("the server holds workers + queue image requests already, or none was free within queue_timeout; "
+                "retry later",
                 headers={"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}),
 }
 
 
-def _json(status: int, detail: str, headers: Optional[Dict[str, str]] = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+def check_settings(*, max_upload_mb: float = 10.0, max_pixels: Optional[int] = None, max_top_k: int = 100,
+                   workers: Optional[int] = None, queue: int = 16, save_every: int = 100, read_timeout: float = 30.0,
+                   queue_timeout: float = 30.0) -> None:
+    """Refuse a setting no server can run with, naming its ``deepmetric serve`` option (:class:`UserError`)."""
+    def number(value: Any, flag: str, lowest: float, integer: bool, strict: bool = False) -> None:
+        kind = int if integer else (int, float)
+        ok = isinstance(value, kind) and not isinstance(value, bool) and value == value and value != float("inf")
+        if not ok or (value <= lowest if strict else value < lowest):
+            expected = f"{'an integer' if integer else 'a number'} {'above' if strict else 'of at least'} {lowest:g}"
+            raise UserError(f"--{flag} must be {expected}, got {value!r}")
 
-
-def _host_name(host: str) -> str:
-    """``Host`` header -> name without port: ``[::1]:8000`` -> ``::1``, ``a.b:80`` -> ``a.b``."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1:host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-def is_loopback(host: Optional[str]) -> bool:
-    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
-    if not host:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-class HostGuard:
-    """ASGI middleware: answer 400 to a ``Host`` header outside ``allowed`` (``*.example.com`` matches
-    subdomains), so a DNS-rebinding page cannot read the service through the user's browser."""
-
-    def __init__(self, app: Any, allowed: Sequence[str]) -> None:
-        self.app, self.allowed = app, [h.lower() for h in allowed]
-
-    def _allowed(self, name: str) -> bool:
-        return any(name == h or (h.startswith("*.") and name.endswith(h[1:])) for h in self.allowed)
-
-    async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-            if not self._allowed(_host_name(host)):
-                return await _json(400, f"Host {host!r} is not served here (allowed: {', '.join(self.allowed)}); "
-                                        "add it with --allowed-hosts")(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-class ApiKeyGuard:
-    """ASGI middleware: a client beyond loopback must send ``key`` (``X-API-Key: KEY`` or
-    ``Authorization: Bearer KEY``) for anything but the page shell; loopback clients need not."""
-
-    def __init__(self, app: Any, key: str) -> None:
-        self.app, self.key = app, key.encode()
-
-    async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and not is_loopback((scope.get("client") or (None,))[0]):
-            path = scope["path"]
-            public = scope["method"] in ("GET", "HEAD") and (path == "/" or path.startswith(PUBLIC_PATHS[1]))
-            if not public and not hmac.compare_digest(items.sent_key(dict(scope["headers"])), self.key):
-                return await _json(401, "this server needs an API key from clients beyond its own machine: send "
-                                        "it in the X-API-Key header", {"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-class UploadGate:
-    """ASGI middleware for the upload routes: 413 for a body above ``limit`` bytes (from
-    ``Content-Length`` before reading, or as soon as a chunked body passes it), 503 with
-    ``Retry-After`` when ``capacity`` uploads are already in the server, before their body is read.
-
-    The 413 message quotes ``file_limit`` (``max_upload_bytes`` of ``/health``); the body may exceed it
-    by the multipart framing allowance.
-    """
-
-    def __init__(self, app: Any, file_limit: int, capacity: int, routes: tuple = UPLOAD_ROUTES) -> None:
-        self.app, self.file_limit, self.capacity, self.routes = app, file_limit, capacity, routes
-        self.limit = file_limit + MULTIPART_OVERHEAD
-        self.active = 0  # touched on the event loop only
-
-    async def _too_large(self, scope: Dict[str, Any], receive: Any, send: Any, size: str) -> None:
-        await _json(413, f"upload of {size} bytes is above the limit of {self.file_limit} bytes (max_upload_bytes)",
-                    {"Connection": "close"})(scope, receive, send)
-
-    async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.routes:
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._too_large(scope, receive, send, length.decode())
-        if self.active >= self.capacity:
-            return await _json(503, f"busy: {self.capacity} image requests are in progress; retry in {RETRY_AFTER_S} s",
-                               {"Retry-After": str(RETRY_AFTER_S)})(scope, receive, send)
-        self.active += 1
-        try:
-            chunks, size, more = [], 0, True
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return None
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > self.limit:
-                    return await self._too_large(scope, receive, send, f"more than {self.limit}")
-                chunks.append(chunk)
-                more = message.get("more_body", False)
-            replayed = False
-
-            async def replay() -> Dict[str, Any]:
-                nonlocal replayed
-                if replayed:
-                    return await receive()
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-            return await self.app(scope, replay, send)
-        finally:
-            self.active -= 1
+    number(max_upload_mb, "max-upload-mb", 0, False, strict=True)
+    if max_pixels is not None:
+        number(max_pixels, "max-pixels", 1, True)
+    number(max_top_k, "max-top-k", 1, True)
+    if workers is not None:
+        number(workers, "workers", 1, True)
+    number(queue, "queue", 0, True)
+    number(save_every, "save-every", 0, True)
+    number(read_timeout, "read-timeout", 0, False, strict=True)
+    number(queue_timeout, "queue-timeout", 0, False, strict=True)
 
 
 def create_app(predictor: Any, index: Any, *, max_upload_mb: float = 10.0, max_pixels: Optional[int] = None,
                max_top_k: int = 100, workers: Optional[int] = None, queue: int = 16,
                allowed_hosts: Optional[Sequence[str]] = None, api_key: Optional[str] = None,
-               items_dir: Optional[Union[str, Path]] = None, index_path: Optional[Union[str, Path]] = None,
-               save_every: int = 1, title: str = "deepmetric search") -> FastAPI:
-    """A FastAPI app serving ``index`` with ``predictor``; both are loaded once, by the caller.
+               loopback_without_key: bool = False, items_dir: Optional[Union[str, Path]] = None,
+               index_path: Optional[Union[str, Path]] = None, save_every: int = 100, read_timeout: float = 30.0,
+               queue_timeout: float = 30.0, title: str = "deepmetric search") -> FastAPI:
+    """A FastAPI app serving ``index`` with ``predictor`` (loaded once, by the caller).
 
-    ``workers``: image requests processed at once (default: CPU count, at most 4); ``queue``: more
-    that may wait, beyond which uploads get 503. ``max_pixels``: largest accepted image (default sized
-    to the model's input). ``allowed_hosts``: ``Host`` names served (``None``: any; ``deepmetric serve``
-    passes the loopback names when bound to loopback). ``api_key``: required from clients beyond loopback,
-    and from every client to change the index (``POST /items``, ``DELETE /items/{id}``; without a key
-    the server is read-only). Uploaded items keep their image in ``items_dir`` (None: no image) and
-    the index is saved to ``index_path`` every ``save_every`` changes (0: when the server stops) and
-    when it stops; see :mod:`.items`.
+    ``index``: a :class:`~deepmetric.inference.index.SearchIndex`, or the path of an index file (then
+    also ``index_path``), loaded with its change log once the server holds it. ``workers``: image
+    requests processed at once (default: CPU count, at most 4); ``queue``: more that may wait (at most
+    ``queue_timeout`` s each), beyond which uploads get 503; each upload body must arrive within
+    ``read_timeout`` s. ``max_pixels``: largest accepted image (default sized to the model's input).
+    ``allowed_hosts``: ``Host`` names served (``None``: any; ``deepmetric serve`` passes the loopback
+    names when bound to loopback). ``api_key``: required from every client (this machine's own too,
+    unless ``loopback_without_key``) for all but the page shell, and to change the index (``POST
+    /items``, ``DELETE /items/{id}``; without a key the server is read-only). With a key and
+    ``index_path`` every change is durable before it is acknowledged, and the file is rewritten every
+    ``save_every`` changes and when the server stops (:mod:`.gallery`); uploaded images are kept in
+    ``items_dir`` (None: no image). The app's lifespan closes the gallery (``app.state.items``).
     """
     from ..core import __version__
 
-    predictor.check_index(index)
+    check_settings(max_upload_mb=max_upload_mb, max_pixels=max_pixels, max_top_k=max_top_k, workers=workers,
+                   queue=queue, save_every=save_every, read_timeout=read_timeout, queue_timeout=queue_timeout)
+    gallery = _open_gallery(predictor, index, api_key, items_dir, index_path, save_every)
+    index = gallery.index
     limits = _Limits(upload=int(max_upload_mb * 1024 * 1024), pixels=predictor.pixel_limit(max_pixels),
-                     top_k=max_top_k, workers=int(workers or min(4, os.cpu_count() or 1)), queue=max(0, int(queue)))
+                     top_k=max_top_k, workers=int(workers or min(4, os.cpu_count() or 1)), queue=int(queue),
+                     queue_timeout=float(queue_timeout))
     guarded: Dict[Union[int, str], Dict[str, Any]] = {}
     if allowed_hosts is not None:
         guarded[400] = _error("Host header not in the allowed hosts")
     if api_key:
-        guarded[401] = _error("API key missing or wrong (clients beyond loopback)")
-    lock = IndexLock()
-    store = ItemStore(index, lock, None if items_dir is None else Path(items_dir),
-                      None if index_path is None else Path(index_path), save_every)
-    app = FastAPI(title=title, version=__version__, lifespan=items.lifespan(store),
+        guarded[401] = _error("API key missing or wrong")
+    app = FastAPI(title=title, version=__version__, lifespan=items.lifespan(gallery),
                   description="Image similarity search: embed an uploaded image and return the nearest gallery images.")
-    app.state.predictor, app.state.index, app.state.items = predictor, index, store
+    app.state.predictor, app.state.index, app.state.items = predictor, index, gallery
     # added last = outermost: Host first, then the key, then the write key, then the upload gate
     app.add_middleware(UploadGate, file_limit=limits.upload, capacity=limits.workers + limits.queue,
-                       routes=UPLOAD_ROUTES + items.ITEM_ROUTES)
-    app.add_middleware(WriteGuard, key=api_key)
+                       read_timeout=float(read_timeout), routes=UPLOAD_ROUTES + items.ITEM_ROUTES)
+    app.add_middleware(WriteGuard, key=api_key, routes=items.ITEM_ROUTES)
     if api_key:
-        app.add_middleware(ApiKeyGuard, key=api_key)
+        app.add_middleware(ApiKeyGuard, key=api_key, loopback_exempt=loopback_without_key)
     if allowed_hosts is not None:
         app.add_middleware(HostGuard, allowed=list(allowed_hosts))
     _add_error_handlers(app)
-    run_limited = _add_search_routes(app, predictor, index, lock, limits, guarded, __version__)
-    items.add_item_routes(app, predictor, store, run_limited, limits.pixels, limits.upload, UPLOAD_ERRORS,
+    run_limited = _add_search_routes(app, predictor, gallery, limits, guarded, __version__)
+    items.add_item_routes(app, predictor, gallery, run_limited, limits.pixels, limits.upload, UPLOAD_ERRORS,
                           documented=bool(api_key))
-    _add_gallery_routes(app, index, lock, guarded)
+    _add_gallery_routes(app, gallery, guarded)
     return app
+
+
+def _open_gallery(predictor: Any, index: Any, api_key: Optional[str], items_dir: Any, index_path: Any,
+                  save_every: int) -> LiveGallery:
+    """The gallery: a path is loaded (under the server's lock when it may change it) and checked
+    against the model; a server without a key never writes, so it holds no lock."""
+    from ..inference.index import SearchIndex
+
+    if isinstance(index, (str, os.PathLike)):
+        index_path = index if index_path is None else index_path
+        index = None if api_key else SearchIndex.load(index)
+    path = None if index_path is None or not api_key else Path(index_path)
+    if index is not None:
+        predictor.check_index(index)
+    gallery = LiveGallery.open(index, None if items_dir is None else Path(items_dir), path, save_every,
+                               load=SearchIndex.load)
+    if index is None:
+        try:
+            predictor.check_index(gallery.index)
+        except BaseException:
+            gallery.close()
+            raise
+    return gallery
 
 
 @dataclass(frozen=True)
 class _Limits:
-    """What one server takes on: bytes per upload, pixels per image, hits per search, requests at once."""
+    """What one server takes on: bytes per upload, pixels per image, hits per search, requests at once,
+    seconds a request may wait for a worker."""
 
     upload: int
     pixels: int
     top_k: int
     workers: int
     queue: int
+    queue_timeout: float
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    """Validation errors as one ``detail`` line (plus ``errors``), :class:`UserError` s with their status."""
+    """Validation errors as one ``detail`` line (plus ``errors``), :class:`UserError` s with their status,
+    anything else a JSON 500 (the traceback goes to the log, not to the client)."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -323,12 +276,18 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:
-        return _json(getattr(exc, "status", 400), str(exc))
+        return json_error(getattr(exc, "status", 400), str(exc))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        return json_error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
 
-def _add_search_routes(app: FastAPI, predictor: Any, index: Any, lock: IndexLock, limits: _Limits,
+def _add_search_routes(app: FastAPI, predictor: Any, gallery: LiveGallery, limits: _Limits,
                        guarded: Dict[Union[int, str], Dict[str, Any]], version: str):
     """``/health``, ``/embed`` and ``/search``; returns the worker-pool runner the item routes share."""
+    index, lock = gallery.index, gallery.lock
     upload_limit, pixel_limit = limits.upload, limits.pixels
     score_meaning = ("cosine similarity, higher is closer" if index.metric == "cosine"
                      else "squared L2 distance, lower is closer")
@@ -338,7 +297,17 @@ def _add_search_routes(app: FastAPI, predictor: Any, index: Any, lock: IndexLock
     limiter = anyio.CapacityLimiter(limits.workers)
 
     async def run_limited(fn, *args):
-        return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
+        acquired = False
+        with anyio.move_on_after(limits.queue_timeout):  # a bounded wait in the queue; never a cancelled worker
+            await limiter.acquire()
+            acquired = True
+        if not acquired:
+            raise HTTPException(503, f"busy: no worker was free within {limits.queue_timeout:g} s; retry later",
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
+        try:
+            return await anyio.to_thread.run_sync(fn, *args)
+        finally:
+            limiter.release()
 
     async def read_upload(request: Request, file: UploadFile) -> bytes:
         if len((await request.form()).getlist("file")) > 1:  # the form FastAPI parsed, cached
@@ -357,8 +326,7 @@ def _add_search_routes(app: FastAPI, predictor: Any, index: Any, lock: IndexLock
     @app.get("/health", summary="Service status, model, index and limits", response_model=HealthOut,
              responses=guarded)
     def health() -> HealthOut:
-        with lock.reading():
-            info = {k: v for k, v in index.info().items() if k != "source"}  # no server paths in responses
+        info = gallery.info  # published after each change: never waits for the index lock; no source paths
         shape = predictor.input_shape
         return HealthOut(status="ok", version=version, runtime=predictor.runtime, model=predictor.fingerprint,
                          embedding_dim=predictor.embedding_dim, input_shape=list(shape) if shape else None,
@@ -391,8 +359,9 @@ def _add_search_routes(app: FastAPI, predictor: Any, index: Any, lock: IndexLock
     return run_limited
 
 
-def _add_gallery_routes(app: FastAPI, index: Any, lock: IndexLock, guarded: Dict[Union[int, str], Dict[str, Any]]) -> None:
+def _add_gallery_routes(app: FastAPI, gallery: LiveGallery, guarded: Dict[Union[int, str], Dict[str, Any]]) -> None:
     """``/images/{id}`` (only paths stored in the index are ever served), the page and its static files."""
+    index, lock = gallery.index, gallery.lock
 
     def gallery_path(item_id: int) -> Optional[str]:
         """The stored path of ``item_id``: a stable id where the index has them (``path_of``), else a row."""
@@ -406,20 +375,31 @@ def _add_gallery_routes(app: FastAPI, index: Any, lock: IndexLock, guarded: Dict
             return index.paths[item_id]
         raise HTTPException(404, f"no gallery item {item_id} in the index ({len(index)} items)")
 
-    @app.get("/images/{item_id}", summary="A gallery image of the index", response_class=FileResponse,
+    def chunks(f: Any) -> Iterator[bytes]:
+        with f:
+            for block in iter(lambda: f.read(IMAGE_CHUNK), b""):
+                yield block
+
+    @app.get("/images/{item_id}", summary="A gallery image of the index", response_class=StreamingResponse,
              responses={200: {"description": "the gallery image file",
                               "content": {"image/*": {}, "application/octet-stream": {}}},
                         404: _error("no such gallery item, or its file is gone"),
                         422: {"model": ValidationErrorOut, "description": "the id is not an integer"}, **guarded})
-    def image(item_id: int) -> FileResponse:
+    def image(item_id: int) -> StreamingResponse:
+        # Opened under the read lock: a removal unlinks the file under the write lock, after which the id
+        # is gone; an open file stays readable whole, so a racing removal gives 200 and all bytes, or 404.
         with lock.reading():
             path = gallery_path(item_id)  # the id is the sole input
-        if not path:
-            raise HTTPException(404, f"gallery item {item_id} has no stored image path")
-        if not os.path.isfile(path):
-            raise HTTPException(404, f"the image file of gallery item {item_id} is no longer on disk")
+            if not path:
+                raise HTTPException(404, f"gallery item {item_id} has no stored image path")
+            try:
+                f = open(path, "rb")
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                raise HTTPException(404, f"the image file of gallery item {item_id} is no longer on disk") from None
+        size = os.fstat(f.fileno()).st_size
         media = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media, headers={"Cache-Control": "max-age=3600"})
+        return StreamingResponse(chunks(f), media_type=media,
+                                 headers={"Cache-Control": "max-age=3600", "Content-Length": str(size)})
 
     @app.get("/", include_in_schema=False)
     def page() -> HTMLResponse:

@@ -1,9 +1,9 @@
 // The search page: pick or drop an image, POST it to /search, show the hits as cards.
 // No framework and no external resources, so the page works offline. Server data is inserted
 // with textContent only (never innerHTML).
-// A server started with an API key answers 401 to clients beyond its machine: the page then asks
-// for the key, keeps it for this tab only (sessionStorage) and sends it as X-API-Key, loading the
-// gallery pictures through fetch as well.
+// A server started with an API key answers 401 to clients without it (its own machine's too, unless
+// started with --allow-loopback-without-key): the page then asks for the key, keeps it for this tab
+// only (sessionStorage) and sends it as X-API-Key, loading the gallery pictures through fetch as well.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
