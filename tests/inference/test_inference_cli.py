@@ -112,7 +112,7 @@ def test_an_output_that_cannot_be_written_is_one_line(checkpoint_dir, image_fold
     refuse: the read-only folder and the full disk are simulated.)"""
     import errno
 
-    from deepmetric.inference import cli as inference_cli
+    from deepmetric.core import files
     from deepmetric.inference import index_file
 
     (tmp_path / "F").write_text("a file, not a folder")
@@ -120,7 +120,7 @@ def test_an_output_that_cannot_be_written_is_one_line(checkpoint_dir, image_fold
              paths=np.array(["/x/a.jpg", "/x/b.jpg"]), class_names=np.array(["a", "b"]), meta=np.array("{}"))
     build = ["index", "build", "--embeddings", str(tmp_path / "f.npz"), "--output"]
     if case == "build_read_only":
-        monkeypatch.setattr(inference_cli.os, "access", lambda path, mode: False)
+        monkeypatch.setattr(files.os, "access", lambda path, mode: False)
     if case == "build_disk_full":
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".x.index.1a2b3c4d.tmp"))

@@ -8,11 +8,15 @@ and ``mkdtemp`` would make them private to the user).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import secrets
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Callable, Iterator, Union
+
+from .errors import UserError
 
 Content = Union[bytes, str, Callable[[BinaryIO], None]]
 
@@ -72,3 +76,38 @@ def file_fingerprint(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+#: the OS errors of a place that cannot be written: a read-only or full disk, a file in the way
+WRITE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENOTDIR, errno.EISDIR,
+                          errno.EEXIST, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+def check_writable(path: str | os.PathLike, what: str, folder: bool = False) -> None:
+    """Refuse, before any work, a ``path`` that cannot be written (one line naming ``what`` and the
+    path): a folder where a file should be (or, with ``folder``, a file where the folder should be),
+    a file above it where a folder should be, or a folder this user cannot write in."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path}: a file, not a folder")
+    if not folder and path.is_dir():
+        raise UserError(f"{what} {path}: is a folder; name a file to write")
+    parent = path if folder and path.is_dir() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: cannot write in {parent} (permission denied or a read-only disk)")
+
+
+@contextmanager
+def writing(path: str | os.PathLike, what: str, then: str = "") -> Iterator[None]:
+    """An OS error writing ``path`` (read-only, disk full, a file in the way) as one line naming it;
+    ``then`` says what to do about it."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise UserError(f"{what} {path}: cannot write {e.filename or path}: {e.strerror}{then}") from None

@@ -91,14 +91,17 @@ class ToChannels:
 
     Greyscale uses PIL's ``L`` conversion, ITU-R 601-2 luma in fixed point,
     ``L = (19595 R + 38470 G + 7471 B + 32768) >> 16``, also on tensors, so both decoders give the
-    same pixels, and a grey image decoded to RGB comes back unchanged. Anything else (numpy arrays,
-    float tensors) passes as it is: array formats (digits, MNIST) carry their own channels.
+    same pixels, and a grey image decoded to RGB comes back unchanged. uint8 arrays of one or three
+    channels (digits, MNIST) are converted the same way, so the default recipe (digits, a 3-channel
+    model) trains; anything else (float tensors, other channel counts) passes as it is.
     """
 
     def __init__(self, channels: int) -> None:
         self.channels = int(channels)
 
     def __call__(self, x: Any) -> Any:
+        if isinstance(x, np.ndarray) and x.dtype == np.uint8 and self.channels in (1, 3):
+            return self._array(x)
         decoded = isinstance(x, Image.Image) or (torch.is_tensor(x) and x.dtype == torch.uint8 and x.ndim == 3)
         if not decoded:
             return x
@@ -114,6 +117,17 @@ class ToChannels:
             return x.expand(3, *x.shape[1:]).clone()
         r, g, b = x[:3].to(torch.int32)
         return ((19595 * r + 38470 * g + 7471 * b + 32768) >> 16).to(torch.uint8)[None]
+
+    def _array(self, x: np.ndarray) -> np.ndarray:
+        """A uint8 ``(H, W)`` or ``(H, W, C)`` array (digits, MNIST) in ``channels`` channels: grey is
+        repeated into RGB, RGB becomes grey by the same luma; other layouts pass as they are."""
+        have = 1 if x.ndim == 2 else x.shape[2] if x.ndim == 3 else None
+        if have is None or have == self.channels or have not in (1, 3):
+            return x
+        if self.channels == 3:
+            return np.repeat(x.reshape(*x.shape[:2], 1), 3, axis=2)
+        rgb = x.astype(np.int32)
+        return ((19595 * rgb[..., 0] + 38470 * rgb[..., 1] + 7471 * rgb[..., 2] + 32768) >> 16).astype(np.uint8)
 
     def __repr__(self) -> str:
         return f"ToChannels({self.channels})"
@@ -528,7 +542,8 @@ def build_transform(
     norm = T.Normalize(mean, std)
     if not train:
         files = Preprocessing(preset, size, 3 if channels is None else channels, mean, std)
-        return Pipeline([TestInput(files, _tensor(size, norm))], "file")
+        arrays = ([] if channels is None else [ToChannels(channels)]) + _tensor(size, norm)
+        return Pipeline([TestInput(files, arrays)], "file")
     chosen = "pil" if decoder == "pil" or preset in PIL_ONLY else "torchvision"
     steps = TRAIN_STEPS[preset](size, norm)
     return Pipeline(steps if channels is None else [ToChannels(channels), *steps], chosen)

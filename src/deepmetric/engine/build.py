@@ -95,6 +95,23 @@ def check_training_set(splits: DataSplits, cfg: Config) -> DataSplits:
     return splits
 
 
+def check_pairs(cfg: Config, losses: nn.ModuleList) -> None:
+    """Refuse P x K batches of one image per class (``data.samples_per_class=1``) for a pair loss
+    without a cross-batch memory: no batch would hold a positive pair, and the loss would be zero
+    from the first step to the last (classification losses and memories, which keep other batches'
+    embeddings, train as usual)."""
+    from ..losses import CrossBatchMemory
+
+    if cfg.data.sampler != "pk" or cfg.data.samples_per_class > 1:
+        return
+    for i, fn in enumerate(losses):
+        if getattr(fn, "kind", None) == "pair" and not isinstance(fn, CrossBatchMemory):
+            name = cfg.losses[i].name if i < len(cfg.losses) else type(fn).__name__
+            raise ConfigError(f"data.samples_per_class=1: a batch holds one image per class, so the pair loss "
+                              f"losses.{i} ({name}) never sees a positive pair and would train nothing; set "
+                              f"data.samples_per_class to 2 or more")
+
+
 def build_transforms(cfg: Config):
     from ..data.transforms import build_transform
 

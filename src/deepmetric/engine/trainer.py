@@ -36,12 +36,12 @@ from torch.utils.data import DataLoader
 
 from ..config import Config, ConfigError, load_config, resolve_recipe, save_config
 from ..core.distributed import all_gather_with_grad, any_rank, barrier, broadcast_object, init_distributed, rank_device
-from ..core.files import atomic_write
+from ..core.files import atomic_write, check_writable, writing
 from ..data.base import DataSplits
 from ..data.loading import SeededBatchSampler, SeededDataset, affine_on_batch, loader_settings
 from ..data.protocol import describe_splits
 from .build import (apply_protocol, build_data, build_device_normalisation, build_losses, build_model, build_optimizers,
-                    build_sampler, channels_last, check_training_set, own_optimizer_key, resolve_paths, seed_everything)
+                    build_sampler, channels_last, check_pairs, check_training_set, own_optimizer_key, resolve_paths, seed_everything)
 from .callbacks import Callback, LogRecords, ProgressLog, report_fit_error, run_callbacks
 from .averaging import WeightAverage
 from .budget import budget_seconds, measure_steps, plan_steps
@@ -110,6 +110,7 @@ class Trainer:
             self.callbacks = [*([LogRecords(on_log)] if on_log is not None else []), *callbacks]
         self.device = rank_device(cfg.train.device, self.dist)
         self.is_main = self.dist.is_main
+        check_writable(self.run_dir, "run directory", folder=True)
         if not resume and (self.run_dir / "checkpoints").exists():
             raise ConfigError(f"run directory {self.run_dir} already holds checkpoints; "
                               f"continue it with --resume or choose another --run-dir")
@@ -136,6 +137,7 @@ class Trainer:
             self.losses = build_losses(cfg, self.splits.num_classes, dim).to(self.device)
         else:
             self.losses = torch.nn.ModuleList([loss]).to(self.device)
+        check_pairs(cfg, self.losses)
         self.optimizers = build_optimizers(cfg, self.model, self.losses)
         # a loss term's own optimizer (Centroids-ReID's centre loss) keeps its fixed lr, as in the seed
         self.schedule = LRSchedule(cfg.scheduler, [self.optimizers["main"]], cfg.train.max_steps)
@@ -343,11 +345,12 @@ class Trainer:
         """Train, select on validation, test the selected checkpoint once; returns the summary
         (also written to ``metrics.json``; see :func:`deepmetric.viz.summary.format_summary`)."""
         created = not self.run_dir.exists()
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        barrier()
+        then = f"; free space (or fix the folder), then continue with `deepmetric train --resume {self.run_dir}`"
         try:
-            with collect_notes(self.notes):
+            with collect_notes(self.notes), writing(self.run_dir, "run directory", then):
+                if self.is_main:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                barrier()
                 return self._fit()
         except BaseException as exc:
             report_fit_error(self.callbacks, self, exc)

@@ -10,52 +10,20 @@ log file, a job scheduler) it logs ``embed: 2048/10000 images  85 img/s  ETA 1m3
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
-import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from ..core.errors import UserError
+from ..core.files import check_writable, writing
 
 log = logging.getLogger("deepmetric")
 
 #: seconds between progress lines off a terminal
 PROGRESS_EVERY_S = 10.0
-_WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
-                 getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
-def check_output(path: Path, what: str) -> None:
-    """Refuse, before any work, an output ``path`` that cannot be written: a folder above it that is a
-    file, or a folder this user cannot write to."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{what} {path}: is a folder; name a file to write")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{what} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {path}: cannot write in {parent} (permission denied)")
-
-
-@contextmanager
-def writing(path: Path, what: str) -> Iterator[None]:
-    """An OS error writing ``path`` (read-only, disk full, a file in the way) as one line naming it."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno not in _WRITE_ERRORS:
-            raise
-        raise UserError(f"{what} {path}: cannot write {e.filename or path}: {e.strerror}") from None
-
-
 class EmbedProgress:
     """Progress of ``write_embeddings`` as log lines: a stand-in for the predictor that counts what
     ``iter_embeddings`` yields. Chunks come in order (``chunk_size`` images each, as the input list), so
@@ -116,7 +84,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from ..data.loading import loader_settings
 
     output = Path(args.output)
-    check_output(output, "--output")
+    check_writable(output, "--output")
     inputs = list_inputs(args.input)
     predictor = Predictor.load(args.checkpoint, device=args.device, runtime=args.runtime)
     model_device = args.device if args.runtime == "torch" else "cpu"
@@ -141,7 +109,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
     params = _params(args.param)
     output = Path(args.output)
-    check_output(output, "--output")
+    check_writable(output, "--output")
     index_lock.check_not_served(output)
     f = load_embeddings(args.embeddings)
     source = {"embeddings": str(args.embeddings), "model": f.meta.get("model"), "checkpoint": f.meta.get("source")}
