@@ -107,23 +107,30 @@ def installed_packages(packages: Sequence[str]) -> List[str]:
     have = []
     for pkg in packages:
         r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
-        if r.returncode == 0 and r.stdout.strip().endswith("installed"):
+        if r.returncode == 0 and r.stdout.split()[-1:] == ["installed"]:  # not "not-installed"
             have.append(pkg)
     return have
 
 
-def install_packages(packages: Sequence[str]) -> None:
-    """``apt-get install`` the packages that are missing (root only; else say what to run)."""
+def install_packages(packages: Sequence[str], what: str = "font") -> None:
+    """``apt-get install`` the packages that are missing (root only; else say what to run);
+    ``what`` names them in the messages."""
     missing = [p for p in packages if p not in installed_packages(packages)]
     if not missing:
         return
     if os.geteuid() != 0:
-        print(f"not root: install the fonts first with\n  sudo apt-get install -y {' '.join(missing)}",
+        print(f"not root: install the {what}s first with\n  sudo apt-get install -y {' '.join(missing)}",
               file=sys.stderr)
         return
-    print(f"apt-get install {len(missing)} font packages ...", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
+    unknown = [p for p in missing if subprocess.run(["apt-cache", "show", p], capture_output=True).returncode != 0]
+    if unknown:  # not in this release's archive: one unknown name would fail the whole apt-get
+        print(f"apt knows no package {' '.join(unknown)}: skipped", file=sys.stderr)
+        missing = [p for p in missing if p not in unknown]
+    if not missing:
+        return
+    print(f"apt-get install {len(missing)} {what} packages ...", flush=True)
     subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=env)
 
 
@@ -415,17 +422,24 @@ def build_benchmark(faces: Sequence[Face], chars: Sequence[int], *, size: int = 
     return GlyphBenchmark(list(faces), kept_chars, ranks, renders, face_ids, manifest)
 
 
-def write_image_folder(bench: GlyphBenchmark, out: str | os.PathLike, frequencies: Optional[Dict[int, int]] = None) -> Path:
-    """``out/U+XXXX/<face slug>.png`` per render and ``out/manifest.json``; an existing ``out`` made
-    by this script (it has a manifest) is replaced, any other non-empty folder is refused."""
-    from PIL import Image
-
+def fresh_output_folder(out: str | os.PathLike) -> Path:
+    """``out``, created empty: a folder a benchmark builder wrote before (it has a ``manifest.json``)
+    is replaced, any other non-empty folder is refused (``SystemExit``)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not (out / "manifest.json").is_file():
             raise SystemExit(f"{out}: not empty and not written by this script (no manifest.json); choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_image_folder(bench: GlyphBenchmark, out: str | os.PathLike, frequencies: Optional[Dict[int, int]] = None) -> Path:
+    """``out/U+XXXX/<face slug>.png`` per render and ``out/manifest.json``; an existing ``out`` made
+    by this script (it has a manifest) is replaced, any other non-empty folder is refused."""
+    from PIL import Image
+
+    out = fresh_output_folder(out)
     for c, imgs, ids in zip(bench.chars, bench.renders, bench.face_ids):
         folder = out / f"U+{c:04X}"
         folder.mkdir()
