@@ -36,12 +36,15 @@ RGB, ``model.in_chans=3``). It follows ``make_glyph_benchmark.py`` (whose helper
    ``--size`` square, 8-bit RGB. Per class, themes are visited round-robin over families (families,
    and themes within one, in an order drawn for the class with ``--seed``, as the glyph builder);
    a render is kept when it is not blank on white and differs from every render kept so far by at
-   least ``--instance-threshold`` (mean absolute difference, 0-1 scale, over the RGB pixels), at
-   most ``--max-per-family`` per family (1: a family's themes are recolours or dark/light variants
-   of one drawing) and ``--max-instances`` in all. Then, within a family, two classes whose renders
-   differ by less than ``--lookalike-threshold`` are one drawing under two names: it stays an
-   instance of the class with the larger spread only. Classes with fewer than ``--min-instances``
-   renders are dropped.
+   least ``--instance-threshold``, at most ``--max-per-family`` per family (1: a family's themes are
+   recolours or dark/light variants of one drawing) and ``--max-instances`` in all. The difference
+   is the glyph builder's mean absolute difference (0-1 scale, RGB) taken over the pixels that
+   either render draws on (not white) instead of all of them (:func:`ink_difference`): an icon is
+   mostly white ground, and over the whole square one drawing re-exported by two themes (GNOME and
+   MATE, elementary and its Xfce fork) differs by as little as two genuinely different line icons.
+   Then, within a family, two classes whose renders differ by less than ``--lookalike-threshold``
+   are one drawing under two names: it stays an instance of the class with the larger spread only.
+   Classes with fewer than ``--min-instances`` renders are dropped.
 5. **Output.** ``OUT/<icon-name>/<theme>.png`` and ``OUT/manifest.json``: parameters, the packages
    asked for and installed, every theme found (package, family, used or why not, names, instances
    kept, sources by kind), every class (spread, its instances with theme, source file and how it was
@@ -417,6 +420,22 @@ def render_icon(source: Source, size: int) -> np.ndarray:
     return on_white(load_rgba(source, size), size)
 
 
+def ink_difference(a: np.ndarray, b: np.ndarray, ground: float = 0.05) -> np.ndarray:
+    """Pairwise difference of renders on white, ``(n, H, W, 3)`` and ``(m, H, W, 3)`` uint8 ->
+    ``(n, m)``: the mean absolute difference (0-1, mean over the channels) over the pixels that
+    either render draws on (some channel darker than white by more than ``ground``); 0 for two
+    white squares."""
+    x = a.astype(np.float32).reshape(len(a), -1, 3) / 255.0
+    y = b.astype(np.float32).reshape(len(b), -1, 3) / 255.0
+    ink_x, ink_y = x.min(-1) < 1 - ground, y.min(-1) < 1 - ground
+    out = np.zeros((len(a), len(b)), dtype=np.float32)
+    for i in range(len(a)):
+        diff = np.abs(x[i][None] - y).mean(-1)                  # (m, P)
+        ink = (ink_x[i][None] | ink_y).sum(-1)
+        out[i] = diff.sum(-1) / np.maximum(ink, 1)
+    return out
+
+
 # -- the benchmark -------------------------------------------------------------------------------------
 
 @dataclass
@@ -460,7 +479,7 @@ def select_renders(name: str, order: Sequence[int], scans: Sequence[ThemeScan], 
         if is_blank(img):
             log_drop("blank on white", name, j)
             continue
-        if kept and not bool((mean_abs_difference(img[None], np.stack(kept))[0] >= instance_threshold).all()):
+        if kept and not bool((ink_difference(img[None], np.stack(kept))[0] >= instance_threshold).all()):
             log_drop("duplicate", name, j)
             continue
         kept_ids.append(j)
@@ -473,8 +492,9 @@ def lookalike_instances(classes: Sequence[str], theme_ids: Sequence[Sequence[int
                         themes: Sequence[Theme], spread: Counter, threshold: float,
                         screen: float = 0.05) -> List[tuple[int, int, int]]:
     """``(class, render index, class it looks like)`` for renders that, within one family, differ
-    from a render of a class with a larger spread by less than ``threshold``. Pairs are screened on
-    16x16 grey thumbnails (under ``screen``), then checked at full size."""
+    from a render of a class with a larger spread by less than ``threshold`` (:func:`ink_difference`).
+    Pairs are screened on 16x16 grey thumbnails (mean absolute difference under ``screen``, which
+    an ink difference under ``screen`` implies), then checked at full size."""
     by_family: Dict[str, List[tuple[int, int]]] = defaultdict(list)
     for c, ids in enumerate(theme_ids):
         for r, j in enumerate(ids):
@@ -491,7 +511,7 @@ def lookalike_instances(classes: Sequence[str], theme_ids: Sequence[Sequence[int
         d = mean_abs_difference(thumbs.astype(np.uint8), thumbs.astype(np.uint8))
         for a, b in zip(*np.nonzero(np.triu(d < screen, k=1))):
             (ca, ra), (cb, rb) = items[a], items[b]
-            if ca == cb or mean_abs_difference(imgs[a][None], imgs[b][None])[0, 0] >= threshold:
+            if ca == cb or ink_difference(imgs[a][None], imgs[b][None])[0, 0] >= threshold:
                 continue
             lose, win = ((cb, rb), ca) if key(classes[ca]) < key(classes[cb]) else ((ca, ra), cb)
             found.append((lose[0], lose[1], win))
@@ -499,7 +519,7 @@ def lookalike_instances(classes: Sequence[str], theme_ids: Sequence[Sequence[int
 
 
 def build_benchmark(themes: Sequence[Theme], *, size: int = 64, min_source_pixels: Optional[int] = None,
-                    instance_threshold: float = 0.02, lookalike_threshold: float = 0.01, min_instances: int = 4,
+                    instance_threshold: float = 0.12, lookalike_threshold: float = 0.05, min_instances: int = 4,
                     max_instances: int = 12, max_per_family: int = 1, seed: int = 0, log=print) -> IconBenchmark:
     """Scan ``themes``, choose classes and keep distinct renders (module docstring)."""
     t0 = time.perf_counter()
@@ -549,7 +569,8 @@ def build_benchmark(themes: Sequence[Theme], *, size: int = 64, min_source_pixel
         renders.append(kept_renders[c][keep])
         theme_ids.append([kept_ids[c][r] for r in keep])
     manifest = _manifest(themes, scans, classes, theme_ids, spread, aliases, few_families, too_few, drops,
-                         dict(size=size, min_source_pixels=min_source_pixels, instance_threshold=instance_threshold, lookalike_threshold=lookalike_threshold,
+                         dict(size=size, min_source_pixels=min_source_pixels, instance_threshold=instance_threshold,
+                              lookalike_threshold=lookalike_threshold, difference="ink_difference",
                               min_instances=min_instances, max_instances=max_instances,
                               max_per_family=max_per_family, seed=seed),
                          time.perf_counter() - t0)
@@ -589,7 +610,8 @@ def _manifest(themes, scans, classes, theme_ids, spread, aliases, few_families, 
         **params,
         "background": "white", "mode": "RGB",
         "classes": len(classes), "images": int(sum(per_class)),
-        "instances_per_class": {"min": min(per_class, default=0), "median": statistics.median(per_class) if per_class else 0,
+        "instances_per_class": {"min": min(per_class, default=0),
+                                "median": statistics.median(per_class) if per_class else 0,
                                 "max": max(per_class, default=0),
                                 "histogram": {str(k): v for k, v in sorted(Counter(per_class).items())}},
         "themes": theme_rows,
@@ -600,6 +622,9 @@ def _manifest(themes, scans, classes, theme_ids, spread, aliases, few_families, 
                      "name more families have is the class, the other is dropped (dropped.alias_of)",
             "shared drawing": "within a theme a drawing counts once: it is an instance only of the class that "
                               "more families have among the names reaching it",
+            "duplicate": "per class, a render is kept when its ink_difference (mean absolute difference over "
+                         "the pixels either render draws on) from every render kept before it in the class's "
+                         "round-robin order is at least instance_threshold",
             "lookalike": "within a family, a render that differs from another class's render by less than "
                          "lookalike_threshold stays only with the class more families have",
             "skipped names": "-symbolic names (monochrome glyphs), -rtl/-ltr direction variants, "
@@ -643,8 +668,10 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--min-source-pixels", type=int, default=None,
                     help="smallest PNG to upscale when a theme has no larger PNG nor an SVG (default --size / 2)")
-    ap.add_argument("--instance-threshold", type=float, default=0.02)
-    ap.add_argument("--lookalike-threshold", type=float, default=0.01)
+    ap.add_argument("--instance-threshold", type=float, default=0.12,
+                    help="renders of one class differ at least this much (ink_difference)")
+    ap.add_argument("--lookalike-threshold", type=float, default=0.05,
+                    help="renders of two classes in one family differing less are one drawing")
     ap.add_argument("--min-instances", type=int, default=4)
     ap.add_argument("--max-instances", type=int, default=12, help="renders kept per class at most (0: all)")
     ap.add_argument("--max-per-family", type=int, default=1, help="renders kept per class and family (0: all)")
@@ -686,7 +713,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
           f"{ipc['median']} / max {ipc['max']}) from {len(m['families'])} families; dropped "
           f"{len(d['alias_of'])} aliases, {d['names_in_fewer_than_min_families']} of {d['names_seen']} names in "
           f"fewer than {args.min_instances} families (and {len(d['fewer_than_min_families_after_sharing'])} once "
-          "shared drawings count once), {len(d['fewer_than_min_distinct_renders'])} with too few distinct "
+          f"shared drawings count once), {len(d['fewer_than_min_distinct_renders'])} with too few distinct "
           f"renders; renders dropped: {d['render_counts']}; {time.perf_counter() - t0:.0f} s; wrote {out}")
     return 0
 
