@@ -43,7 +43,9 @@ RGB, ``model.in_chans=3``). It follows ``make_glyph_benchmark.py`` (whose helper
    mostly white ground, and over the whole square one drawing re-exported by two themes (GNOME and
    MATE, elementary and its Xfce fork) differs by as little as two genuinely different line icons.
    Then, within a family, two classes whose renders differ by less than ``--lookalike-threshold``
-   are one drawing under two names: it stays an instance of the class with the larger spread only.
+   (0.01: a copy of one file re-encoded, not two icons on one template, which differ by 0.03 or
+   more) are one drawing under two names: it stays an instance of the class with the larger spread
+   only.
    Classes with fewer than ``--min-instances`` renders are dropped.
 5. **Output.** ``OUT/<icon-name>/<theme>.png`` and ``OUT/manifest.json``: parameters, the packages
    asked for and installed, every theme found (package, family, used or why not, names, instances
@@ -519,7 +521,7 @@ def lookalike_instances(classes: Sequence[str], theme_ids: Sequence[Sequence[int
 
 
 def build_benchmark(themes: Sequence[Theme], *, size: int = 64, min_source_pixels: Optional[int] = None,
-                    instance_threshold: float = 0.12, lookalike_threshold: float = 0.05, min_instances: int = 4,
+                    instance_threshold: float = 0.12, lookalike_threshold: float = 0.01, min_instances: int = 4,
                     max_instances: int = 12, max_per_family: int = 1, seed: int = 0, log=print) -> IconBenchmark:
     """Scan ``themes``, choose classes and keep distinct renders (module docstring)."""
     t0 = time.perf_counter()
@@ -670,8 +672,9 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
                     help="smallest PNG to upscale when a theme has no larger PNG nor an SVG (default --size / 2)")
     ap.add_argument("--instance-threshold", type=float, default=0.12,
                     help="renders of one class differ at least this much (ink_difference)")
-    ap.add_argument("--lookalike-threshold", type=float, default=0.05,
-                    help="renders of two classes in one family differing less are one drawing")
+    ap.add_argument("--lookalike-threshold", type=float, default=0.01,
+                    help="renders of two classes in one family differing less are one drawing (a copy, not a "
+                         "template: a theme's mimetype icons share a page and differ in a small glyph)")
     ap.add_argument("--min-instances", type=int, default=4)
     ap.add_argument("--max-instances", type=int, default=12, help="renders kept per class at most (0: all)")
     ap.add_argument("--max-per-family", type=int, default=1, help="renders kept per class and family (0: all)")

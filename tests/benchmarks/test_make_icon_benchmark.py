@@ -225,9 +225,9 @@ def test_lookalikes_stay_with_the_wider_spread_class():
     renders = [np.stack([x, y]), np.stack([near, z])]
     # class 1 ("b") draws in family fa what class 0 ("a", the wider spread) draws there
     spread = {"a": 5, "b": 4}
-    assert mi.lookalike_instances(["a", "b"], [[0, 1], [0, 1]], renders, themes, spread, 0.05) == [(1, 0, 0)]
+    assert mi.lookalike_instances(["a", "b"], [[0, 1], [0, 1]], renders, themes, spread, 0.01) == [(1, 0, 0)]
     # in different families the same drawing is no look-alike
-    assert mi.lookalike_instances(["a", "b"], [[0, 1], [1, 0]], renders, themes, spread, 0.05) == []
+    assert mi.lookalike_instances(["a", "b"], [[0, 1], [1, 0]], renders, themes, spread, 0.01) == []
 
 
 def test_ink_difference_ignores_the_white_ground():
