@@ -2,7 +2,7 @@
 freedesktop icon name (``document-open``, ``folder``, ``firefox`` ...), an instance one icon set's
 drawing of it.
 
-Run by hand (as root it installs the themes with apt-get first; about ten minutes on one core):
+Run by hand (as root it installs the themes with apt-get first; about six minutes on one core):
 
     python benchmarks/make_icon_benchmark.py --out /tmp/suite/icons
 

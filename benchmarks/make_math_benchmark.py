@@ -2,7 +2,7 @@
 symbol (an operator, an arrow, a letterlike or Greek letter, a styled letter of the Mathematical
 Alphanumeric Symbols such as bold-italic A or script A), an instance one typeface that draws it.
 
-Run by hand (as root it installs the fonts with apt-get first; a few minutes on one core):
+Run by hand (as root it installs the fonts with apt-get first; about two minutes on one core):
 
     python benchmarks/make_math_benchmark.py --out /tmp/suite/math
 
