@@ -51,7 +51,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
@@ -107,43 +107,54 @@ def installed_packages(packages: Sequence[str]) -> List[str]:
     have = []
     for pkg in packages:
         r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
-        if r.returncode == 0 and r.stdout.strip().endswith("installed"):
+        if r.returncode == 0 and r.stdout.split()[-1:] == ["installed"]:  # not "not-installed"
             have.append(pkg)
     return have
 
 
-def install_packages(packages: Sequence[str]) -> None:
-    """``apt-get install`` the packages that are missing (root only; else say what to run)."""
+def install_packages(packages: Sequence[str], what: str = "font") -> None:
+    """``apt-get install`` the packages that are missing (root only; else say what to run);
+    ``what`` names them in the messages."""
     missing = [p for p in packages if p not in installed_packages(packages)]
     if not missing:
         return
     if os.geteuid() != 0:
-        print(f"not root: install the fonts first with\n  sudo apt-get install -y {' '.join(missing)}",
+        print(f"not root: install the {what}s first with\n  sudo apt-get install -y {' '.join(missing)}",
               file=sys.stderr)
         return
-    print(f"apt-get install {len(missing)} font packages ...", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
+    unknown = [p for p in missing if subprocess.run(["apt-cache", "show", p], capture_output=True).returncode != 0]
+    if unknown:  # not in this release's archive: one unknown name would fail the whole apt-get
+        print(f"apt knows no package {' '.join(unknown)}: skipped", file=sys.stderr)
+        missing = [p for p in missing if p not in unknown]
+    if not missing:
+        return
+    print(f"apt-get install {len(missing)} {what} packages ...", flush=True)
     subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=env)
 
 
-def package_fonts(packages: Sequence[str]) -> Dict[str, str]:
-    """Font file (real path) -> family, for the installed ``packages`` (``dpkg -L``)."""
+def package_fonts(packages: Sequence[str], family: Callable[[str, str], str] = None) -> Dict[str, str]:
+    """Font file (real path) -> family (``family(package, path)``, default :func:`family_of`), for
+    the installed ``packages`` (``dpkg -L``)."""
+    family = family or family_of
     out: Dict[str, str] = {}
     for pkg in installed_packages(packages):
         listing = subprocess.run(["dpkg", "-L", pkg], capture_output=True, text=True).stdout.split()
         for line in listing:
             if line.lower().endswith(FONT_EXTENSIONS) and os.path.isfile(line):
-                out.setdefault(os.path.realpath(line), family_of(pkg, line))
+                out.setdefault(os.path.realpath(line), family(pkg, line))
     return out
 
 
-def folder_fonts(folder: str | os.PathLike) -> Dict[str, str]:
-    """Font files under ``folder`` (recursively) -> family (the folder holding each file)."""
+def folder_fonts(folder: str | os.PathLike, family: Callable[[str, str], str] = None) -> Dict[str, str]:
+    """Font files under ``folder`` (recursively) -> family (``family(folder name, path)``, default
+    :func:`family_of`: the folder holding each file)."""
+    family = family or family_of
     out: Dict[str, str] = {}
     for path in sorted(Path(folder).rglob("*")):
         if path.suffix.lower() in FONT_EXTENSIONS and path.is_file():
-            out.setdefault(os.path.realpath(path), family_of(path.parent.name, str(path)))
+            out.setdefault(os.path.realpath(path), family(path.parent.name, str(path)))
     return out
 
 
@@ -218,13 +229,27 @@ def _in_gb2312(ch: str) -> bool:
 
 # -- rendering -----------------------------------------------------------------------------------------
 
+def centred_on_em_box(font, size: int) -> Callable:
+    """The placement of :func:`render_face`: ``draw(canvas_draw, ch)`` writes ``ch`` white, centred
+    on the em box (anchor "mm": the middle of the advance and of ascender to descender); returns
+    None (nothing to count). Other builders pass their own (``make_math_benchmark.py``)."""
+
+    def draw(canvas_draw, ch: str) -> Optional[str]:
+        canvas_draw.text((size / 2, size / 2), ch, fill=255, font=font, anchor="mm")
+        return None
+
+    return draw
+
+
 def render_face(face: Face, chars: Sequence[int], size: int = 32, font_size: Optional[int] = None,
-                placeholder_count: int = 3) -> tuple[np.ndarray, np.ndarray, Dict[str, int]]:
+                placeholder_count: int = 3, placer: Callable = centred_on_em_box
+                ) -> tuple[np.ndarray, np.ndarray, Dict[str, int]]:
     """``(images (C, size, size) uint8, covered (C,) bool, dropped counts)`` for one face.
 
     A character is covered when the face maps it and its render is not blank, did not fail in
     FreeType (some hinting programs do), and is not a bitmap the face draws for ``placeholder_count``
-    or more characters.
+    or more characters. ``placer(font, size)`` gives the function that draws one character (what it
+    returns, when not None, is counted with the drops).
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -240,15 +265,18 @@ def render_face(face: Face, chars: Sequence[int], size: int = 32, font_size: Opt
         return images, covered, dict(dropped)
     canvas = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(canvas)
+    place = placer(font, size)
     for i, c in enumerate(chars):
         if c not in cmap:
             continue
         draw.rectangle((0, 0, size, size), fill=0)
         try:
-            draw.text((size / 2, size / 2), chr(c), fill=255, font=font, anchor="mm")
+            note = place(draw, chr(c))
         except OSError:
             dropped["render failed"] += 1
             continue
+        if note:
+            dropped[note] += 1
         images[i] = np.asarray(canvas)
         if images[i].max() == 0:
             dropped["blank"] += 1
@@ -265,13 +293,15 @@ def render_face(face: Face, chars: Sequence[int], size: int = 32, font_size: Opt
 
 
 def _render_job(args):
-    return render_face(*args)
+    *rest, placer = args
+    return render_face(*rest, placer=placer)
 
 
 def render_all(faces: Sequence[Face], chars: Sequence[int], size: int, font_size: Optional[int],
-               workers: int = 1) -> tuple[np.ndarray, np.ndarray, List[Dict[str, int]]]:
+               workers: int = 1, placer: Callable = centred_on_em_box
+               ) -> tuple[np.ndarray, np.ndarray, List[Dict[str, int]]]:
     """``(images (F, C, size, size), covered (F, C), dropped per face)``."""
-    jobs = [(f, chars, size, font_size) for f in faces]
+    jobs = [(f, chars, size, font_size, 3, placer) for f in faces]
     if workers > 1:
         import multiprocessing as mp
 
@@ -338,17 +368,25 @@ def lookalike_characters(images: np.ndarray, covered: np.ndarray, threshold: flo
     if len(full) == 0:
         full = np.argsort(-covered.sum(1), kind="stable")[:1]
     rep = images[full].transpose(1, 0, 2, 3).reshape(n_chars, -1)
-    d = mean_abs_difference(rep, rep)
+    return confirm_lookalikes(images, covered, mean_abs_difference(rep, rep) < screen, threshold)
+
+
+def confirm_lookalikes(images: np.ndarray, covered: np.ndarray, candidates: np.ndarray, threshold: float,
+                       statistic: Callable = np.mean) -> Dict[int, int]:
+    """The screened pairs (``candidates``, a ``(C, C)`` bool matrix; upper triangle read) whose
+    per-face mean absolute differences, over the faces that cover both, have a ``statistic`` under
+    ``threshold``: ``{dropped index: kept index}``, the kept one earlier. A character already
+    matched is not matched again."""
     alike: Dict[int, int] = {}
-    for a, b in zip(*np.nonzero(np.triu(d < screen, k=1))):
+    for a, b in zip(*np.nonzero(np.triu(candidates, k=1))):
         a, b = int(a), int(b)
         if b in alike or a in alike:
             continue
         both = np.flatnonzero(covered[:, a] & covered[:, b])
         if len(both) == 0:
             continue
-        diff = np.abs(images[both, a].astype(np.float32) - images[both, b].astype(np.float32)).mean() / 255.0
-        if diff < threshold:
+        per_face = np.abs(images[both, a].astype(np.float32) - images[both, b].astype(np.float32)).mean((1, 2))
+        if statistic(per_face) / 255.0 < threshold:
             alike[b] = a
     return alike
 
@@ -370,12 +408,15 @@ class GlyphBenchmark:
 def build_benchmark(faces: Sequence[Face], chars: Sequence[int], *, size: int = 32,
                     font_size: Optional[int] = None, instance_threshold: float = 0.02,
                     lookalike_threshold: float = 0.005, min_faces: int = 4, max_faces: int = 0,
-                    seed: int = 0, workers: int = 1, log=print) -> GlyphBenchmark:
-    """Render ``chars`` (frequency order) in ``faces`` and keep distinct renders (module docstring)."""
+                    seed: int = 0, workers: int = 1, log=print, placer: Callable = centred_on_em_box,
+                    lookalikes: Callable = None) -> GlyphBenchmark:
+    """Render ``chars`` (frequency order) in ``faces`` and keep distinct renders (module docstring).
+    ``placer`` (:func:`render_face`) and ``lookalikes`` (:func:`lookalike_characters`'s signature)
+    are for other builders that share these steps."""
     t0 = time.perf_counter()
-    images, covered, dropped = render_all(faces, chars, size, font_size, workers)
+    images, covered, dropped = render_all(faces, chars, size, font_size, workers, placer)
     log(f"rendered {len(chars)} characters in {len(faces)} faces in {time.perf_counter() - t0:.0f} s")
-    alike = lookalike_characters(images, covered, lookalike_threshold)
+    alike = (lookalikes or lookalike_characters)(images, covered, lookalike_threshold)
     kept_chars, ranks, renders, face_ids = [], [], [], []
     kept_per_face = np.zeros(len(faces), dtype=np.int64)
     too_few: List[int] = []
@@ -415,17 +456,24 @@ def build_benchmark(faces: Sequence[Face], chars: Sequence[int], *, size: int = 
     return GlyphBenchmark(list(faces), kept_chars, ranks, renders, face_ids, manifest)
 
 
-def write_image_folder(bench: GlyphBenchmark, out: str | os.PathLike, frequencies: Optional[Dict[int, int]] = None) -> Path:
-    """``out/U+XXXX/<face slug>.png`` per render and ``out/manifest.json``; an existing ``out`` made
-    by this script (it has a manifest) is replaced, any other non-empty folder is refused."""
-    from PIL import Image
-
+def fresh_output_folder(out: str | os.PathLike) -> Path:
+    """``out``, created empty: a folder a benchmark builder wrote before (it has a ``manifest.json``)
+    is replaced, any other non-empty folder is refused (``SystemExit``)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not (out / "manifest.json").is_file():
             raise SystemExit(f"{out}: not empty and not written by this script (no manifest.json); choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_image_folder(bench: GlyphBenchmark, out: str | os.PathLike, frequencies: Optional[Dict[int, int]] = None) -> Path:
+    """``out/U+XXXX/<face slug>.png`` per render and ``out/manifest.json``; an existing ``out`` made
+    by this script (it has a manifest) is replaced, any other non-empty folder is refused."""
+    from PIL import Image
+
+    out = fresh_output_folder(out)
     for c, imgs, ids in zip(bench.chars, bench.renders, bench.face_ids):
         folder = out / f"U+{c:04X}"
         folder.mkdir()

@@ -15,3 +15,18 @@ def load(name: str) -> ModuleType:
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def read_back(root, in_chans: int, size: int, classes: int) -> None:
+    """Read an image folder a builder wrote through deepmetric's ``image_folder`` format, half its
+    classes to train: all ``classes`` are there, an image is ``(in_chans, size, size)``."""
+    import numpy as np
+    from deepmetric.config import load_config
+    from deepmetric.engine.build import build_data
+
+    cfg = load_config(None, ["data.format=image_folder", f"data.root={root}", "data.train_classes=0.5",
+                             "data.transform=tensor", f"model.in_chans={in_chans}"])
+    splits = build_data(cfg)
+    assert splits.train.num_classes + len(np.unique(splits.query.labels)) == classes
+    image, _, _ = splits.query[0]
+    assert tuple(image.shape) == (in_chans, size, size)
