@@ -14,6 +14,8 @@ them, whatever the format:
 - :func:`carve_validation`: move ``val_classes`` (a fraction, or a list) of the training classes
   into ``splits.val``, laid out for the recipe's protocol (leave-one-out retrieval; re-ID query and
   gallery by camera; verification pairs);
+- :func:`check_training_set`: refuse a training set that cannot train a metric;
+- :func:`apply`: all of it in one call, splits in, splits out, from a recipe's ``data`` section;
 - :func:`describe_splits`: what a run records in ``splits.json`` (classes, counts, a fingerprint
   of the items) so that an evaluation can check it scores the same test set.
 
@@ -23,12 +25,15 @@ the training labels, relabelled ``0..C-1`` for classification heads, back to the
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 
 from ..core.errors import ParameterError
-from .base import DataSplits, MetricDataset, VerificationPairs
+from .base import DataError, DataSplits, MetricDataset, VerificationPairs
+
+log = logging.getLogger("deepmetric")
 
 ClassSpec = Union[None, float, Sequence[Union[int, str]]]
 _SPLIT_PARAMS = ("train_classes", "test_classes", "val_classes")
@@ -187,6 +192,58 @@ def carve_validation(splits: DataSplits, val_classes: ClassSpec, *, layout: str 
     _set_train(splits, splits.train.subset(np.flatnonzero(~in_val), name=splits.train.name), original[~in_val])
     splits.val = validation_layout(pool, layout, seed)
     return splits
+
+
+def check_training_set(splits: DataSplits, data: Any) -> DataSplits:
+    """Refuse training sets that cannot train a metric: empty, or (for the P x K sampler, which would
+    repeat them K times) classes with a single image, unless ``data.drop_singletons`` (then they go).
+    Random batches keep such classes, as the seeds that sample at random do: there they are
+    negatives for the others and samples for proxy losses. ``data``: a recipe's ``data`` section."""
+    train = splits.train
+    if train is None or len(train) == 0:
+        raise DataError(f"data: the training set of format '{data.format}' (root {data.root}) is empty")
+    classes, counts = np.unique(train.labels, return_counts=True)
+    single = classes[counts == 1]
+    if len(single) and data.sampler == "random" and not data.drop_singletons:
+        log.warning("%d training classes have a single image and never form a positive pair "
+                    "(kept by data.sampler=random; data.drop_singletons=true removes them)", len(single))
+        return splits
+    if len(single):
+        if not data.drop_singletons:
+            where = ""
+            if train.paths is not None:
+                where = f" ({train.paths[int(np.flatnonzero(train.labels == single[0])[0])]})"
+            raise DataError(f"data: training class {int(single[0])}{where} has only one image "
+                            f"({len(single)} such classes); metric learning needs >= 2 per class: "
+                            f"remove them or set data.drop_singletons=true")
+        keep = np.flatnonzero(~np.isin(train.labels, single))
+        log.warning("dropped %d single-image training classes (data.drop_singletons)", len(single))
+        restrict_train(splits, keep)
+    return splits
+
+
+def apply(splits: DataSplits, data: Any, *, layout: str = "retrieval", eval_transform: Optional[Callable] = None,
+          class_split: bool = True, training: bool = True) -> DataSplits:
+    """The zero-shot protocol of a recipe's ``data`` section on a format's splits, in one call:
+
+    1. the class split, ``data.train_classes`` / ``data.test_classes`` (:func:`split_classes`; with
+       ``class_split`` false, splits a user made in Python are taken as given);
+    2. with ``training``, the validation split ``data.val_classes`` drawn with ``data.val_seed`` and
+       laid out for the protocol ``layout`` (:func:`carve_validation`; unless ``splits.val`` is set),
+       leaving the P x K sampler at least ``data.classes_per_batch`` classes to train on;
+    3. with ``training``, the checks of :func:`check_training_set`.
+
+    An evaluation of a trained model needs none of 2 and 3 (``training=False``).
+    """
+    if class_split:
+        splits = split_classes(splits, data.train_classes, data.test_classes)
+    if not training:
+        return splits
+    if splits.val is None:
+        min_train = max(2, data.classes_per_batch) if data.sampler == "pk" else 2  # a P x K batch needs P classes
+        splits = carve_validation(splits, data.val_classes, layout=layout, seed=data.val_seed,
+                                  transform=eval_transform, min_train_classes=min_train)
+    return check_training_set(splits, data)
 
 
 def validation_layout(pool: MetricDataset, layout: str, seed: int = 0) -> DataSplits:

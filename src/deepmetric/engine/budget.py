@@ -6,8 +6,10 @@ untrained evaluations it does anyway, and :func:`plan_steps` turns the budget le
 ``train.max_steps`` (and ``train.eval_every``, about :data:`EVALUATIONS` evaluations when the recipe
 sets none). The run then trains that many steps like any other, and its ``config.yaml`` records them,
 so ``deepmetric train RUN/config.yaml`` (or ``train.max_steps=N``) repeats it bit for bit on any
-machine. The budget covers the whole run: the untrained evaluations, the training steps, every
-validation, and the final test of the selected checkpoint.
+machine. The budget covers training: the untrained validation, the steps and every periodic
+evaluation (the validations that select; without a validation split, the test evaluations that are
+then the run's record). The test split's two reported evaluations, the untrained network's and the
+selected checkpoint's, come on top: they take what the test set's size asks, whatever the budget.
 """
 from __future__ import annotations
 
@@ -49,26 +51,27 @@ class Plan:
 
 def plan_steps(budget_s: float, elapsed_s: float, step_s: float, eval_s: float, test_s: float,
                eval_every: int = 0, evaluations: int = EVALUATIONS, what: str = "") -> Plan:
-    """The step count that fits ``budget_s`` seconds, after ``elapsed_s`` already spent, for steps of
-    ``step_s`` seconds, evaluations of ``eval_s`` and a final test of ``test_s`` (a run ends with one
-    evaluation and the test). ``eval_every``: the recipe's (0: about ``evaluations`` of them).
+    """The step count that fits ``budget_s`` seconds of training, after ``elapsed_s`` already spent
+    on it, for steps of ``step_s`` seconds and periodic evaluations of ``eval_s`` (a run ends with
+    one); ``test_s``, the test evaluation's time, is recorded, not counted. ``eval_every``: the
+    recipe's (0: about ``evaluations`` of them, taking at most a quarter of the time).
 
     >>> p = plan_steps(100.0, 10.0, 0.1, 2.0, 3.0)
     >>> p.max_steps, p.eval_every
-    (617, 62)
+    (650, 65)
 
     Raises:
-        ConfigError: the budget does not cover one evaluation and the final test after what was
-            spent, naming ``train.time_budget`` and the smallest budget that would (``what``: the
-            budget as given, for the message).
+        ConfigError: the budget does not cover ten steps and one evaluation after what was spent,
+            naming ``train.time_budget`` and the smallest budget that would (``what``: the budget as
+            given, for the message).
     """
-    left = budget_s * (1.0 - SAFETY) - elapsed_s - test_s
-    need = elapsed_s + test_s + eval_s + 10 * step_s
+    left = budget_s * (1.0 - SAFETY) - elapsed_s
+    need = elapsed_s + eval_s + 10 * step_s
     if left - eval_s < 10 * step_s:
         raise ConfigError(
             f"train.time_budget={what or budget_s}: too short for one evaluation: the untrained evaluation took "
-            f"{elapsed_s:.1f} s, an evaluation takes {eval_s:.1f} s, the final test {test_s:.1f} s and a step "
-            f"{step_s * 1000:.0f} ms; give at least {math.ceil(need / (1.0 - SAFETY))}s, or train.max_steps")
+            f"{elapsed_s:.1f} s, an evaluation takes {eval_s:.1f} s and a step {step_s * 1000:.0f} ms; give at "
+            f"least {math.ceil(need / (1.0 - SAFETY))}s, or train.max_steps")
     if eval_every:
         steps = int(left / (step_s + eval_s / eval_every))
     else:
@@ -84,16 +87,41 @@ def budget_seconds(cfg) -> Optional[float]:
     return None if value is None else parse_duration(value)
 
 
+def measure_budget(trainer: Any, started: Optional[float] = None):
+    """``(plan, untrained)`` for a trainer's ``train.time_budget``: its untrained evaluations timed
+    (their metrics returned, to be recorded) and a few steps measured (:func:`measure_steps`), the run
+    itself unchanged. ``started``: when the run began (its time counts against the budget)."""
+    from ..core.distributed import broadcast_object
+
+    cfg = trainer.cfg
+    started = time.perf_counter() if started is None else started
+    done, timed = {}, {}
+    for split in (("val",) if trainer.val_evaluator is not None else ()) + ("test",):
+        t0 = time.perf_counter()
+        result = trainer.evaluate(split, record=False, notify=False)
+        timed[split] = time.perf_counter() - t0
+        if cfg.eval.untrained:
+            done[split] = result.metrics
+    step_s = measure_steps(trainer)
+    spent = time.perf_counter() - started - timed["test"]  # the test evaluations are not training
+    if not cfg.eval.untrained and "val" in timed:  # that evaluation was for timing only
+        spent -= timed["val"]
+    plan = plan_steps(budget_seconds(cfg), spent, step_s, timed.get("val", timed["test"]), timed["test"],
+                      cfg.train.eval_every, what=str(cfg.train.time_budget))
+    return broadcast_object(plan), done  # every rank trains the steps rank 0 measured
+
+
 def measure_steps(trainer: Any, steps: int = 8, warmup: int = 2) -> float:
-    """Seconds a training step of ``trainer`` (a :class:`~deepmetric.engine.trainer.Trainer`) takes here: ``warmup + steps`` real steps on batches
-    drawn the way training draws them, then every effect undone (weights, optimizer and loss state,
-    memories, moving average, step counter and random generators), so the run that follows is the run
+    """Seconds a training step of ``trainer`` (a :class:`~deepmetric.engine.trainer.Trainer`) takes
+    here: ``warmup + steps`` real steps on batches drawn the way training draws them, then every
+    effect undone (weights, optimizer and loss state, memories, the hooks' state such as a moving
+    average, the step counter and random generators), so the run that follows is the run
     ``train.max_steps`` would give."""
     model_state = copy.deepcopy(trainer.model.state_dict())
     loss_state = copy.deepcopy(trainer.losses.state_dict())
     opt_state = {k: copy.deepcopy(o.state_dict()) for k, o in trainer.optimizers.items()}
     scaler_state = copy.deepcopy(trainer.scaler.state_dict())
-    ema_state = None if trainer.ema is None else copy.deepcopy(trainer.ema.model.state_dict())
+    hooks = [(hook, hook.snapshot()) for hook in trainer.hooks]
     step = trainer.step
     rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
@@ -114,9 +142,8 @@ def measure_steps(trainer: Any, steps: int = 8, warmup: int = 2) -> float:
         for k, o in trainer.optimizers.items():
             o.load_state_dict(opt_state[k])
         trainer.scaler.load_state_dict(scaler_state)
-        if ema_state is not None:
-            trainer.ema.model.load_state_dict(ema_state)
-            trainer.ema.updates = step
+        for hook, snapshot in hooks:
+            hook.restore(snapshot)
         trainer.step = step
         torch.set_rng_state(rng[0])
         np.random.set_state(rng[1])

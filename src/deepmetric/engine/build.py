@@ -25,7 +25,8 @@ from ..core.registry import UnknownNameError
 from ..data.base import DataError, DataSplits, VerificationPairs
 from ..data.formats import DATASETS
 from ..data.loading import normalisation_on_device
-from ..data.protocol import ClassSplitError, carve_validation, restrict_train, split_classes
+from ..data.protocol import ClassSplitError
+from ..data.protocol import apply as apply_protocol
 from ..models import BACKBONES, Embedder, build_embedder, load_pretrained, load_weights, read_state_dict
 from .checkpoint import CONFIG, load_model_weights, read_checkpoint, resolve_checkpoint
 
@@ -66,33 +67,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def check_training_set(splits: DataSplits, cfg: Config) -> DataSplits:
-    """Refuse training sets that cannot train a metric: empty, or (for the P x K sampler, which would
-    repeat them K times) classes with a single image. Random batches keep such classes, as the seeds
-    that sample at random do: there they are negatives for the others and samples for proxy losses."""
-    train = splits.train
-    if train is None or len(train) == 0:
-        raise DataError(f"data: the training set of format '{cfg.data.format}' (root {cfg.data.root}) is empty")
-    classes, counts = np.unique(train.labels, return_counts=True)
-    single = classes[counts == 1]
-    if len(single) and cfg.data.sampler == "random" and not cfg.data.drop_singletons:
-        log.warning("%d training classes have a single image and never form a positive pair "
-                    "(kept by data.sampler=random; data.drop_singletons=true removes them)", len(single))
-        return splits
-    if len(single):
-        if not cfg.data.drop_singletons:
-            where = ""
-            if train.paths is not None:
-                where = f" ({train.paths[int(np.flatnonzero(train.labels == single[0])[0])]})"
-            raise DataError(f"data: training class {int(single[0])}{where} has only one image "
-                            f"({len(single)} such classes); metric learning needs >= 2 per class: "
-                            f"remove them or set data.drop_singletons=true")
-        keep = np.flatnonzero(~np.isin(train.labels, single))
-        log.warning("dropped %d single-image training classes (data.drop_singletons)", len(single))
-        restrict_train(splits, keep)
-    return splits
 
 
 def check_pairs(cfg: Config, losses: nn.ModuleList) -> None:
@@ -148,29 +122,32 @@ def build_data(cfg: Config, validation: bool = True) -> DataSplits:
         if e.params and all(name in keys for name in e.params):
             raise ConfigError(e.naming(keys)) from None
         raise ConfigError(f"data.options ({cfg.data.format}): {e.naming(keys)}") from None
-    return apply_protocol(splits, cfg, test_tf, validation=validation)
+    return protocol(cfg, splits, test_tf, training=validation)
 
 
-def apply_protocol(splits: DataSplits, cfg: Config, eval_transform=None, class_split: bool = True,
-                   validation: bool = True) -> DataSplits:
-    """``data.train_classes`` / ``test_classes`` (class split, with ``class_split``) and
-    ``data.val_classes`` (validation split for ``eval.protocol``, unless ``splits.val`` is set) on a
-    format's splits, or on splits a user made in Python (``class_split=False``: taken as given)."""
-    d = cfg.data
+def protocol(cfg: Config, splits: DataSplits, eval_transform=None, class_split: bool = True,
+             training: bool = True) -> DataSplits:
+    """:func:`deepmetric.data.protocol.apply` of the recipe's ``data`` for its ``eval.protocol``, with
+    a bad class list named by its recipe key."""
     try:
-        if class_split:
-            splits = split_classes(splits, d.train_classes, d.test_classes)
-        if validation and splits.val is None:
-            splits = carve_validation(splits, d.val_classes, layout=cfg.eval.protocol, seed=d.val_seed,
-                                      transform=eval_transform, min_train_classes=_min_train_classes(cfg))
+        return apply_protocol(splits, cfg.data, layout=cfg.eval.protocol, eval_transform=eval_transform,
+                              class_split=class_split, training=training)
     except ClassSplitError as e:
         raise ConfigError(e.naming(KEYS)) from None
-    return splits
 
 
-def _min_train_classes(cfg: Config) -> int:
-    """A P x K batch needs P classes; random batches and everything else need two."""
-    return max(2, cfg.data.classes_per_batch) if cfg.data.sampler == "pk" else 2
+def training_splits(cfg: Config, splits: Optional[DataSplits] = None, train_dataset=None) -> DataSplits:
+    """The splits a run trains and selects on: the recipe's (:func:`build_data`); or ``splits`` a user
+    made in Python, taken as given, the recipe's validation split carved from them; or a torch
+    ``train_dataset`` with the recipe's (or ``splits``') evaluation splits (see
+    :func:`~deepmetric.engine.python_objects.with_training_set`). Each passes the protocol once."""
+    from .python_objects import with_training_set
+
+    if train_dataset is not None:
+        splits = with_training_set(splits, train_dataset, cfg)
+    elif splits is None:
+        return build_data(cfg)
+    return protocol(cfg, splits, getattr(splits.query, "transform", None), class_split=False)
 
 
 def build_verification_pairs(cfg: Config) -> Optional[VerificationPairs]:

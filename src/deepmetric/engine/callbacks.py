@@ -4,6 +4,7 @@ Subclass :class:`Callback`, override the methods you need and pass instances as
 ``Trainer(cfg, run_dir, callbacks=[...])``. They run on the main rank only (rank 0 under ``torchrun``),
 in the order given, in this order within a run::
 
+    on_fit_start(trainer)                             # the run directory holds config.yaml and splits.json
     on_evaluation(trainer, "val" / "test", metrics)   # step 0: the untrained network (eval.untrained)
     on_step_end(trainer, record)                      # after every optimizer step
     on_evaluation(trainer, split, metrics)            # every train.eval_every steps and at the last
@@ -32,6 +33,10 @@ log = logging.getLogger("deepmetric")
 
 class Callback:
     """Hooks into a training run; every method does nothing unless overridden (see the module doc)."""
+
+    def on_fit_start(self, trainer: Any) -> None:
+        """When ``fit()`` starts training (a resumed run: at its checkpoint's ``trainer.step``), after
+        ``config.yaml`` and ``splits.json`` are written."""
 
     def on_step_end(self, trainer: Any, record: Dict[str, Any]) -> None:
         """After every optimizer step. ``record`` has ``step`` and ``epoch``; on logging steps

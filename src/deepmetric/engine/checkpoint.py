@@ -5,7 +5,8 @@ Layout of ``RUN_DIR/checkpoints/{last,best}/``:
 - ``model.safetensors``: the Embedder's weights (all that inference, export and search need; under
   ``train.ema`` their moving average, the weights the run evaluated);
 - ``train_state.safetensors``: loss-module tensors (classifier weights, cross-batch memory),
-  optimizer tensors, the torch RNG state and, under ``train.ema``, the live weights (``live.*``);
+  optimizer tensors, the torch RNG state and the tensors of the run's hooks (under ``train.ema``
+  the live weights, ``live.*``: :mod:`.hooks`);
 - ``state.json``: step, epoch and position in the epoch, optimizer structure, scheduler, sampler,
   numpy/python RNG states, the metrics at that step;
 - ``config.yaml``: the resolved recipe, so a checkpoint describes itself.
@@ -21,9 +22,10 @@ least one complete folder among ``NAME``, ``.NAME.old`` and the ``.NAME.tmp-*``,
 :func:`read_checkpoint` takes the newest of them by ``step`` (``NAME`` on a tie). Resolving only
 reads: it never moves a folder another process may be writing.
 
-Loading refuses, as a one-line :class:`CheckpointError`, weights of another shape than the model
-(naming the tensor, its shape in the file and in the model), NaN or infinite weights, and a
-``state.json`` without what resuming needs. New folders and files get the permissions of anything
+Loading (:func:`load_into`, the one path for the model's weights, the losses' tensors and a hook's)
+refuses, as a one-line :class:`CheckpointError`, weights of another shape than the module (naming
+the tensor, its shape in the file and in the module), NaN or infinite weights, and a ``state.json``
+without what resuming needs. New folders and files get the permissions of anything
 the user creates (``0o777`` / ``0o666`` less the umask).
 """
 from __future__ import annotations
@@ -36,7 +38,7 @@ import random
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -145,11 +147,10 @@ def _remove_dir(path: Path) -> None:
 
 def _serialise(cfg: Config, model: torch.nn.Module, losses: torch.nn.ModuleList,
                optimizers: Dict[str, torch.optim.Optimizer], state: Dict[str, Any],
-               live: Optional[torch.nn.Module] = None) -> Dict[str, bytes]:
+               extra: Dict[str, torch.Tensor]) -> Dict[str, bytes]:
     """The checkpoint's files as bytes, ``state.json`` last (the order they are written in)."""
     tensors = _state_tensors(losses, "losses.")
-    if live is not None:
-        tensors.update(_state_tensors(live, "live."))
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in extra.items()})
     opt_meta = {}
     for name, opt in optimizers.items():
         t, m = _flatten_optimizer(opt.state_dict(), f"optim.{name}")
@@ -177,13 +178,12 @@ def _siblings(final: Path) -> List[Path]:
 
 def save_checkpoint(directory: str | Path, *, cfg: Config, model: torch.nn.Module,
                     losses: torch.nn.ModuleList, optimizers: Dict[str, torch.optim.Optimizer],
-                    state: Dict[str, Any], live: Optional[torch.nn.Module] = None) -> Path:
-    """Write a complete checkpoint to ``directory`` atomically (see module docstring). ``live``:
-    the model whose weights ``model`` averages (``train.ema``), kept as ``live.*`` of
-    ``train_state.safetensors``."""
+                    state: Dict[str, Any], extra: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+    """Write a complete checkpoint to ``directory`` atomically (see module docstring). ``extra``:
+    tensors of the run's hooks, kept in ``train_state.safetensors`` under their own prefixes."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    files = _serialise(cfg, model, losses, optimizers, state, live)
+    files = _serialise(cfg, model, losses, optimizers, state, extra or {})
     tmp = directory.parent / f".{directory.name}.tmp-{secrets.token_hex(4)}"
     _make_dir(tmp)
     try:
@@ -281,28 +281,41 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
 
 # -- loading -------------------------------------------------------------------------------------
 
+def load_into(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], source: str, *, prefix: str = "",
+              mismatch: Callable[[str, str], str] = lambda first, count: f"another architecture ({first}; {count})",
+              nan_fix: str = "resume from an earlier checkpoint") -> None:
+    """The one load path: the tensors of ``tensors`` under ``prefix`` into ``module``, after refusing
+    NaN or infinite values and any tensor of another name or shape than the module's, as one line
+    naming ``source`` and the first tensor (``mismatch(first difference, "N differences")`` words
+    it). Only ``num_batches_tracked`` may be absent."""
+    own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    bad = first_nonfinite(own)
+    if bad is not None:
+        raise CheckpointError(f"{source}: tensor {prefix}{bad[0]} holds {bad[1]} NaN/infinite values (saved after "
+                              f"the run diverged?); {nan_fix}")
+    problems = weight_mismatches(module.state_dict(), own)
+    if problems:
+        raise CheckpointError(mismatch(problems[0], f"{len(problems)} difference{'s' if len(problems) > 1 else ''}"))
+    module.load_state_dict(own, strict=False)
+
+
 def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
     """Load ``ckpt/model.safetensors`` into ``model``; refuses another architecture (naming the first
     tensor that differs, with both shapes) and NaN or infinite weights, before changing anything."""
     f = Path(ckpt) / WEIGHTS
     try:
-        tensors = read_state_dict(f)
+        tensors = read_state_dict(f)  # refuses NaN or infinite weights, naming the tensor
     except WeightsError as e:
         raise CheckpointError(str(e)) from None
-    problems = weight_mismatches(model.state_dict(), tensors)
-    if problems:
-        raise CheckpointError(f"{f} holds another architecture than the model it is loaded into: {problems[0]} "
-                              f"({len(problems)} difference{'s' if len(problems) > 1 else ''}); load it with "
-                              f"the model of its own {Path(ckpt) / CONFIG}")
-    model.load_state_dict(tensors, strict=False)  # only num_batches_tracked may be absent
+    load_into(model, tensors, str(f), mismatch=lambda first, count: (
+        f"{f} holds another architecture than the model it is loaded into: {first} ({count}); load it with "
+        f"the model of its own {Path(ckpt) / CONFIG}"))
 
 
 def load_train_state(ckpt: Path, losses: torch.nn.ModuleList,
-                     optimizers: Dict[str, torch.optim.Optimizer], meta: Dict[str, Any],
-                     live: Optional[torch.nn.Module] = None) -> None:
-    """Restore loss modules, optimizers and RNGs for resuming; ``meta`` is the checkpoint's ``state.json``.
-    ``live``: the model that trains under ``train.ema`` (``model.safetensors`` holds its average),
-    restored from ``live.*``; a checkpoint without them is refused."""
+                     optimizers: Dict[str, torch.optim.Optimizer], meta: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """Restore loss modules, optimizers and RNGs for resuming; ``meta`` is the checkpoint's
+    ``state.json``. Returns the train state's other tensors (the hooks', :func:`load_into` them)."""
     missing = [k for k in RESUME_KEYS if k not in meta]
     if missing:
         raise CheckpointError(f"{Path(ckpt) / STATE} lacks {', '.join(missing)}: not a training checkpoint "
@@ -312,18 +325,9 @@ def load_train_state(ckpt: Path, losses: torch.nn.ModuleList,
         tensors = load_file(str(f))
     except Exception as e:
         raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e})".splitlines()[0]) from None
-    bad = first_nonfinite({k: v for k, v in tensors.items() if k.startswith("losses.")})
-    if bad is not None:
-        raise CheckpointError(f"{f}: tensor {bad[0]} holds {bad[1]} NaN/infinite values (saved after the run "
-                              "diverged?); resume from an earlier checkpoint")
-    loss_state = {k[len("losses."):]: v for k, v in tensors.items() if k.startswith("losses.")}
-    problems = weight_mismatches(losses.state_dict(), loss_state)
-    if problems:
-        raise CheckpointError(f"{f}: the loss terms differ from this recipe's losses ({problems[0]}); "
-                              f"resume with the losses of {Path(ckpt) / CONFIG}, or train afresh")
-    losses.load_state_dict(loss_state, strict=False)  # only num_batches_tracked may be absent
-    if live is not None:
-        _load_live_weights(live, tensors, Path(ckpt))
+    load_into(losses, tensors, str(f), prefix="losses.", mismatch=lambda first, count: (
+        f"{f}: the loss terms differ from this recipe's losses ({first}); resume with the losses of "
+        f"{Path(ckpt) / CONFIG}, or train afresh"))
     for name, opt in optimizers.items():
         try:
             opt.load_state_dict(_unflatten_optimizer(meta["optimizers"][name], tensors))
@@ -331,21 +335,4 @@ def load_train_state(ckpt: Path, losses: torch.nn.ModuleList,
             raise CheckpointError(f"{Path(ckpt) / STATE}: optimizer {name!r} does not fit this recipe's "
                                   f"({type(e).__name__}: {e}); resume with {Path(ckpt) / CONFIG}".splitlines()[0]) from None
     set_rng_state(tensors, meta.get("rng", {}))
-
-
-def _load_live_weights(model: torch.nn.Module, tensors: Dict[str, torch.Tensor], ckpt: Path) -> None:
-    """``live.*`` of the checkpoint's train state into ``model`` (see :func:`load_train_state`)."""
-    f = ckpt / TRAIN_STATE
-    live = {k[len("live."):]: v for k, v in tensors.items() if k.startswith("live.")}
-    if not live:
-        raise CheckpointError(f"{ckpt}: holds no live weights (live.* of {TRAIN_STATE}): it was saved without "
-                              f"train.ema, so train.ema cannot resume it; resume with train.ema=0")
-    bad = first_nonfinite(live)
-    if bad is not None:
-        raise CheckpointError(f"{f}: tensor live.{bad[0]} holds {bad[1]} NaN/infinite values (saved after the run "
-                              "diverged?); resume from an earlier checkpoint")
-    problems = weight_mismatches(model.state_dict(), live)
-    if problems:
-        raise CheckpointError(f"{f}: the live weights are of another architecture than the model ({problems[0]}); "
-                              f"resume with the model of {ckpt / CONFIG}")
-    model.load_state_dict(live, strict=False)
+    return {k: v for k, v in tensors.items() if not k.startswith(("losses.", "optim.", "rng."))}

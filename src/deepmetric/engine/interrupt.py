@@ -5,10 +5,12 @@ before pre-empting or at the time limit) only *request* a stop: the trainer fini
 in, saves ``checkpoints/last`` and raises :class:`KeyboardInterrupt`, so ``deepmetric train --resume``
 continues exactly there. A second signal aborts at once, as a plain Ctrl-C would. Handlers can only
 be installed from the main thread; elsewhere (a training run inside a worker thread) signals keep
-their usual meaning.
+their usual meaning. :class:`StopReason` says why a run ended early; :func:`ranks_agree` is how the
+ranks of a DDP run agree on a stop.
 """
 from __future__ import annotations
 
+import enum
 import logging
 import signal
 import threading
@@ -47,3 +49,22 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+
+class StopReason(enum.Enum):
+    """Why a run ended before ``train.max_steps``, if it did: one value, never a set of flags."""
+
+    EARLY_STOPPING = "early_stopping"  # train.early_stopping evaluations without a better validation
+    CALLBACK = "callback"  # a callback set trainer.should_stop
+    SIGNAL = "signal"  # Ctrl-C or SIGTERM: last saved, then KeyboardInterrupt
+
+
+def ranks_agree(dist: Any, flag: bool, due: bool) -> bool:
+    """Whether ``flag`` is raised, as every rank sees it: in one process ``flag`` itself; under DDP,
+    only when ``due`` (an all-reduce forces a device sync, so ranks agree at logging steps and
+    evaluations, not every step), true if any rank raised it."""
+    if not dist.is_distributed:
+        return bool(flag)
+    from ..core.distributed import any_rank
+
+    return bool(due and any_rank(flag))

@@ -118,7 +118,7 @@ def with_training_set(splits: Optional[DataSplits], dataset: torch.utils.data.Da
     (as given) or the recipe's test split. A validation split must come with ``splits`` (``val``):
     one cannot be carved from a plain torch dataset."""
     if splits is None:
-        splits = build_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"val_classes": None})}))
+        splits = build_data(cfg, validation=False)  # the recipe's evaluation splits; the training set is yours
     if splits.val is None and cfg.data.val_classes is not None:
         raise ConfigError("data.val_classes: a validation split cannot be carved from train_dataset (a torch "
                           "Dataset); set data.val_classes=null, or pass splits=DataSplits(..., val=...)")

@@ -4,19 +4,21 @@
   the run (its summary's ``notes``);
 - :func:`truncate_log`: a resumed run drops the log rows written after the checkpoint it continues;
 - :func:`tensorboard_writer`: the events writer, or None without TensorBoard;
-- :func:`split_sizes`: a few words per evaluation split, for the summary.
+- :func:`split_sizes`: a few words per evaluation split, for the summary;
+- :class:`Recorder`: the callback that writes ``metrics.jsonl``, TensorBoard and ``trainer.history``.
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from ..core.files import atomic_write
 from ..data.base import DataSplits
+from .callbacks import Callback
 
 log = logging.getLogger("deepmetric")
 
@@ -85,3 +87,54 @@ def tensorboard_writer(run_dir: Path, purge_step: Optional[int] = None):
     except Exception:  # tensorboard missing: metrics.jsonl still has everything
         return None
     return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
+
+
+class Recorder(Callback):
+    """The run's record: every training row (``train.log_every`` steps) and every evaluation row (the
+    final test excepted: it is in ``metrics.json``) in ``trainer.history``, ``metrics.jsonl`` and
+    TensorBoard events. A resumed run first drops the rows written after its checkpoint. The
+    trainer puts it first among the callbacks, on the main rank, which alone writes."""
+
+    def __init__(self) -> None:
+        self.history: List[Dict[str, Any]] = []
+        self._file: Optional[Any] = None
+        self._writer: Optional[Any] = None
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if trainer.resume:  # rows written after the checkpoint we continue from would repeat
+            truncate_log(trainer.run_dir / "metrics.jsonl", trainer.step)
+        self._writer = tensorboard_writer(trainer.run_dir, purge_step=trainer.step + 1 if trainer.resume else None)
+        self._file = open(trainer.run_dir / "metrics.jsonl", "a")
+
+    def on_step_end(self, trainer: Any, record: Dict[str, Any]) -> None:
+        if "loss" in record:
+            self.write(record)
+
+    def on_evaluation(self, trainer: Any, split: str, metrics: Dict[str, Any]) -> None:
+        if not trainer.final_test:
+            self.write({"step": trainer.step, "split": split, "eval": metrics})
+
+    def write(self, rec: Dict[str, Any]) -> None:
+        self.history.append(rec)
+        if self._file is None:
+            return
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            flat = rec.get("eval", rec)
+            prefix = f"{rec.get('split', 'eval')}/" if "eval" in rec else "train/"
+            for k, v in flat.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._writer.add_scalar(prefix + k, v, rec["step"])
+
+    def close(self) -> None:
+        for handle in (self._file, self._writer):
+            if handle is not None:
+                handle.close()
+        self._file = self._writer = None
+
+    def on_fit_end(self, trainer: Any, summary: Dict[str, Any]) -> None:
+        self.close()
+
+    def on_fit_error(self, trainer: Any, exc: BaseException) -> None:
+        self.close()
