@@ -547,9 +547,9 @@ class Trainer:
                 done[split] = result.metrics
         step_s = measure_steps(self)
         eval_s = timed.get("val", timed["test"])
-        spent = time.perf_counter() - started
-        if not cfg.eval.untrained:  # those evaluations were for timing only: not part of the run
-            spent -= sum(timed.values())
+        spent = time.perf_counter() - started - timed["test"]  # the test evaluations are not training
+        if not cfg.eval.untrained and "val" in timed:  # that evaluation was for timing only
+            spent -= timed["val"]
         plan = plan_steps(budget_seconds(cfg), spent, step_s, eval_s, timed["test"], cfg.train.eval_every,
                           what=str(cfg.train.time_budget))
         return broadcast_object(plan), done  # every rank trains the steps rank 0 measured
