@@ -56,7 +56,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from deepmetric.config import Config, load_config  # noqa: E402
 from deepmetric.core.files import atomic_write  # noqa: E402
 from deepmetric.engine.auto import auto_config, hash_order  # noqa: E402
-from deepmetric.engine.budget import plan_steps  # noqa: E402
+from deepmetric.engine.budget import measure_budget, plan_steps  # noqa: E402
 from deepmetric.engine.build import build_data, build_model, seed_everything  # noqa: E402
 from deepmetric.engine.evaluator import Evaluator  # noqa: E402
 from deepmetric.engine.schedule import LRSchedule  # noqa: E402
@@ -331,7 +331,7 @@ def calibrate_one(system: str, name: str, root: Path, budget: str, variants: Dic
     if system == "pml":
         plan = PMLLoop(cfg).measure(parse_duration(budget))
     else:
-        plan, _ = Trainer(cfg, work / f"calibrate-{name}-{system}-{int(selection)}").measure_budget()
+        plan, _ = measure_budget(Trainer(cfg, work / f"calibrate-{name}-{system}-{int(selection)}"))
     return {"max_steps": plan.max_steps, "eval_every": plan.eval_every, "step_s": plan.step_s,
             "eval_s": plan.eval_s, "test_s": plan.test_s, "elapsed_s": plan.elapsed_s}
 

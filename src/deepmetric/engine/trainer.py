@@ -98,7 +98,7 @@ class Trainer:
             if not resume and (self.run_dir / "checkpoints").exists():
                 raise ConfigError(f"run directory {self.run_dir} already holds checkpoints; "
                                   f"continue it with --resume or choose another --run-dir")
-            checkpoint = read_checkpoint(self.run_dir, prefer="last") if resume else None
+            self._checkpoint = read_checkpoint(self.run_dir, prefer="last") if resume else None
             seed_everything(self.cfg.seed)
             # everything that can fail on bad input is built before the run directory is touched
             self.parts = build_training(self.cfg, self.device, self.dist, resume=resume, splits=splits, model=model,
@@ -125,8 +125,8 @@ class Trainer:
                     from .tracking import MLflowCallback
 
                     self.callbacks.append(MLflowCallback.from_config(self.cfg.tracking.mlflow, self.cfg))
-            if checkpoint is not None:
-                self._restore(*checkpoint)
+            if resume:
+                self._restore()
 
     def _recipe(self, cfg: Config | str | Path) -> Config:
         """``cfg``, or the recipe a path means (the automatic recipe of a data folder or list)."""
@@ -148,7 +148,8 @@ class Trainer:
     # the run as callbacks and the CLI see it
     is_main = property(lambda self: self.dist.is_main)
     history = property(lambda self: self.recorder.history)
-    sampler = property(lambda self: self.parts.batches.sampler)
+    sampler = property(lambda self: self.parts.batches.sampler, lambda self, v: setattr(self.parts.batches, "sampler", v))
+    loader = property(lambda self: self.parts.batches.loader, lambda self, v: setattr(self.parts.batches, "loader", v))
     batch_plan = property(lambda self: self.parts.batches.plan)
     batch_affine = property(lambda self: self.parts.batches.affine)
     best_value = property(lambda self: self.selection.record.best_value)
@@ -176,7 +177,8 @@ class Trainer:
         return split_sizes(self.splits).get(split) or "none"
 
     # -- state ---------------------------------------------------------------------------------------
-    def _restore(self, ckpt: Path, state: Dict[str, Any]) -> None:
+    def _restore(self) -> None:
+        ckpt, state = self._checkpoint
         load_model_weights(self.evaluated, ckpt)  # under train.ema the average; the hook restores the live weights
         extra = load_train_state(ckpt, self.losses, self.optimizers, state)
         self.step = state["step"]
