@@ -20,13 +20,15 @@ from . import plots
 
 #: the metrics the table shows, on validation and on test
 SHOWN = ("map@r", "recall@1")
-#: Optuna's figures: (file stem, caption, function of optuna.visualization.matplotlib, x label or None)
+#: Optuna's figures: (file stem, caption, function of optuna.visualization.matplotlib, axis labels in
+#: place of Optuna's, x and y, None: Optuna's)
 FIGURES = (
     ("optimization_history", "validation MAP@R of each trial, and the best so far", "plot_optimization_history",
-     None),
-    ("param_importances", "parameter importances (fANOVA over the complete trials)", "plot_param_importances", None),
+     (None, "validation MAP@R")),
+    ("param_importances", "parameter importances (fANOVA over the complete trials)", "plot_param_importances",
+     (None, None)),
     ("intermediate_values", "each trial's best validation MAP@R so far, at each of its evaluations (pruned "
-     "trials stop early)", "plot_intermediate_values", "evaluation"),
+     "trials stop early)", "plot_intermediate_values", ("evaluation", "best validation MAP@R so far")),
 )
 
 
@@ -36,7 +38,7 @@ def optuna_figures(study: Any, out: Path) -> Tuple[List[Tuple[Path, str]], List[
     from optuna.visualization import matplotlib as drawing
 
     made, notes = [], []
-    for stem, caption, name, xlabel in FIGURES:
+    for stem, caption, name, (xlabel, ylabel) in FIGURES:
         # Optuna's plots set a style: kept inside; its matplotlib plots are "experimental": not our warning
         with matplotlib.rc_context(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -45,8 +47,8 @@ def optuna_figures(study: Any, out: Path) -> Tuple[List[Tuple[Path, str]], List[
             except (ValueError, RuntimeError) as e:
                 notes.append(f"{caption}: not drawn ({e})")
                 continue
-            if xlabel:
-                axes.set_xlabel(xlabel)
+            axes.set_xlabel(xlabel or axes.get_xlabel())
+            axes.set_ylabel(ylabel or axes.get_ylabel())
             made.append((plots._save(axes.figure, out / f"{stem}.png"), caption))
     return made, notes
 
