@@ -51,7 +51,7 @@ def test_without_torch_every_command_is_there_and_names_the_extra(tmp_path, run_
     """, block_torch=True)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["commands"] == sorted(["quickstart", "train", "eval", "data", "list", "embed", "index", "search",
+    assert out["commands"] == sorted(["quickstart", "train", "tune", "eval", "data", "list", "embed", "index", "search",
                                       "export", "serve"])
     for command, (code, err) in out["runs"].items():
         assert code == 2, (command, err)

@@ -20,8 +20,9 @@ log = logging.getLogger("deepmetric")
 
 #: the packages of the optional dependencies commands import, by module name, and the extra that brings each
 PACKAGES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "sklearn": "scikit-learn",
-            "safetensors": "safetensors", "scipy": "scipy", "matplotlib": "matplotlib", "tensorboard": "tensorboard"}
-EXTRAS = {package: "train" for package in PACKAGES.values()}
+            "safetensors": "safetensors", "scipy": "scipy", "matplotlib": "matplotlib", "tensorboard": "tensorboard",
+            "optuna": "optuna"}
+EXTRAS = {**{package: "train" for package in PACKAGES.values()}, "optuna": "tune"}
 
 
 # -- handlers --------------------------------------------------------------------------------------
@@ -43,6 +44,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = trainer.run_dir
     print(format_summary(summary, title=f"{trainer.cfg.name}:"))
     print(f"run directory: {run_dir}  (report: {report.path}; `deepmetric eval {run_dir}` scores the same checkpoint)")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import optuna  # first: without the `tune` extra, one line says so before anything is read
+
+    from .engine.tune import Search, option_seconds, tune_base
+    from .engine.tune_space import describe_space
+    from .viz.tune_report import format_tune_summary, write_tune_report
+
+    if args.space:
+        print(describe_space())
+        return 0
+    if not args.target:
+        raise UserError("tune: give your images (a folder with a subfolder per class, or a list file) or a recipe")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search says what it does itself
+    seconds = option_seconds("--time", args.time)
+    base = tune_base(args.target, args.overrides)
+    for line in base.lines:
+        log.info("%s", line)
+    run_dir = args.run_dir or f"runs/tune_{base.config.name}"
+    search = Search(base, run_dir, time=seconds, trial_budget=args.trial_budget, trials=args.trials,
+                    pruner=args.pruner)
+    result = search.run()
+    report = write_tune_report(result)
+    print(format_tune_summary(result))
+    print(f"report: {report}")
     return 0
 
 
@@ -145,6 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="where to write the run (default runs/<name>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     t.set_defaults(func=cmd_train)
+
+    tu = sub.add_parser("tune", help="search hyperparameters with Optuna on validation MAP@R: "
+                                     "deepmetric tune DIR_LIST_OR_RECIPE --time 30m [key=value ...]")
+    tu.add_argument("target", nargs="?", metavar="DATA_OR_RECIPE",
+                    help="your images (a folder with a subfolder per class, or a list file: the automatic recipe "
+                         "is the first trial) or a recipe")
+    tu.add_argument("overrides", nargs="*", help="key=value overrides of the base recipe (train.max_steps=N: "
+                                                 "trials of N steps)")
+    tu.add_argument("--time", help="the whole search (e.g. 30m, 1h); the same command again resumes it")
+    length = tu.add_mutually_exclusive_group()
+    length.add_argument("--trial-budget", help="each trial's train.time_budget (default: --time / --trials, "
+                                               "or a tenth of --time)")
+    length.add_argument("--trials", type=int, help="stop at N finished trials (the study's, resumed ones included)")
+    tu.add_argument("--pruner", default="median", choices=["median", "asha"],
+                    help="stop poor trials early: the median rule or ASHA (successive halving)")
+    tu.add_argument("--run-dir", help="the study, its trials, best.yaml and report.html (default runs/tune_<name>)")
+    tu.add_argument("--space", action="store_true", help="print the search space and exit")
+    tu.set_defaults(func=cmd_tune)
 
     e = sub.add_parser("eval", help="evaluate a run directory or a recipe with --checkpoint")
     e.add_argument("target", metavar="RUN_DIR_OR_CONFIG")

@@ -8,5 +8,6 @@
 - :mod:`~deepmetric.engine.trainer`: the training loop (with :mod:`.schedule` and :mod:`.interrupt`;
   :mod:`.python_objects` for a model, loss or training set given in Python; :mod:`.callbacks` and
   :mod:`.tracking` for code of one's own and MLflow);
-- :mod:`~deepmetric.engine.runs`: what ``deepmetric train`` and ``deepmetric eval`` do.
+- :mod:`~deepmetric.engine.runs`: what ``deepmetric train`` and ``deepmetric eval`` do;
+- :mod:`~deepmetric.engine.tune`: ``deepmetric tune``, an Optuna search over :mod:`.tune_space`.
 """
