@@ -330,14 +330,16 @@ def _run_name(source: str) -> str:
     return (p.stem if p.is_file() else p.name) or "run"
 
 
-def recipe_or_data(target: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
-    """The config ``deepmetric train TARGET`` trains: the automatic recipe of a data folder or list
-    (:func:`is_data_path`), else the recipe (a file, a run directory or a packaged name)."""
+def recipe_or_data(target: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[Config, List[str]]:
+    """``(config, notes)`` that ``deepmetric train TARGET`` trains: the automatic recipe of a data
+    folder or list (:func:`is_data_path`) and its notes, else the recipe (a file, a run directory or
+    a packaged name)."""
     from ..config import load_config, resolve_recipe
 
     if is_data_path(target):
-        return auto_config(target, overrides).config
-    return load_config(resolve_recipe(target), overrides)
+        auto = auto_config(target, overrides)
+        return auto.config, list(auto.notes)
+    return load_config(resolve_recipe(target), overrides), []
 
 
 __all__ = ["AutoRecipe", "Choice", "DataError", "auto_config", "hash_order", "is_data_path", "recipe_or_data",

@@ -136,20 +136,6 @@ def protocol(cfg: Config, splits: DataSplits, eval_transform=None, class_split: 
         raise ConfigError(e.naming(KEYS)) from None
 
 
-def training_splits(cfg: Config, splits: Optional[DataSplits] = None, train_dataset=None) -> DataSplits:
-    """The splits a run trains and selects on: the recipe's (:func:`build_data`); or ``splits`` a user
-    made in Python, taken as given, the recipe's validation split carved from them; or a torch
-    ``train_dataset`` with the recipe's (or ``splits``') evaluation splits (see
-    :func:`~deepmetric.engine.python_objects.with_training_set`). Each passes the protocol once."""
-    from .python_objects import with_training_set
-
-    if train_dataset is not None:
-        splits = with_training_set(splits, train_dataset, cfg)
-    elif splits is None:
-        return build_data(cfg)
-    return protocol(cfg, splits, getattr(splits.query, "transform", None), class_split=False)
-
-
 def build_verification_pairs(cfg: Config) -> Optional[VerificationPairs]:
     """The LFW pairs of ``eval.lfw_root`` / ``eval.lfw_pairs`` (None without ``eval.lfw_root``)."""
     c = cfg.eval
@@ -181,17 +167,16 @@ def model_from_checkpoint(cfg: Config, ckpt: Path) -> Embedder:
     """The model of recipe ``cfg`` with the weights of checkpoint folder ``ckpt`` (not yet on a
     device, in train mode): what ``deepmetric eval`` and :func:`load_for_inference` load. A model
     given in Python is refused (:func:`python_model_error`)."""
-    error = python_model_error(cfg, ckpt)
-    if error is not None:
-        raise error
-    model = build_model(cfg, load_weights=False)
+    model = build_model(cfg, load_weights=False, ckpt=ckpt)
     load_model_weights(model, ckpt)
     return model
 
 
-def build_model(cfg: Config, load_weights: bool = True) -> Embedder:
+def build_model(cfg: Config, load_weights: bool = True, ckpt: Optional[Path] = None) -> Embedder:
+    """The recipe's model (with ``load_weights``, its ``model.pretrained`` and ``model.init_from``); a
+    model given in Python is refused (:func:`python_model_error`, naming ``ckpt`` when loading one)."""
     m = cfg.model
-    error = python_model_error(cfg)
+    error = python_model_error(cfg, ckpt)
     if error is not None:
         raise error
     _check_backbone_options(m.backbone, m.backbone_options)

@@ -19,11 +19,11 @@ from ..config import Config, ConfigError
 from ..core.distributed import DistInfo
 from ..data.base import DataSplits
 from ..data.loading import SeededBatchSampler, SeededDataset, affine_on_batch, loader_settings
-from .build import (build_device_normalisation, build_losses, build_model, build_optimizers, build_sampler,
-                    channels_last, check_pairs, training_splits)
+from .build import (build_data, build_device_normalisation, build_losses, build_model, build_optimizers,
+                    build_sampler, channels_last, check_pairs, protocol)
 from .checkpoint import resolve_checkpoint
 from .evaluator import Evaluator
-from .python_objects import embedding_dim
+from .python_objects import embedding_dim, with_training_set
 
 
 class Batches:
@@ -140,6 +140,18 @@ def build_training(cfg: Config, device: torch.device, dist: DistInfo, *, resume:
         batches=Batches(cfg, splits, device, dist, nhwc), evaluator=evaluator, val_evaluator=val_evaluator,
         scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),
         amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp), channels_last=nhwc, notes=notes)
+
+
+def training_splits(cfg: Config, splits: Optional[DataSplits] = None, train_dataset=None) -> DataSplits:
+    """The splits a run trains and selects on: the recipe's (:func:`build_data`); or ``splits`` a user
+    made in Python, taken as given, the recipe's validation split carved from them; or a torch
+    ``train_dataset`` with the recipe's (or ``splits``') evaluation splits (see
+    :func:`~deepmetric.engine.python_objects.with_training_set`). Each passes the protocol once."""
+    if train_dataset is not None:
+        splits = with_training_set(splits, train_dataset, cfg)
+    elif splits is None:
+        return build_data(cfg)
+    return protocol(cfg, splits, getattr(splits.query, "transform", None), class_split=False)
 
 
 def _check_selection(cfg: Config, evaluator: Evaluator, validates: bool) -> None:

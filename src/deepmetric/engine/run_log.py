@@ -1,7 +1,7 @@
 """What a training run writes beside its checkpoints: its notes, ``metrics.jsonl``, TensorBoard events.
 
 - :class:`collect_notes`: while inside, the warnings logged through ``deepmetric`` become notes of
-  the run (its summary's ``notes``);
+  the run (its summary's ``notes``); :class:`warnings_as_notes` does the same for Python warnings;
 - :func:`truncate_log`: a resumed run drops the log rows written after the checkpoint it continues;
 - :func:`tensorboard_writer`: the events writer, or None without TensorBoard;
 - :func:`split_sizes`: a few words per evaluation split, for the summary;
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -49,6 +50,27 @@ class collect_notes:
         log.removeHandler(self.handler)
 
 
+class warnings_as_notes:
+    """While inside, Python warnings (a metric's skipped queries) become notes of the run, prefixed by
+    ``where`` (``step 50, val``), and are warned again."""
+
+    def __init__(self, notes: List[str], where: str) -> None:
+        self.notes, self.where = notes, where
+        self._catch = warnings.catch_warnings(record=True)
+
+    def __enter__(self) -> None:
+        self._caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+
+    def __exit__(self, *exc) -> None:
+        self._catch.__exit__(*exc)
+        for w in self._caught:
+            note = f"{self.where}: {w.message}"
+            if note not in self.notes:
+                self.notes.append(note)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def split_sizes(splits: DataSplits) -> Dict[str, str]:
     """A few words per evaluation split, for the summary's column heads."""
     def words(s: Optional[DataSplits]) -> Optional[str]:
@@ -63,6 +85,25 @@ def split_sizes(splits: DataSplits) -> Dict[str, str]:
 
     return {"val": words(splits.val), "test": words(splits) if splits.query is not None or splits.pairs is not None
             else None}
+
+
+def run_summary(trainer: Any, result: Any, selected: int) -> Dict[str, Any]:
+    """What ``fit()`` returns and ``metrics.json`` holds: the selected ``step`` and its test metrics
+    (``result``), the untrained network's, the selection's validation metrics, and the run's facts."""
+    import dataclasses
+
+    from .interrupt import StopReason
+
+    how = trainer.selection.summary()
+    return {
+        "checkpoint": str(trainer.run_dir / "checkpoints" / "best"), "step": selected, "last_step": trainer.step,
+        "max_steps": trainer.cfg.train.max_steps, "selected_by": how["selected_by"],
+        "evaluations": trainer.evaluations, "stopped_early": trainer.stop_reason is StopReason.EARLY_STOPPING,
+        "metrics": result.metrics, "val": how["val"], "untrained": trainer.untrained,
+        "splits": split_sizes(trainer.splits),
+        "budget": None if trainer.budget_plan is None else dataclasses.asdict(trainer.budget_plan),
+        "sources": dict(trainer.sources), "notes": trainer.notes,
+    }
 
 
 def truncate_log(path: Path, step: int) -> None:

@@ -27,25 +27,24 @@ rank, gathers the embeddings and computes exact metrics once.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import math
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..config import Config, ConfigError, load_config, resolve_recipe, save_config
+from ..config import Config, ConfigError, save_config
 from ..core.distributed import barrier, broadcast_object, init_distributed, rank_device
 from ..core.files import atomic_write, check_writable, writing
 from ..data.base import DataSplits
 from ..data.protocol import describe_splits
-from .budget import budget_seconds, measure_budget
+from .auto import recipe_or_data
+from .budget import budget_seconds, fit_to_budget
 from .build import resolve_paths, seed_everything
 from .callbacks import Callback, LogRecords, ProgressLog, report_fit_error, run_callbacks
 from .checkpoint import load_model_weights, load_train_state, read_checkpoint, save_checkpoint
@@ -53,7 +52,7 @@ from .hooks import MovingAverage, TrainingHook
 from .interrupt import StopReason, StopRequest, ranks_agree
 from .parts import Batches, build_training
 from .python_objects import check_sources, mark_python_objects, object_sources
-from .run_log import Recorder, collect_notes, split_sizes
+from .run_log import Recorder, collect_notes, run_summary, split_sizes, warnings_as_notes
 from .schedule import LRSchedule
 from .selection import selection_for
 from .step import batch_loss, update
@@ -87,7 +86,8 @@ class Trainer:
                  *, callbacks: Sequence[Callback] = (), model: Optional[torch.nn.Module] = None,
                  loss: Optional[torch.nn.Module] = None, train_dataset: Optional[torch.utils.data.Dataset] = None) -> None:
         self.notes: List[str] = []  # the run's facts and warnings, also in the summary
-        cfg = self._recipe(cfg)
+        if not isinstance(cfg, Config):  # your images (the automatic recipe), or a recipe's path
+            cfg, self.notes = recipe_or_data(cfg)
         with collect_notes(self.notes):
             self.sources = object_sources(model, loss, splits, train_dataset)
             self.cfg = mark_python_objects(resolve_paths(cfg), model, loss)
@@ -127,18 +127,6 @@ class Trainer:
                     self.callbacks.append(MLflowCallback.from_config(self.cfg.tracking.mlflow, self.cfg))
             if resume:
                 self._restore()
-
-    def _recipe(self, cfg: Config | str | Path) -> Config:
-        """``cfg``, or the recipe a path means (the automatic recipe of a data folder or list)."""
-        if isinstance(cfg, Config):
-            return cfg
-        from .auto import auto_config, is_data_path
-
-        if not is_data_path(cfg):
-            return load_config(resolve_recipe(cfg))
-        auto = auto_config(cfg)
-        self.notes.extend(auto.notes)
-        return auto.config
 
     def __getattr__(self, name: str) -> Any:
         if name in _PARTS and "parts" in self.__dict__:
@@ -254,7 +242,7 @@ class Trainer:
             raise
 
     def _fit(self) -> Dict[str, Any]:
-        untrained = self._fit_to_budget(time.perf_counter()) if budget_seconds(self.cfg) and not self.resume else {}
+        untrained = fit_to_budget(self, time.perf_counter()) if budget_seconds(self.cfg) and not self.resume else {}
         if self.is_main and not self.resume:
             save_config(self.cfg, self.run_dir / "config.yaml")
             atomic_write(self.run_dir / "splits.json", json.dumps(
@@ -282,18 +270,6 @@ class Trainer:
     def _notified(self, split: str, metrics: Dict[str, Any]) -> Dict[str, Any]:
         self.notify("on_evaluation", split, metrics)
         return metrics
-
-    def _fit_to_budget(self, started: float) -> Dict[str, Any]:
-        """``train.time_budget``: set ``train.max_steps`` and ``train.eval_every`` to what fits
-        (:func:`.budget.measure_budget`); returns the untrained evaluations made on the way."""
-        plan, done = measure_budget(self, started)
-        self.budget_plan = plan
-        self.notes.append(plan.describe(str(self.cfg.train.time_budget)))
-        log.info("%s", self.notes[-1])
-        self.cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={
-            "max_steps": plan.max_steps, "eval_every": plan.eval_every, "time_budget": None})})
-        self.schedule = LRSchedule(self.cfg.scheduler, [self.optimizers["main"]], plan.max_steps)
-        return done
 
     def _train_loop(self, bar) -> None:
         train = self.cfg.train
@@ -371,14 +347,8 @@ class Trainer:
         model = self.evaluated
         if self.channels_last and model is self.model:  # NCHW, as deepmetric eval runs the checkpoint
             model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings_as_notes(self.notes, f"step {self.step}, {split}"):
             result = evaluator.run(model, neighbours=neighbours)
-        for w in caught:
-            note = f"step {self.step}, {split}: {w.message}"
-            if note not in self.notes:
-                self.notes.append(note)
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         result.metrics = broadcast_object(result.metrics)
         self.model.train()
         if notify:
@@ -398,23 +368,15 @@ class Trainer:
     def _final(self, announce: bool = False) -> Dict[str, Any]:
         """Test the selected checkpoint once; write ``metrics.json``; return the summary.
         ``announce``: log the phase (it may take a while)."""
-        cfg = self.cfg
         selected = self.best_step if self.best_step is not None else self.step
         if announce:
             log.info("evaluating the selected checkpoint (step %d) on the test split", selected)
         self.final_test = True
         self.last_result = result = self.selection.final_result(self)
         self.final_test = False
-        self.summary = summary = {
-            "checkpoint": str(self.run_dir / "checkpoints" / "best"), "step": selected, "last_step": self.step,
-            "max_steps": cfg.train.max_steps, "selected_by": self.selection.summary()["selected_by"],
-            "evaluations": self.evaluations, "stopped_early": self.stop_reason is StopReason.EARLY_STOPPING,
-            "metrics": result.metrics, "val": self.selection.summary()["val"], "untrained": self.untrained,
-            "splits": split_sizes(self.splits), "sources": dict(self.sources), "notes": self.notes,
-            "budget": None if self.budget_plan is None else dataclasses.asdict(self.budget_plan),
-        }
+        self.summary = summary = run_summary(self, result, selected)
         if self.is_main:
             flat = {"checkpoint": summary["checkpoint"], "step": selected, **result.metrics,
                     **{k: v for k, v in summary.items() if k not in ("checkpoint", "step", "metrics")}}
             atomic_write(self.run_dir / "metrics.json", json.dumps(flat, indent=1))
-        return {"run_dir": str(self.run_dir), **summary, "best": {cfg.eval.metric: self.best_value}}
+        return {"run_dir": str(self.run_dir), **summary, "best": {self.cfg.eval.metric: self.best_value}}

@@ -17,7 +17,7 @@ as the top-level keys split a format's, before the union). The union's class ids
 own ids shifted past the previous parts' (part ``p``'s id ``c`` is ``offset[p] + c``), so no two
 parts share a class; class names are ``"<part name>/<class name>"``. Training, query and gallery
 sets are the parts' concatenated; then ``data.train_classes`` / ``test_classes`` / ``val_classes``
-apply to the union (:func:`deepmetric.engine.build.apply_protocol`).
+apply to the union (:func:`deepmetric.data.protocol.apply`).
 
 Every part's images go through the recipe's one transform (``data.transform``, ``data.image_size``,
 ``model.in_chans``), so give a size that suits them all (``data.image_size``: digits are 8 x 8).
