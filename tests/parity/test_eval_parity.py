@@ -17,11 +17,14 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.model_selection import KFold
 
 from deepmetric.evaluation import k_reciprocal_rerank, reid_metrics, retrieval_metrics, verification_metrics
+from tests.conftest import require_module
 
-pml_acc = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+PML = "the dev extra (pytorch-metric-learning==2.9.0, make test installs it)"
+TORCHREID = "torchreid==0.2.5, which make test installs with --no-deps"
+pml_acc = require_module("pytorch_metric_learning.utils.accuracy_calculator", PML)
 warnings.filterwarnings("ignore", message="Cython evaluation")
-rank_mod = pytest.importorskip("torchreid.reid.metrics.rank")
-rerank_mod = pytest.importorskip("torchreid.reid.utils.rerank")
+rank_mod = require_module("torchreid.reid.metrics.rank", TORCHREID)
+rerank_mod = require_module("torchreid.reid.utils.rerank", TORCHREID)
 
 PML_KEYS = {"precision_at_1": "precision@1", "mean_average_precision_at_r": "map@r",
             "r_precision": "r_precision", "mean_average_precision": "map", "mean_reciprocal_rank": "mrr"}
