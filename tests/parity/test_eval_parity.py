@@ -3,8 +3,11 @@
 - PML 2.9.0 ``AccuracyCalculator`` (faiss kNN, k=None): P@1, MAP@R, R-precision, full MAP, leave-one-out and
   query/gallery; and its float cast of labels (>= 2**24 collide), where we must differ.
 - torchreid 0.2.5 ``evaluate_rank`` (Python path) for CMC / mAP; ``re_ranking`` to 1e-5.
-- scikit-learn ``average_precision_score`` per query; the LFW 10-fold protocol re-implemented here from its
-  description (REFERENCE 2.4) with loops.
+- scikit-learn ``average_precision_score`` per query; the LFW 10-fold protocol re-implemented here with loops
+  from its description (insightface's ``arcface_torch/eval/verification.py``: contiguous folds,
+  thresholds 0-4 by 0.01, ``dist < t`` predicts same, the first best threshold on nine folds scored on
+  the tenth, mean and population std of the ten accuracies; VAL@FAR=1e-3 at the threshold interpolated
+  on the nine folds' FAR curve, first threshold per FAR value).
 
 Data have distinct, well separated distances so that every peer's (unspecified) tie order agrees.
 """
@@ -175,7 +178,7 @@ def test_torchreid_re_ranking(dtype, k1, k2):
 
 
 def lfw_reference(dist, same, n_folds=10):
-    """The 10-fold protocol written from its description (REFERENCE 2.4), loop by loop."""
+    """The 10-fold protocol written from its description (the module docstring), loop by loop."""
     thresholds = np.arange(0, 4, 0.01)
     accs, best_thr = [], []
     folds = KFold(n_splits=n_folds, shuffle=False).split(np.arange(len(dist)))
