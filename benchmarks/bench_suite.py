@@ -202,88 +202,110 @@ def run_trainer(cfg: Config, run_dir: Path) -> Dict[str, Any]:
     return _summary_record(trainer, summary, time.perf_counter() - t0)
 
 
-def run_pml(cfg: Config, budget_s: float) -> Dict[str, Any]:
-    """The PML loop (see the module docstring) at the same budget: the untrained evaluations and ten
-    steps timed, :func:`plan_steps` for the step count, the same selection."""
-    from bench_fidelity import pml_recipe
-    from pytorch_metric_learning.samplers import MPerClassSampler
-    from torch.utils.data import DataLoader
+class PMLLoop:
+    """The PML loop (see the module docstring): built like the automatic recipe's run (the same
+    splits, network, input, batch, optimizer and schedule), without augmentation."""
 
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"transform": "tensor"})})  # no augmentation
-    seed_everything(cfg.seed)  # MPerClassSampler draws from numpy's global generator
-    started = time.perf_counter()
-    splits = build_data(cfg)
-    model = build_model(cfg)
-    loss_fn, miner = pml_recipe("pml_ms")  # MultiSimilarityLoss + MultiSimilarityMiner, PML's defaults
-    o = cfg.optimizer
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    d = cfg.data
-    batch = d.classes_per_batch * d.samples_per_class
-    val = Evaluator(cfg, splits.val) if splits.val is not None else None
-    test = Evaluator(cfg, splits)
-    t0 = time.perf_counter()
-    untrained_val = val.evaluate(model) if val is not None else None
-    eval_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    untrained = test.run(model, neighbours=False).metrics
-    test_s = time.perf_counter() - t0
-    sampler = MPerClassSampler(splits.train.labels, m=d.samples_per_class, batch_size=batch,
-                               length_before_new_iter=batch * 500)
+    def __init__(self, cfg: Config) -> None:
+        from bench_fidelity import pml_recipe
+        from pytorch_metric_learning.samplers import MPerClassSampler
+        from torch.utils.data import DataLoader
 
-    def batches():
-        while True:  # MPerClassSampler draws a new plan of 500 batches each pass
-            yield from DataLoader(splits.train, batch_size=batch, sampler=sampler, drop_last=True, num_workers=0)
+        self.started = time.perf_counter()
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"transform": "tensor"})})  # no augmentation
+        self.cfg = cfg
+        seed_everything(cfg.seed)  # MPerClassSampler draws from numpy's global generator
+        splits = build_data(cfg)
+        self.model = build_model(cfg)
+        self.loss_fn, self.miner = pml_recipe("pml_ms")  # MultiSimilarityLoss + MultiSimilarityMiner, PML's defaults
+        o = cfg.optimizer
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        d = cfg.data
+        self.batch = d.classes_per_batch * d.samples_per_class
+        self.val = Evaluator(cfg, splits.val) if splits.val is not None else None
+        self.test = Evaluator(cfg, splits)
+        sampler = MPerClassSampler(splits.train.labels, m=d.samples_per_class, batch_size=self.batch,
+                                   length_before_new_iter=self.batch * 500)
 
-    loader = batches()
-    schedule = LRSchedule(cfg.scheduler, [opt], 10 ** 9)  # the warm-up does not depend on the length
+        def batches():
+            while True:  # MPerClassSampler draws a new plan of 500 batches each pass
+                yield from DataLoader(splits.train, batch_size=self.batch, sampler=sampler, drop_last=True, num_workers=0)
 
-    def step(k: int) -> None:
-        images, labels, _ = next(loader)
-        schedule.apply(k)
-        emb = model(images)
-        loss = loss_fn(emb, labels, miner(emb, labels))
-        opt.zero_grad(set_to_none=True)
+        self.loader = batches()
+        self.schedule = LRSchedule(cfg.scheduler, [self.opt], 10 ** 9)  # the warm-up does not depend on the length
+        self.k = 0
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        images, labels, _ = next(self.loader)
+        self.schedule.apply(self.k)
+        emb = self.model(images)
+        loss = self.loss_fn(emb, labels, self.miner(emb, labels))
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.opt.step()
+        self.k += 1
+        return time.perf_counter() - t0
 
-    model.train()
-    timed = []
-    for k in range(12):  # the first steps of the run itself, timed (they are in the warm-up)
+    def measure(self, budget_s: float):
+        """The untrained evaluations and the first twelve steps (in the warm-up, so independent of the
+        length) timed, and the plan: what the Trainer's ``train.time_budget`` does."""
+        started = t0 = time.perf_counter()
+        self.untrained_val = self.val.evaluate(self.model) if self.val is not None else None
+        eval_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        step(k)
-        timed.append(time.perf_counter() - t0)
-    plan = plan_steps(budget_s, time.perf_counter() - started, float(np.median(timed[2:])),
-                      eval_s if val is not None else test_s, test_s)
-    schedule = LRSchedule(cfg.scheduler, [opt], plan.max_steps)
-    best, best_step, best_state, best_val = None, None, None, None
-    train_s = sum(timed)
-    for k in range(12, plan.max_steps):
-        t0 = time.perf_counter()
-        step(k)
-        train_s += time.perf_counter() - t0
-        done = k + 1
-        if val is not None and (done % plan.eval_every == 0 or done == plan.max_steps):
-            metrics = val.evaluate(model)
-            model.train()
-            if best is None or metrics[cfg.eval.metric] > best:
-                best, best_step, best_val = metrics[cfg.eval.metric], done, metrics
-                best_state = {key: v.detach().clone() for key, v in model.state_dict().items()}
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    result = test.run(model, neighbours=False)
-    return {"test": result.metrics, "val": best_val, "untrained": {"test": untrained, "val": untrained_val},
-            "step": best_step or plan.max_steps, "max_steps": plan.max_steps,
-            "budget": {"step_s": plan.step_s, "eval_s": plan.eval_s, "test_s": plan.test_s},
-            "images_per_s": batch * plan.max_steps / train_s, "wall_s": time.perf_counter() - started}
+        self.untrained = self.test.run(self.model, neighbours=False).metrics
+        test_s = time.perf_counter() - t0
+        self.model.train()
+        timed = [self.step() for _ in range(12)]
+        self.train_s = sum(timed)
+        # the test evaluations are not training: the same accounting as the Trainer's
+        return plan_steps(budget_s, time.perf_counter() - started - test_s, float(np.median(timed[2:])),
+                          eval_s if self.val is not None else test_s, test_s)
+
+    def train(self, max_steps: int, eval_every: int) -> Dict[str, Any]:
+        cfg = self.cfg
+        self.schedule = LRSchedule(cfg.scheduler, [self.opt], max_steps)
+        best, best_step, best_state, best_val = None, None, None, None
+        while self.k < max_steps:
+            self.train_s += self.step()
+            done = self.k
+            if self.val is not None and (done % eval_every == 0 or done == max_steps):
+                metrics = self.val.evaluate(self.model)
+                self.model.train()
+                if best is None or metrics[cfg.eval.metric] > best:
+                    best, best_step, best_val = metrics[cfg.eval.metric], done, metrics
+                    best_state = {key: v.detach().clone() for key, v in self.model.state_dict().items()}
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        result = self.test.run(self.model, neighbours=False)
+        return {"test": result.metrics, "val": best_val, "untrained": {"test": self.untrained, "val": self.untrained_val},
+                "step": best_step or max_steps, "max_steps": max_steps,
+                "images_per_s": self.batch * max_steps / self.train_s, "wall_s": time.perf_counter() - self.started}
+
+
+def run_pml(cfg: Config, budget_s: float, plan: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The PML loop at the budget: measured here, or with the step count of a calibration ``plan``."""
+    loop = PMLLoop(cfg)
+    measured = loop.measure(budget_s)
+    steps, every = (measured.max_steps, measured.eval_every) if plan is None else (plan["max_steps"], plan["eval_every"])
+    out = loop.train(steps, every)
+    out["budget"] = {"step_s": measured.step_s, "eval_s": measured.eval_s, "test_s": measured.test_s,
+                     "planned_here": plan is None}
+    return out
 
 
 def run_one(system: str, name: str, root: Path, seed: int, budget: str, variants: Dict[str, List[str]],
-            work: Path, selection: bool) -> Dict[str, Any]:
+            work: Path, selection: bool, plan: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """One run; ``plan``: the step count and evaluation interval a calibration measured for this
+    system and data set at ``budget`` (then the run repeats it, whatever the machine is doing now)."""
     from deepmetric.config import parse_duration
 
     fold = selection_fold(name, root, seed) if selection else []
+    fixed = [] if plan is None else ["train.time_budget=null", f"train.max_steps={plan['max_steps']}",
+                                     f"train.eval_every={plan['eval_every']}"]
     if system == "pml":
-        return run_pml(auto_recipe(root, name, seed, budget, fold), parse_duration(budget))
+        return run_pml(auto_recipe(root, name, seed, budget, fold), parse_duration(budget), plan)
     if system == "readme":  # as a user ran it: an error it stops with is its result
         from deepmetric.core.errors import UserError
 
@@ -295,8 +317,23 @@ def run_one(system: str, name: str, root: Path, seed: int, budget: str, variants
             nan = {k: float("nan") for k in SHOWN}
             return {"error": str(e), "test": nan, "val": None, "untrained": None, "step": None, "max_steps": 0}
     extra = variants.get(system, [])
-    cfg = auto_recipe(root, name, seed, budget, [*extra, *fold])
+    cfg = auto_recipe(root, name, seed, budget, [*extra, *fold, *fixed])
     return run_trainer(cfg, work / f"{name}-{seed}-{system}{'-sel' if selection else ''}")
+
+
+def calibrate_one(system: str, name: str, root: Path, budget: str, variants: Dict[str, List[str]], work: Path,
+                  selection: bool) -> Dict[str, Any]:
+    """What ``budget`` comes to for ``system`` on data set ``name``, measured now (no training)."""
+    from deepmetric.config import parse_duration
+
+    fold = selection_fold(name, root, 0) if selection else []
+    cfg = auto_recipe(root, name, 0, budget, [*variants.get(system, []), *fold])
+    if system == "pml":
+        plan = PMLLoop(cfg).measure(parse_duration(budget))
+    else:
+        plan, _ = Trainer(cfg, work / f"calibrate-{name}-{system}-{int(selection)}").measure_budget()
+    return {"max_steps": plan.max_steps, "eval_every": plan.eval_every, "step_s": plan.step_s,
+            "eval_s": plan.eval_s, "test_s": plan.test_s, "elapsed_s": plan.elapsed_s}
 
 
 def few_classes(name: str, root: Path) -> bool:
@@ -320,6 +357,11 @@ def cmd_run(args) -> int:
         report = json.loads(Path(args.json).read_text())
         if report.get("budget") != args.budget or report.get("variants", {}) != variants:
             raise SystemExit(f"bench_suite: {args.json} holds runs of another budget or variants")
+    plans = json.loads(Path(args.plans).read_text()) if args.plans else None
+    if plans is not None:
+        if plans["budget"] != args.budget:
+            raise SystemExit(f"bench_suite: {args.plans} was calibrated at {plans['budget']}, not {args.budget}")
+        report["plans"] = args.plans
     done = {(r["dataset"], r["seed"], r["system"], r["kind"]) for r in report["runs"]}
     work = Path(tempfile.mkdtemp(prefix="bench_suite_"))
     for name in args.datasets:
@@ -335,7 +377,13 @@ def cmd_run(args) -> int:
                     if (name, seed, system, kind) in done:
                         continue
                     t0 = time.perf_counter()
-                    r = run_one(system, name, root, seed, args.budget, variants, work, kind == "select")
+                    plan = None
+                    if plans is not None and system != "readme":
+                        key = f"{name}/{system}/{kind}"
+                        if key not in plans["plans"]:
+                            raise SystemExit(f"bench_suite: {args.plans} has no plan for {key}; calibrate it")
+                        plan = plans["plans"][key]
+                    r = run_one(system, name, root, seed, args.budget, variants, work, kind == "select", plan)
                     r.update(dataset=name, seed=seed, system=system, kind=kind, load=os.getloadavg())
                     report["runs"].append(r)
                     val = (r.get("val") or {}).get("map@r")
@@ -347,6 +395,42 @@ def cmd_run(args) -> int:
                           flush=True)
                     if args.json:
                         atomic_write(args.json, json.dumps(report, indent=1, default=float))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    """Measure what the budget comes to for every system and data set, on a machine doing nothing
+    else (one thread, as the runs): the runs then repeat those step counts (``run --plans``)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    import logging
+
+    logging.getLogger("deepmetric").setLevel(logging.WARNING)
+    variants = {f"auto_{v[0]}": v[1:] for v in args.variants}
+    out: Dict[str, Any] = {"argv": sys.argv, "budget": args.budget, "load_before": os.getloadavg(), "plans": {}}
+    if args.json and Path(args.json).is_file():
+        out = json.loads(Path(args.json).read_text())
+    work = Path(tempfile.mkdtemp(prefix="bench_suite_calibrate_"))
+    for name in args.datasets:
+        root = Path(args.root) / DATASETS[name].folder
+        kinds = ["report"] + (["select"] if args.selection and few_classes(name, root) else [])
+        for kind in kinds:
+            for system in [s for s in args.systems if s != "readme"] + list(variants):
+                key = f"{name}/{system}/{kind}"
+                if key in out["plans"]:
+                    continue
+                tries = [calibrate_one(system, name, root, args.budget, variants, work, kind == "select")
+                         for _ in range(args.repeat)]
+                plan = max(tries, key=lambda p: p["max_steps"])  # the least disturbed measurement
+                plan["tries"] = [t["max_steps"] for t in tries]
+                plan["load"] = os.getloadavg()
+                out["plans"][key] = plan
+                print(f"{key:<40} {plan['max_steps']:>6} steps, an evaluation every {plan['eval_every']:>5} "
+                      f"({plan['step_s'] * 1000:.0f} ms a step, evaluation {plan['eval_s']:.1f} s, test "
+                      f"{plan['test_s']:.1f} s)", flush=True)
+                if args.json:
+                    atomic_write(args.json, json.dumps(out, indent=1))
     return 0
 
 
@@ -443,13 +527,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("--selection", action="store_true", help="also selection runs where the training classes are few")
     r.add_argument("--threads", type=int, default=0)
     r.add_argument("--json")
+    r.add_argument("--plans", help="a calibration's --json: repeat its step counts instead of measuring")
+    c = sub.add_parser("calibrate", help="measure what the budget comes to, per data set and system")
+    c.add_argument("--root", default="/tmp/suite")
+    c.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    c.add_argument("--systems", nargs="*", default=["auto", "pml"], choices=["auto", "pml"])
+    c.add_argument("--variant", dest="variants", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE")
+    c.add_argument("--budget", default="2m")
+    c.add_argument("--selection", action="store_true")
+    c.add_argument("--repeat", type=int, default=2, help="measure this many times and keep the fastest")
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--json")
     t = sub.add_parser("table", help="leave-one-data-set-out table of --json files")
     t.add_argument("files", nargs="+")
     args = ap.parse_args(argv)
     if args.command == "prepare":
         prepare(Path(args.out))
         return 0
-    return cmd_run(args) if args.command == "run" else cmd_table(args)
+    return {"run": cmd_run, "calibrate": cmd_calibrate, "table": cmd_table}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -281,9 +281,9 @@ def auto_config(source: str | os.PathLike, overrides: Sequence[str] = (), name: 
     memory = DEFAULTS.get("memory")
     if memory:
         n_images = int(counts[[i for i, key in enumerate(profile.class_keys) if key in set(train_keys)]].sum())
-        size = memory.get("size", "auto")
-        size = int(min(MEMORY_MAX, n_images)) if size == "auto" else int(size)
-        loss["memory"] = {**{k: v for k, v in memory.items() if k != "size"}, "size": max(size, p * k)}
+        slots = memory.get("size", "auto")
+        slots = int(min(MEMORY_MAX, n_images)) if slots == "auto" else int(slots)
+        loss["memory"] = {**{k: v for k, v in memory.items() if k != "size"}, "size": max(slots, p * k)}
     choices.append(Choice("losses", [loss], "chosen on the suite's validation splits (docs/benchmarks.md)"))
     optimizer = DEFAULTS["optimizer"]
     choices.append(Choice("optimizer", optimizer, "chosen on the suite"))

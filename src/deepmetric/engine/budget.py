@@ -6,8 +6,10 @@ untrained evaluations it does anyway, and :func:`plan_steps` turns the budget le
 ``train.max_steps`` (and ``train.eval_every``, about :data:`EVALUATIONS` evaluations when the recipe
 sets none). The run then trains that many steps like any other, and its ``config.yaml`` records them,
 so ``deepmetric train RUN/config.yaml`` (or ``train.max_steps=N``) repeats it bit for bit on any
-machine. The budget covers the whole run: the untrained evaluations, the training steps, every
-validation, and the final test of the selected checkpoint.
+machine. The budget covers training: the untrained validation, the steps and every periodic
+evaluation (the validations that select; without a validation split, the test evaluations that are
+then the run's record). The test split's two reported evaluations, the untrained network's and the
+selected checkpoint's, come on top: they take what the test set's size asks, whatever the budget.
 """
 from __future__ import annotations
 
@@ -49,26 +51,27 @@ class Plan:
 
 def plan_steps(budget_s: float, elapsed_s: float, step_s: float, eval_s: float, test_s: float,
                eval_every: int = 0, evaluations: int = EVALUATIONS, what: str = "") -> Plan:
-    """The step count that fits ``budget_s`` seconds, after ``elapsed_s`` already spent, for steps of
-    ``step_s`` seconds, evaluations of ``eval_s`` and a final test of ``test_s`` (a run ends with one
-    evaluation and the test). ``eval_every``: the recipe's (0: about ``evaluations`` of them).
+    """The step count that fits ``budget_s`` seconds of training, after ``elapsed_s`` already spent
+    on it, for steps of ``step_s`` seconds and periodic evaluations of ``eval_s`` (a run ends with
+    one); ``test_s``, the test evaluation's time, is recorded, not counted. ``eval_every``: the
+    recipe's (0: about ``evaluations`` of them, taking at most a quarter of the time).
 
     >>> p = plan_steps(100.0, 10.0, 0.1, 2.0, 3.0)
     >>> p.max_steps, p.eval_every
-    (617, 62)
+    (650, 65)
 
     Raises:
-        ConfigError: the budget does not cover one evaluation and the final test after what was
-            spent, naming ``train.time_budget`` and the smallest budget that would (``what``: the
-            budget as given, for the message).
+        ConfigError: the budget does not cover ten steps and one evaluation after what was spent,
+            naming ``train.time_budget`` and the smallest budget that would (``what``: the budget as
+            given, for the message).
     """
-    left = budget_s * (1.0 - SAFETY) - elapsed_s - test_s
-    need = elapsed_s + test_s + eval_s + 10 * step_s
+    left = budget_s * (1.0 - SAFETY) - elapsed_s
+    need = elapsed_s + eval_s + 10 * step_s
     if left - eval_s < 10 * step_s:
         raise ConfigError(
             f"train.time_budget={what or budget_s}: too short for one evaluation: the untrained evaluation took "
-            f"{elapsed_s:.1f} s, an evaluation takes {eval_s:.1f} s, the final test {test_s:.1f} s and a step "
-            f"{step_s * 1000:.0f} ms; give at least {math.ceil(need / (1.0 - SAFETY))}s, or train.max_steps")
+            f"{elapsed_s:.1f} s, an evaluation takes {eval_s:.1f} s and a step {step_s * 1000:.0f} ms; give at "
+            f"least {math.ceil(need / (1.0 - SAFETY))}s, or train.max_steps")
     if eval_every:
         steps = int(left / (step_s + eval_s / eval_every))
     else:

@@ -531,10 +531,12 @@ class Trainer:
                 metrics = self._evaluate(split, log_file, writer).metrics
             self.untrained[split] = metrics
 
-    def _fit_to_budget(self, started: float) -> Dict[str, Any]:
-        """``train.time_budget``: time the untrained evaluations (returned, to be recorded) and a few
-        steps, then set ``train.max_steps`` and ``train.eval_every`` to what fits (see :mod:`.budget`)."""
+    def measure_budget(self, started: Optional[float] = None):
+        """``(plan, untrained)`` for ``train.time_budget``: the untrained evaluations timed (their
+        metrics returned, to be recorded) and a few steps measured (:mod:`.budget`), the run itself
+        unchanged. ``started``: when the run began (its time counts against the budget)."""
         cfg = self.cfg
+        started = time.perf_counter() if started is None else started
         done: Dict[str, Any] = {}
         timed: Dict[str, float] = {}
         for split in (("val",) if self.val_evaluator is not None else ()) + ("test",):
@@ -545,16 +547,21 @@ class Trainer:
                 done[split] = result.metrics
         step_s = measure_steps(self)
         eval_s = timed.get("val", timed["test"])
-        spent = time.perf_counter() - started
-        if not cfg.eval.untrained:  # those evaluations were for timing only: not part of the run
-            spent -= sum(timed.values())
+        spent = time.perf_counter() - started - timed["test"]  # the test evaluations are not training
+        if not cfg.eval.untrained and "val" in timed:  # that evaluation was for timing only
+            spent -= timed["val"]
         plan = plan_steps(budget_seconds(cfg), spent, step_s, eval_s, timed["test"], cfg.train.eval_every,
                           what=str(cfg.train.time_budget))
-        plan = broadcast_object(plan)  # every rank trains the steps rank 0 measured
-        note = plan.describe(str(cfg.train.time_budget))
+        return broadcast_object(plan), done  # every rank trains the steps rank 0 measured
+
+    def _fit_to_budget(self, started: float) -> Dict[str, Any]:
+        """``train.time_budget``: set ``train.max_steps`` and ``train.eval_every`` to what fits
+        (:meth:`measure_budget`); returns the untrained evaluations made on the way, to be recorded."""
+        plan, done = self.measure_budget(started)
+        note = plan.describe(str(self.cfg.train.time_budget))
         self.notes.append(note)
         log.info("%s", note)
-        self.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        self.cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={
             "max_steps": plan.max_steps, "eval_every": plan.eval_every, "time_budget": None})})
         self.schedule = LRSchedule(self.cfg.scheduler, [self.optimizers["main"]], plan.max_steps)
         self.budget_plan = plan
