@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch and torchvision first, pinned to the builds this workplace serves from local files.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean docs docs-build
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,5 +25,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# the documentation site (mkdocs.yml, docs/): served at http://127.0.0.1:8000 as you edit, or built into site/
+docs: $(STAMP)
+	$(BIN)/mkdocs serve
+
+docs-build: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs site .pytest_cache

@@ -14,6 +14,7 @@ from deepmetric.config import load_config
 from deepmetric.engine.checkpoint import load_model_weights
 from deepmetric.engine.trainer import Trainer
 from deepmetric.quickstart import RECIPE
+from tests.conftest import require_module
 
 
 class TinyNet(nn.Module):  # (B, 1, 8, 8) digits -> (B, 8) unit vectors
@@ -64,7 +65,7 @@ def test_the_python_the_error_gives_evaluates_the_run(python_model_run):
 
 
 def test_train_with_tracking_logs_the_report(tmp_path, tiny_overrides, monkeypatch, capsys):
-    pytest.importorskip("mlflow", reason="the mlflow extra (mlflow-skinny) is not installed")
+    require_module("mlflow", "the mlflow extra (mlflow-skinny), which the dev extra includes")
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")

@@ -1,4 +1,4 @@
-"""The house has one direction of flow (DESIGN.md §2): every import, function-local and lazy ones
+"""The house has one direction of flow (docs/architecture.md): every import, function-local and lazy ones
 included, points down the layers of ``tools/import_graph.py``, and no module or layer imports itself
 round a loop."""
 import importlib.util

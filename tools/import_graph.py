@@ -5,7 +5,7 @@
 
 Every import counts: module level, inside functions, under ``if TYPE_CHECKING``, and string references
 to a module (``importlib.import_module("deepmetric.x")``, lazy tables of ``"deepmetric.x.y:attr"``), so
-a lazy import cannot hide an edge. The layers, lowest first (DESIGN.md §2), and what each may import:
+a lazy import cannot hide an edge. The layers, lowest first (docs/architecture.md explains them), and what each may import:
 
 ======================  ============================================================
 layer                   may import

@@ -1,6 +1,6 @@
 """deepmetric: deep metric learning on PyTorch: train, evaluate with each field's protocol, ship search.
 
-The data flow (DESIGN.md §2), one object handed to the next::
+The data flow (docs/architecture.md draws it whole), one object handed to the next::
 
     recipe YAML + overrides -> Config -> Dataset -> PKBatchSampler -> Embedder -> loss [+ CrossBatchMemory]
     -> Trainer -> Evaluator -> EmbeddingSet -> metrics | SearchIndex -> serve

@@ -1,7 +1,7 @@
 """benchmarks/make_glyph_benchmark.py: the CJK glyph benchmark builder, small, on the installed fonts.
 
 A handful of common characters in at most four installed CJK faces (CI installs two small font
-packages, see .ci/run); skipped with the reason when no CJK face is installed. The folder it writes
+packages, see .ci/run); skipped with the reason when no CJK face is installed, failed under ``CI=true``. The folder it writes
 is read back through deepmetric's ordinary ``image_folder`` format.
 """
 import json
@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from benchmark_scripts import load, read_back
 from PIL import Image
+
+from tests.conftest import require
 
 CHARS = [ord(c) for c in "的一是不了人我在有他这中大来"]
 mg = load("make_glyph_benchmark")
@@ -37,9 +39,8 @@ def _cjk_faces(limit=4):
 @pytest.fixture(scope="module")
 def faces():
     found = _cjk_faces()
-    if len(found) < 2:
-        pytest.skip("fewer than two installed CJK faces map the test characters "
-                    "(apt-get install fonts-wqy-microhei fonts-arphic-gkai00mp)")
+    require(len(found) >= 2, "fewer than two installed CJK faces map the test characters "
+                             "(apt-get install fonts-wqy-microhei fonts-arphic-gkai00mp)")
     return found
 
 

@@ -12,6 +12,7 @@ from deepmetric.data.samplers import PKBatchSampler
 from deepmetric.engine.build import build_data, build_model, build_sampler
 from deepmetric.losses import LOSSES, Loss
 from deepmetric.models import BACKBONES
+from tests.conftest import require_module
 
 
 def test_a_component_names_its_parameter_and_the_build_names_the_key():
@@ -41,7 +42,7 @@ def test_backbone_errors_name_one_key_each():
         build_model(load_config(None, ["model.backbone_options={norm: x}"]))
     with pytest.raises(ConfigError, match=r"^model.backbone: unknown backbone 'resnet51'; did you mean"):
         build_model(load_config(None, ["model.backbone=resnet51"]))
-    pytest.importorskip("timm")
+    require_module("timm", "the train extra")
     with pytest.raises(ConfigError, match=r"^model.backbone: timm has no model 'no_such_net'"):
         build_model(load_config(None, ["model.backbone=timm:no_such_net"]))
 

@@ -10,10 +10,11 @@ from deepmetric import Callback
 from deepmetric.config import load_config
 from deepmetric.engine.trainer import Trainer
 from deepmetric.quickstart import RECIPE
+from tests.conftest import require_module
 
 
 def test_mlflow_logs_params_metrics_and_artefacts(tmp_path, tiny_overrides, monkeypatch):
-    pytest.importorskip("mlflow", reason="the mlflow extra (mlflow-skinny) is not installed")
+    require_module("mlflow", "the mlflow extra (mlflow-skinny), which the dev extra includes")
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -80,7 +81,7 @@ class _RaiseAt(Callback):
 
 @pytest.mark.parametrize("exc, status", [(RuntimeError("boom at step 2"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
 def test_a_run_that_raises_or_is_interrupted_ends_failed_or_killed(tmp_path, tiny_overrides, monkeypatch, exc, status):
-    pytest.importorskip("mlflow", reason="the mlflow extra (mlflow-skinny) is not installed")
+    require_module("mlflow", "the mlflow extra (mlflow-skinny), which the dev extra includes")
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")

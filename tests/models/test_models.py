@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from deepmetric.models import WeightsError, build_embedder, load_pretrained, read_state_dict
+from tests.conftest import require_module
 
 
 @pytest.mark.parametrize("pooling", ["avg", "max", "gem", "avgmax"])
@@ -99,6 +100,6 @@ def test_imagenet_offline_says_to_pass_a_local_file(monkeypatch):
 
 
 def test_timm_backbone_by_name():
-    pytest.importorskip("timm")
+    require_module("timm", "the train extra")
     m = build_embedder("timm:resnet10t", embedding_dim=16).eval()
     assert m(torch.randn(1, 3, 32, 32)).shape == (1, 16)

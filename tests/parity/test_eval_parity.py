@@ -3,8 +3,11 @@
 - PML 2.9.0 ``AccuracyCalculator`` (faiss kNN, k=None): P@1, MAP@R, R-precision, full MAP, leave-one-out and
   query/gallery; and its float cast of labels (>= 2**24 collide), where we must differ.
 - torchreid 0.2.5 ``evaluate_rank`` (Python path) for CMC / mAP; ``re_ranking`` to 1e-5.
-- scikit-learn ``average_precision_score`` per query; the LFW 10-fold protocol re-implemented here from its
-  description (REFERENCE 2.4) with loops.
+- scikit-learn ``average_precision_score`` per query; the LFW 10-fold protocol re-implemented here with loops
+  from its description (insightface's ``arcface_torch/eval/verification.py``: contiguous folds,
+  thresholds 0-4 by 0.01, ``dist < t`` predicts same, the first best threshold on nine folds scored on
+  the tenth, mean and population std of the ten accuracies; VAL@FAR=1e-3 at the threshold interpolated
+  on the nine folds' FAR curve, first threshold per FAR value).
 
 Data have distinct, well separated distances so that every peer's (unspecified) tie order agrees.
 """
@@ -17,11 +20,14 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.model_selection import KFold
 
 from deepmetric.evaluation import k_reciprocal_rerank, reid_metrics, retrieval_metrics, verification_metrics
+from tests.conftest import require_module
 
-pml_acc = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+PML = "the dev extra (pytorch-metric-learning==2.9.0, make test installs it)"
+TORCHREID = "torchreid==0.2.5, which make test installs with --no-deps"
+pml_acc = require_module("pytorch_metric_learning.utils.accuracy_calculator", PML)
 warnings.filterwarnings("ignore", message="Cython evaluation")
-rank_mod = pytest.importorskip("torchreid.reid.metrics.rank")
-rerank_mod = pytest.importorskip("torchreid.reid.utils.rerank")
+rank_mod = require_module("torchreid.reid.metrics.rank", TORCHREID)
+rerank_mod = require_module("torchreid.reid.utils.rerank", TORCHREID)
 
 PML_KEYS = {"precision_at_1": "precision@1", "mean_average_precision_at_r": "map@r",
             "r_precision": "r_precision", "mean_average_precision": "map", "mean_reciprocal_rank": "mrr"}
@@ -172,7 +178,7 @@ def test_torchreid_re_ranking(dtype, k1, k2):
 
 
 def lfw_reference(dist, same, n_folds=10):
-    """The 10-fold protocol written from its description (REFERENCE 2.4), loop by loop."""
+    """The 10-fold protocol written from its description (the module docstring), loop by loop."""
     thresholds = np.arange(0, 4, 0.01)
     accs, best_thr = [], []
     folds = KFold(n_splits=n_folds, shuffle=False).split(np.arange(len(dist)))

@@ -11,8 +11,11 @@ import math
 import pytest
 import torch
 
-pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
-pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+from tests.conftest import require_module
+
+PML = "the dev extra (pytorch-metric-learning==2.9.0, make test installs it)"
+pml_losses = require_module("pytorch_metric_learning.losses", PML)
+pml_miners = require_module("pytorch_metric_learning.miners", PML)
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance  # noqa: E402
 
 from deepmetric.losses import CrossBatchMemory, build_loss  # noqa: E402

@@ -1,11 +1,14 @@
 """The search page in a real browser: headless Debian chromium driven by Selenium against a real
-uvicorn server. Skipped (with the reason) where chromium or chromedriver is not installed."""
+uvicorn server. Skipped (with the reason) where chromium or chromedriver is not installed; under
+``CI=true`` that fails instead (``.ci/run`` installs them)."""
 from __future__ import annotations
 
 import os
 import shutil
 
 import pytest
+
+from tests.conftest import require, require_module
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -16,10 +19,9 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture()
 def browser(tmp_path, monkeypatch):
-    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-        pytest.skip(f"needs chromium and chromedriver ({CHROMIUM}, {CHROMEDRIVER}): "
-                    "apt-get install chromium chromium-driver")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium")
+    require(os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK),
+            f"needs chromium and chromedriver ({CHROMIUM}, {CHROMEDRIVER}): apt-get install chromium chromium-driver")
+    webdriver = require_module("selenium.webdriver", "the dev extra")
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-schemathesis = pytest.importorskip("schemathesis", reason="needs schemathesis (the dev extra)")
-from hypothesis import HealthCheck, given, settings  # noqa: E402  (after the importorskip)
+from tests.conftest import require_module
+
+schemathesis = require_module("schemathesis", "the dev extra")
+from hypothesis import HealthCheck, given, settings  # noqa: E402  (after the import check)
 
 from deepmetric.serve import create_app  # noqa: E402
 

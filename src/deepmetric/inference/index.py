@@ -27,7 +27,7 @@ and ``squared_euclidean`` (score = squared Euclidean distance, lower is closer; 
 its old name). Exact search breaks ties by lower row (= lower id), the rule of
 :mod:`deepmetric.evaluation.neighbors`.
 
-Centroid mode (Centroids-ReID, Wieczorek et al. 2021, REFERENCE §4f): one vector per label, the mean of
+Centroid mode (Centroids-ReID, Wieczorek et al. 2021, whose inference averages each identity's embeddings): one vector per label, the mean of
 that label's vectors; for cosine the members are normalised before averaging and the mean is
 re-normalised. Unlabelled items (label < 0) have no centroid and are skipped (counted in ``source``).
 ``add`` folds new members into their label's centroid (the member sums are kept): an updated

@@ -20,7 +20,7 @@ class ResNetTrunk(nn.Module):
         depth: 18, 34, 50 or 101.
         last_stride: stride of ``layer4`` (2 as in ImageNet; 1 for re-ID, doubling the final map).
         stem_relu: keep the ReLU after the stem BatchNorm. The XBM and Centroids-ReID ResNet50s omit
-            it (REFERENCE Part A, 3b and 4a); set False to reproduce them.
+            it (research-xbm's and centroids-reid's ``resnet.py``); set False to reproduce them.
         in_chans: input channels (weights for 3 channels are averaged when loading for 1 channel).
     """
 
