@@ -515,7 +515,8 @@ def build_transform(
             (:class:`TestInput`: image files through the one test-time definition,
             :class:`~deepmetric.core.preprocessing.Preprocessing`; its ``decoder`` is ``"file"``).
         image_size: int or ``(H, W)`` replacing the preset's default input size.
-        mean, std: per-channel normalisation replacing the preset's (``x`` in [0, 1]).
+        mean: per-channel means replacing the preset's (of ``x`` in [0, 1]).
+        std: per-channel standard deviations replacing the preset's.
         decoder: what image files are decoded into for training (the pipeline's ``decoder`` attribute
             tells the dataset): ``"torchvision"`` uint8 tensors (libjpeg-turbo straight into a tensor,
             then tensor resizing: faster, see ``benchmarks/bench_decode.py``), ``"pil"`` PIL images, or

@@ -90,16 +90,18 @@ def budget_seconds(cfg) -> Optional[float]:
     return None if value is None else parse_duration(value)
 
 
-def measure_budget(trainer: Any, started: Optional[float] = None):
+def measure_budget(trainer: Any, started: Optional[float] = None, time_test: bool = True):
     """``(plan, untrained)`` for a trainer's ``train.time_budget``: its untrained evaluations timed
     (their metrics returned, to be recorded) and a few steps measured (:func:`measure_steps`), the run
-    itself unchanged. ``started``: when the run began (its time counts against the budget)."""
+    itself unchanged. ``started``: when the run began (its time counts against the budget);
+    ``time_test``: also evaluate the test split (the untrained network's row; it is not counted)."""
     from ..core.distributed import broadcast_object
 
     cfg = trainer.cfg
     started = time.perf_counter() if started is None else started
     done, timed = {}, {}
-    for split in (("val",) if trainer.val_evaluator is not None else ()) + ("test",):
+    splits = ("val",) if trainer.val_evaluator is not None else ()
+    for split in splits + (("test",) if time_test or not splits else ()):
         t0 = time.perf_counter()
         result = trainer.evaluate(split, record=False, notify=False)
         timed[split] = time.perf_counter() - t0
@@ -111,10 +113,10 @@ def measure_budget(trainer: Any, started: Optional[float] = None):
         t0 = time.perf_counter()
         trainer.evaluate(split, record=False, notify=False)
         timed[split] = min(timed[split], time.perf_counter() - t0)
-    spent = time.perf_counter() - started - timed["test"]  # the test evaluations are not training
+    spent = time.perf_counter() - started - timed.get("test", 0.0)  # the test evaluations are not training
     if not cfg.eval.untrained and "val" in timed:  # that evaluation was for timing only
         spent -= timed["val"]
-    plan = plan_steps(budget_seconds(cfg), spent, step_s, timed.get("val", timed["test"]), timed["test"],
+    plan = plan_steps(budget_seconds(cfg), spent, step_s, timed.get("val", timed.get("test")), timed.get("test", 0.0),
                       cfg.train.eval_every, what=str(cfg.train.time_budget))
     return broadcast_object(plan), done  # every rank trains the steps rank 0 measured
 
@@ -171,7 +173,13 @@ def fit_to_budget(trainer: Any, started: float) -> Dict[str, Any]:
     trainer.budget_plan = plan
     trainer.notes.append(plan.describe(str(trainer.cfg.train.time_budget)))
     log.info("%s", trainer.notes[-1])
-    trainer.cfg = trainer.cfg.model_copy(update={"train": trainer.cfg.train.model_copy(update={
-        "max_steps": plan.max_steps, "eval_every": plan.eval_every, "time_budget": None})})
+    update = {"train": trainer.cfg.train.model_copy(update={
+        "max_steps": plan.max_steps, "eval_every": plan.eval_every, "time_budget": None})}
+    warmup = trainer.cfg.scheduler.warmup_steps
+    if warmup > plan.max_steps // 5:  # a warm-up longer than a fifth of a short run: a tenth of it
+        update["scheduler"] = trainer.cfg.scheduler.model_copy(update={"warmup_steps": plan.max_steps // 10})
+        trainer.notes.append(f"scheduler.warmup_steps={warmup} is more than a fifth of the {plan.max_steps} "
+                             f"steps: {plan.max_steps // 10} instead")
+    trainer.cfg = trainer.cfg.model_copy(update=update)
     trainer.schedule = LRSchedule(trainer.cfg.scheduler, [trainer.optimizers["main"]], plan.max_steps)
     return done
