@@ -247,14 +247,16 @@ class PMLLoop:
         self.k += 1
         return time.perf_counter() - t0
 
-    def measure(self, budget_s: float):
+    def measure(self, budget_s: float, time_test: bool = True):
         """The untrained evaluations and the first twelve steps (in the warm-up, so independent of the
-        length) timed, and the plan: what the Trainer's ``train.time_budget`` does."""
+        length) timed, and the plan: what the Trainer's ``train.time_budget`` does (``time_test``:
+        evaluate the test split too, the untrained row; a calibration needs it only without validation)."""
         started = t0 = time.perf_counter()
         self.untrained_val = self.val.evaluate(self.model) if self.val is not None else None
         eval_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.untrained = self.test.run(self.model, neighbours=False).metrics
+        self.untrained = (self.test.run(self.model, neighbours=False).metrics
+                          if time_test or self.val is None else None)
         test_s = time.perf_counter() - t0
         self.model.train()
         timed = [self.step() for _ in range(12)]
@@ -329,9 +331,9 @@ def calibrate_one(system: str, name: str, root: Path, budget: str, variants: Dic
     fold = selection_fold(name, root, 0) if selection else []
     cfg = auto_recipe(root, name, 0, budget, [*variants.get(system, []), *fold])
     if system == "pml":
-        plan = PMLLoop(cfg).measure(parse_duration(budget))
+        plan = PMLLoop(cfg).measure(parse_duration(budget), time_test=False)
     else:
-        plan, _ = Trainer(cfg, work / f"calibrate-{name}-{system}-{int(selection)}").measure_budget()
+        plan, _ = Trainer(cfg, work / f"calibrate-{name}-{system}-{int(selection)}").measure_budget(time_test=False)
     return {"max_steps": plan.max_steps, "eval_every": plan.eval_every, "step_s": plan.step_s,
             "eval_s": plan.eval_s, "test_s": plan.test_s, "elapsed_s": plan.elapsed_s}
 

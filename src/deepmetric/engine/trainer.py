@@ -531,7 +531,7 @@ class Trainer:
                 metrics = self._evaluate(split, log_file, writer).metrics
             self.untrained[split] = metrics
 
-    def measure_budget(self, started: Optional[float] = None):
+    def measure_budget(self, started: Optional[float] = None, time_test: bool = True):
         """``(plan, untrained)`` for ``train.time_budget``: the untrained evaluations timed (their
         metrics returned, to be recorded) and a few steps measured (:mod:`.budget`), the run itself
         unchanged. ``started``: when the run began (its time counts against the budget)."""
@@ -539,7 +539,8 @@ class Trainer:
         started = time.perf_counter() if started is None else started
         done: Dict[str, Any] = {}
         timed: Dict[str, float] = {}
-        for split in (("val",) if self.val_evaluator is not None else ()) + ("test",):
+        splits = ("val",) if self.val_evaluator is not None else ()
+        for split in splits + (("test",) if time_test or not splits else ()):
             t0 = time.perf_counter()
             result = self._evaluate(split, None, None, record=False, notify=False)
             timed[split] = time.perf_counter() - t0
@@ -547,10 +548,10 @@ class Trainer:
                 done[split] = result.metrics
         step_s = measure_steps(self)
         eval_s = timed.get("val", timed["test"])
-        spent = time.perf_counter() - started - timed["test"]  # the test evaluations are not training
+        spent = time.perf_counter() - started - timed.get("test", 0.0)  # the test evaluations are not training
         if not cfg.eval.untrained and "val" in timed:  # that evaluation was for timing only
             spent -= timed["val"]
-        plan = plan_steps(budget_seconds(cfg), spent, step_s, eval_s, timed["test"], cfg.train.eval_every,
+        plan = plan_steps(budget_seconds(cfg), spent, step_s, eval_s, timed.get("test", 0.0), cfg.train.eval_every,
                           what=str(cfg.train.time_budget))
         return broadcast_object(plan), done  # every rank trains the steps rank 0 measured
 
