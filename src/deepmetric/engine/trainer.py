@@ -547,7 +547,7 @@ class Trainer:
             if cfg.eval.untrained:
                 done[split] = result.metrics
         step_s = measure_steps(self)
-        eval_s = timed.get("val", timed["test"])
+        eval_s = timed["val"] if "val" in timed else timed["test"]
         spent = time.perf_counter() - started - timed.get("test", 0.0)  # the test evaluations are not training
         if not cfg.eval.untrained and "val" in timed:  # that evaluation was for timing only
             spent -= timed["val"]
