@@ -44,6 +44,7 @@ from ..core.files import atomic_write, check_writable, writing
 from ..data.base import DataSplits
 from ..data.protocol import describe_splits
 from .auto import recipe_or_data
+from . import budget
 from .budget import budget_seconds, fit_to_budget
 from .build import resolve_paths, seed_everything
 from .callbacks import Callback, LogRecords, ProgressLog, report_fit_error, run_callbacks
@@ -242,7 +243,7 @@ class Trainer:
             raise
 
     def _fit(self) -> Dict[str, Any]:
-        untrained = fit_to_budget(self, time.perf_counter()) if budget_seconds(self.cfg) and not self.resume else {}
+        untrained = fit_to_budget(self, budget.CLOCK()) if budget_seconds(self.cfg) and not self.resume else {}
         if self.is_main and not self.resume:
             save_config(self.cfg, self.run_dir / "config.yaml")
             atomic_write(self.run_dir / "splits.json", json.dumps(
