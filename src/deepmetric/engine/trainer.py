@@ -44,6 +44,7 @@ from .build import (apply_protocol, build_data, build_device_normalisation, buil
                     build_sampler, channels_last, check_pairs, check_training_set, own_optimizer_key, resolve_paths, seed_everything)
 from .callbacks import Callback, LogRecords, ProgressLog, report_fit_error, run_callbacks
 from .averaging import WeightAverage
+from . import budget
 from .budget import budget_seconds, measure_steps, plan_steps
 from .checkpoint import load_model_weights, load_train_state, read_checkpoint, resolve_checkpoint, save_checkpoint
 from .evaluator import Evaluator
@@ -536,19 +537,19 @@ class Trainer:
         metrics returned, to be recorded) and a few steps measured (:mod:`.budget`), the run itself
         unchanged. ``started``: when the run began (its time counts against the budget)."""
         cfg = self.cfg
-        started = time.perf_counter() if started is None else started
+        started = budget.CLOCK() if started is None else started
         done: Dict[str, Any] = {}
         timed: Dict[str, float] = {}
         splits = ("val",) if self.val_evaluator is not None else ()
         for split in splits + (("test",) if time_test or not splits else ()):
-            t0 = time.perf_counter()
+            t0 = budget.CLOCK()
             result = self._evaluate(split, None, None, record=False, notify=False)
-            timed[split] = time.perf_counter() - t0
+            timed[split] = budget.CLOCK() - t0
             if cfg.eval.untrained:
                 done[split] = result.metrics
         step_s = measure_steps(self)
         eval_s = timed["val"] if "val" in timed else timed["test"]
-        spent = time.perf_counter() - started - timed.get("test", 0.0)  # the test evaluations are not training
+        spent = budget.CLOCK() - started - timed.get("test", 0.0)  # the test evaluations are not training
         if not cfg.eval.untrained and "val" in timed:  # that evaluation was for timing only
             spent -= timed["val"]
         plan = plan_steps(budget_seconds(cfg), spent, step_s, eval_s, timed.get("test", 0.0), cfg.train.eval_every,
