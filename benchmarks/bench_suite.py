@@ -85,8 +85,8 @@ DATASETS: Dict[str, SuiteData] = {
                            "Latin and IPA train, Greek, Cyrillic and symbols are tested"),
     "cjk": SuiteData("cjk", "first_half", what="3,500 Chinese characters in up to 12 distinct CJK faces"),
     "fashion": SuiteData("fashion", "explicit", FASHION_NAMES[:5], FASHION_NAMES[5:],
-                         what="Fashion-MNIST: garments train (the training file), shoes, shirts and bags are tested "
-                              "(the test file)"),
+                         what="Fashion-MNIST: garments train (1,200 each from the training file), shoes, shirts "
+                              "and bags are tested (1,000 each from the test file)"),
     "digits": SuiteData("digits", "explicit", tuple(str(d) for d in range(5)), tuple(str(d) for d in range(5, 10)),
                         what="scikit-learn's 8x8 handwritten digits, 0-4 train, 5-9 tested"),
     "icons": SuiteData("icons", "hash", what="freedesktop icons drawn by the Debian icon themes (colour)"),
@@ -143,13 +143,15 @@ def prepare(out: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(img * 16.0, 0, 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
     base = Path(FASHION_MNIST_DEFAULT)
-    for part, classes in (("train", range(5)), ("t10k", range(5, 10))):
+    # the training classes' first 1,200 images of the training file (a validation fold of two classes
+    # is then 2,400 images), the test classes' 1,000 of the test file each
+    for part, classes, keep in (("train", range(5), 1200), ("t10k", range(5, 10), 1000)):
         images = read_idx(_idx(base, f"{part}-images-idx3-ubyte"))
         labels = read_idx(_idx(base, f"{part}-labels-idx1-ubyte"))
         for c in classes:
             folder = out / "fashion" / FASHION_NAMES[c]
             folder.mkdir(parents=True, exist_ok=True)
-            for i in np.flatnonzero(labels == c):
+            for i in np.flatnonzero(labels == c)[:keep]:
                 Image.fromarray(images[i]).save(folder / f"{part}_{i:05d}.png")
     print(f"wrote {out}/qs_glyphs, digits, fashion in {time.perf_counter() - t0:.0f} s")
 
