@@ -107,6 +107,8 @@ def class_folders(root: Path) -> List[str]:
 #: test split, never trained on, only costs time then)
 SCREEN_TEST_CLASSES = 40
 SCREEN = False
+#: ``--pml-like NAME``: the PML loop runs on the recipe of candidate ``auto_NAME`` (default: ``auto``)
+PML_LIKE = "auto"
 
 
 def split_overrides(name: str, root: Path) -> List[str]:
@@ -320,8 +322,9 @@ def run_one(system: str, name: str, root: Path, seed: int, budget: str, variants
     fold = selection_fold(name, root, seed) if selection else []
     fixed = [] if plan is None else ["train.time_budget=null", f"train.max_steps={plan['max_steps']}",
                                      f"train.eval_every={plan['eval_every']}"]
-    if system == "pml":
-        return run_pml(auto_recipe(root, name, seed, budget, fold), parse_duration(budget), plan)
+    if system == "pml":  # on the recipe of the candidate it is compared with (its network, input, lr, schedule)
+        return run_pml(auto_recipe(root, name, seed, budget, [*variants.get(PML_LIKE, []), *fold]),
+                       parse_duration(budget), plan)
     if system == "readme":  # as a user ran it: an error it stops with is its result
         from deepmetric.core.errors import UserError
 
@@ -349,7 +352,8 @@ def calibrate_one(system: str, name: str, root: Path, budget: str, variants: Dic
     from deepmetric.config import parse_duration
 
     fold = selection_fold(name, root, 0) if selection else []
-    cfg = auto_recipe(root, name, 0, budget, [*variants.get(system, []), *fold])
+    like = variants.get(PML_LIKE if system == "pml" else system, [])
+    cfg = auto_recipe(root, name, 0, budget, [*like, *fold])
     if system == "pml":
         plan = PMLLoop(cfg).measure(parse_duration(budget), time_test=False)
     else:
@@ -374,8 +378,8 @@ def cmd_run(args) -> int:
     logging.getLogger("deepmetric").setLevel(logging.WARNING)
     variants = {f"auto_{v[0]}": v[1:] for v in args.variants}
     systems = list(args.systems) + list(variants)
-    global SCREEN
-    SCREEN = args.screen
+    global SCREEN, PML_LIKE
+    SCREEN, PML_LIKE = args.screen, f"auto_{args.pml_like}" if args.pml_like else "auto"
     report: Dict[str, Any] = {"argv": sys.argv, "budget": args.budget, "variants": variants, "runs": []}
     if args.json and Path(args.json).is_file():  # continue an interrupted file
         report = json.loads(Path(args.json).read_text())
@@ -408,7 +412,8 @@ def cmd_run(args) -> int:
                             raise SystemExit(f"bench_suite: {args.plans} has no plan for {key}; calibrate it")
                         plan = plans["plans"][key]
                     r = run_one(system, name, root, seed, args.budget, variants, work, kind == "select", plan)
-                    r.update(dataset=name, seed=seed, system=system, kind=kind, load=os.getloadavg(), screen=SCREEN)
+                    r.update(dataset=name, seed=seed, system=system, kind=kind, load=os.getloadavg(), screen=SCREEN,
+                             pml_like=PML_LIKE if system == "pml" else None)
                     report["runs"].append(r)
                     val = (r.get("val") or {}).get("map@r")
                     if r.get("error"):
@@ -438,6 +443,8 @@ def cmd_calibrate(args) -> int:
 
     logging.getLogger("deepmetric").setLevel(logging.WARNING)
     variants = {f"auto_{v[0]}": v[1:] for v in args.variants}
+    global PML_LIKE
+    PML_LIKE = f"auto_{args.pml_like}" if args.pml_like else "auto"
     out: Dict[str, Any] = {"argv": sys.argv, "budget": args.budget, "load_before": os.getloadavg(), "plans": {}}
     if args.json and Path(args.json).is_file():
         out = json.loads(Path(args.json).read_text())
@@ -560,6 +567,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("--threads", type=int, default=0)
     r.add_argument("--json")
     r.add_argument("--plans", help="a calibration's --json: repeat its step counts instead of measuring")
+    r.add_argument("--pml-like", help="the candidate (a --variant NAME) whose recipe the PML loop runs on")
     r.add_argument("--screen", action="store_true",
                    help=f"score only {SCREEN_TEST_CLASSES} test classes (candidates compared on validation)")
     c = sub.add_parser("calibrate", help="measure what the budget comes to, per data set and system")
@@ -570,6 +578,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     c.add_argument("--budget", default="2m")
     c.add_argument("--selection", action="store_true")
     c.add_argument("--repeat", type=int, default=2, help="measure this many times and keep the fastest")
+    c.add_argument("--pml-like", help="the candidate (a --variant NAME) whose recipe the PML loop runs on")
     c.add_argument("--cpu-time", action="store_true",
                    help="time by the process's CPU time (one thread): an idle machine's wall time, on a busy one")
     c.add_argument("--threads", type=int, default=1)
