@@ -85,8 +85,8 @@ DATASETS: Dict[str, SuiteData] = {
                            "Latin and IPA train, Greek, Cyrillic and symbols are tested"),
     "cjk": SuiteData("cjk", "first_half", what="3,500 Chinese characters in up to 12 distinct CJK faces"),
     "fashion": SuiteData("fashion", "explicit", FASHION_NAMES[:5], FASHION_NAMES[5:],
-                         what="Fashion-MNIST: garments train (the training file), shoes, shirts and bags are tested "
-                              "(the test file)"),
+                         what="Fashion-MNIST: garments train (1,200 each from the training file), shoes, shirts "
+                              "and bags are tested (1,000 each from the test file)"),
     "digits": SuiteData("digits", "explicit", tuple(str(d) for d in range(5)), tuple(str(d) for d in range(5, 10)),
                         what="scikit-learn's 8x8 handwritten digits, 0-4 train, 5-9 tested"),
     "icons": SuiteData("icons", "hash", what="freedesktop icons drawn by the Debian icon themes (colour)"),
@@ -103,6 +103,14 @@ def class_folders(root: Path) -> List[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+#: ``run --screen``: only this many test classes are scored (candidates are compared on validation; the
+#: test split, never trained on, only costs time then)
+SCREEN_TEST_CLASSES = 40
+SCREEN = False
+#: ``--pml-like NAME``: the PML loop runs on the recipe of candidate ``auto_NAME`` (default: ``auto``)
+PML_LIKE = "auto"
+
+
 def split_overrides(name: str, root: Path) -> List[str]:
     """``data.train_classes`` / ``data.test_classes`` of data set ``name`` in folder ``root``."""
     d = DATASETS[name]
@@ -115,6 +123,8 @@ def split_overrides(name: str, root: Path) -> List[str]:
         order = hash_order(names)
         test = sorted(order[: len(order) // 2])
         train = sorted(set(names) - set(test))
+    if SCREEN:
+        test = test[:SCREEN_TEST_CLASSES]
     return [f"data.train_classes={json.dumps(train)}", f"data.test_classes={json.dumps(test)}"]
 
 
@@ -143,13 +153,15 @@ def prepare(out: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(img * 16.0, 0, 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
     base = Path(FASHION_MNIST_DEFAULT)
-    for part, classes in (("train", range(5)), ("t10k", range(5, 10))):
+    # the training classes' first 1,200 images of the training file (a validation fold of two classes
+    # is then 2,400 images), the test classes' 1,000 of the test file each
+    for part, classes, keep in (("train", range(5), 1200), ("t10k", range(5, 10), 1000)):
         images = read_idx(_idx(base, f"{part}-images-idx3-ubyte"))
         labels = read_idx(_idx(base, f"{part}-labels-idx1-ubyte"))
         for c in classes:
             folder = out / "fashion" / FASHION_NAMES[c]
             folder.mkdir(parents=True, exist_ok=True)
-            for i in np.flatnonzero(labels == c):
+            for i in np.flatnonzero(labels == c)[:keep]:
                 Image.fromarray(images[i]).save(folder / f"{part}_{i:05d}.png")
     print(f"wrote {out}/qs_glyphs, digits, fashion in {time.perf_counter() - t0:.0f} s")
 
@@ -310,8 +322,9 @@ def run_one(system: str, name: str, root: Path, seed: int, budget: str, variants
     fold = selection_fold(name, root, seed) if selection else []
     fixed = [] if plan is None else ["train.time_budget=null", f"train.max_steps={plan['max_steps']}",
                                      f"train.eval_every={plan['eval_every']}"]
-    if system == "pml":
-        return run_pml(auto_recipe(root, name, seed, budget, fold), parse_duration(budget), plan)
+    if system == "pml":  # on the recipe of the candidate it is compared with (its network, input, lr, schedule)
+        return run_pml(auto_recipe(root, name, seed, budget, [*variants.get(PML_LIKE, []), *fold]),
+                       parse_duration(budget), plan)
     if system == "readme":  # as a user ran it: an error it stops with is its result
         from deepmetric.core.errors import UserError
 
@@ -339,7 +352,8 @@ def calibrate_one(system: str, name: str, root: Path, budget: str, variants: Dic
     from deepmetric.config import parse_duration
 
     fold = selection_fold(name, root, 0) if selection else []
-    cfg = auto_recipe(root, name, 0, budget, [*variants.get(system, []), *fold])
+    like = variants.get(PML_LIKE if system == "pml" else system, [])
+    cfg = auto_recipe(root, name, 0, budget, [*like, *fold])
     if system == "pml":
         plan = PMLLoop(cfg).measure(parse_duration(budget), time_test=False)
     else:
@@ -364,6 +378,8 @@ def cmd_run(args) -> int:
     logging.getLogger("deepmetric").setLevel(logging.WARNING)
     variants = {f"auto_{v[0]}": v[1:] for v in args.variants}
     systems = list(args.systems) + list(variants)
+    global SCREEN, PML_LIKE
+    SCREEN, PML_LIKE = args.screen, f"auto_{args.pml_like}" if args.pml_like else "auto"
     report: Dict[str, Any] = {"argv": sys.argv, "budget": args.budget, "variants": variants, "runs": []}
     if args.json and Path(args.json).is_file():  # continue an interrupted file
         report = json.loads(Path(args.json).read_text())
@@ -396,7 +412,8 @@ def cmd_run(args) -> int:
                             raise SystemExit(f"bench_suite: {args.plans} has no plan for {key}; calibrate it")
                         plan = plans["plans"][key]
                     r = run_one(system, name, root, seed, args.budget, variants, work, kind == "select", plan)
-                    r.update(dataset=name, seed=seed, system=system, kind=kind, load=os.getloadavg())
+                    r.update(dataset=name, seed=seed, system=system, kind=kind, load=os.getloadavg(), screen=SCREEN,
+                             pml_like=PML_LIKE if system == "pml" else None)
                     report["runs"].append(r)
                     val = (r.get("val") or {}).get("map@r")
                     if r.get("error"):
@@ -426,6 +443,8 @@ def cmd_calibrate(args) -> int:
 
     logging.getLogger("deepmetric").setLevel(logging.WARNING)
     variants = {f"auto_{v[0]}": v[1:] for v in args.variants}
+    global PML_LIKE
+    PML_LIKE = f"auto_{args.pml_like}" if args.pml_like else "auto"
     out: Dict[str, Any] = {"argv": sys.argv, "budget": args.budget, "load_before": os.getloadavg(), "plans": {}}
     if args.json and Path(args.json).is_file():
         out = json.loads(Path(args.json).read_text())
@@ -504,7 +523,8 @@ def cmd_table(args) -> int:
         print(f"{c:<22}" + "".join(f"{scores[d][c]:>11.4f}" for d in datasets))
 
     def test(d, system, key="map@r"):
-        rs = [r for r in runs if r["dataset"] == d and r["system"] == system and r["kind"] == "report"]
+        rs = [r for r in runs if r["dataset"] == d and r["system"] == system and r["kind"] == "report"
+              and not r.get("screen")]
         return _mean([r["test"][key] for r in rs]), len(rs)
 
     print("\nleave-one-data-set-out: defaults chosen on the other data sets' validation, scored on this test split")
@@ -515,7 +535,8 @@ def cmd_table(args) -> int:
     for d in datasets:
         others = [o for o in datasets if o != d]
         chosen = choose(scores, others, candidates) if others else candidates[0]
-        rs = [r for r in runs if r["dataset"] == d and r["system"] == chosen and r["kind"] == "report"]
+        rs = [r for r in runs if r["dataset"] == d and r["system"] == chosen and r["kind"] == "report"
+              and not r.get("screen")]
         un = {k: _mean([r["untrained"]["test"][k] for r in rs]) for k in SHOWN}
         cells = [un["recall@1"], un["map@r"]]
         for system in (chosen, "pml", "readme"):
@@ -546,6 +567,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("--threads", type=int, default=0)
     r.add_argument("--json")
     r.add_argument("--plans", help="a calibration's --json: repeat its step counts instead of measuring")
+    r.add_argument("--pml-like", help="the candidate (a --variant NAME) whose recipe the PML loop runs on")
+    r.add_argument("--screen", action="store_true",
+                   help=f"score only {SCREEN_TEST_CLASSES} test classes (candidates compared on validation)")
     c = sub.add_parser("calibrate", help="measure what the budget comes to, per data set and system")
     c.add_argument("--root", default="/tmp/suite")
     c.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -554,6 +578,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     c.add_argument("--budget", default="2m")
     c.add_argument("--selection", action="store_true")
     c.add_argument("--repeat", type=int, default=2, help="measure this many times and keep the fastest")
+    c.add_argument("--pml-like", help="the candidate (a --variant NAME) whose recipe the PML loop runs on")
     c.add_argument("--cpu-time", action="store_true",
                    help="time by the process's CPU time (one thread): an idle machine's wall time, on a busy one")
     c.add_argument("--threads", type=int, default=1)

@@ -335,6 +335,26 @@ def test_non_finite_vectors_are_refused_by_row(data):
         index.search(np.full(D, np.nan, np.float32), k=10)
 
 
+def test_hnsw_search_survives_faiss_torch_utils():
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which swaps Index.search for a torch-aware
+    one without ``params``; a tombstoned HNSW index must still search (the CI run that imported PML first
+    failed here)."""
+    code = textwrap.dedent("""
+        import faiss.contrib.torch_utils
+        import numpy as np
+        from deepmetric.inference.index import SearchIndex
+        x = np.random.RandomState(0).randn(120, 8).astype("float32")
+        index = SearchIndex(8, "cosine", "faiss-hnsw")
+        index.add(x, np.zeros(120, int), [str(i) for i in range(120)])
+        index.remove(ids=[0, 1])
+        rows = index.search_arrays(x[:2], 5)[1]
+        assert not np.isin(rows, [0, 1]).any(), rows
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_hnsw_removal_is_a_tombstone_that_saves_and_compacts(data, tmp_path):
     """A removal marks the row dead (no rebuild); searches skip it; the file keeps the tombstones; a
     compaction built while the old graph serves catches up with what changed meanwhile."""

@@ -75,7 +75,10 @@ class HNSWBackend(FaissBackend):
         if self._params is None:
             scores, slots = self.index.search(q, k)
         else:
-            scores, slots = self.index.search(q, k, params=self._params)
+            # faiss.contrib.torch_utils (which pytorch-metric-learning imports) replaces Index.search
+            # with a torch-aware one that takes no params; the numpy search it keeps aside does.
+            search = getattr(self.index, "search_numpy", self.index.search)
+            scores, slots = search(q, k, params=self._params)
         slots = slots.astype(np.int64)
         return scores, np.where(slots >= 0, self._row[np.maximum(slots, 0)], -1)
 
