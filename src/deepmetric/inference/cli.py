@@ -180,28 +180,30 @@ def _embed_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from . import index_lock, index_log
-    from .index import SearchIndex
-    from .predictor import load_embeddings
+    from . import index_lock, index_log, streaming
+    from .embeddings_io import open_embeddings
 
     params = _params(args.param)
     output = Path(args.output)
     check_writable(output, "--output")
     index_lock.check_not_served(output)
-    f = load_embeddings(args.embeddings)
-    source = {"embeddings": str(args.embeddings), "model": f.meta.get("model"), "checkpoint": f.meta.get("source")}
-    start, big = time.monotonic(), len(f.embeddings) >= 100_000
+    src = open_embeddings(args.embeddings)  # streamed a block at a time (streaming's docstring)
+    source = {"embeddings": str(args.embeddings), "model": src.meta.get("model"), "checkpoint": src.meta.get("source")}
+    start, big = time.monotonic(), src.count >= 100_000
     if big:
-        log.info("index build: %d vectors into a %s index...", len(f.embeddings), args.backend)
-    index = SearchIndex.build(f.embeddings, backend=args.backend, metric=args.metric, centroids=args.centroids,
-                              class_names=f.class_names or None, source=source, **params)
+        log.info("index build: %d vectors into a %s index...", src.count, args.backend)
     with writing(output, "--output"):
-        index.save(output)
+        index = streaming.build_index(src, output, backend=args.backend, metric=args.metric, centroids=args.centroids,
+                                      params=params, train_size=args.train_size, on_disk=args.on_disk,
+                                      class_names=src.class_names or None, source_info=source)
+        streaming.save(index, output)
         index_log.discard(output)  # the change log of an index that stood here before is void
     if big:
         log.info("index build: done in %.0f s", time.monotonic() - start)
-    what = f"{len(index)} centroids of {len(f.embeddings)} vectors" if args.centroids else f"{len(index)} vectors"
-    print(f"wrote {args.output}: {args.backend} {index.metric} index of {what}, params {index.info()['params']}")
+    what = f"{len(index)} centroids of {src.count} vectors" if args.centroids else f"{len(index)} vectors"
+    sidecar = getattr(index.backend, "sidecar", None)
+    where = f", lists on disk in {sidecar.name}" if sidecar is not None else ""
+    print(f"wrote {args.output}: {args.backend} {index.metric} index of {what}, params {index.info()['params']}{where}")
     return 0
 
 
@@ -313,6 +315,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="run a checkpoint with PyTorch or (exported in memory) onnxruntime")
 
 
+def _streaming_args(b: argparse.ArgumentParser) -> None:
+    """``index build``'s options of a streaming build (:mod:`deepmetric.inference.streaming`)."""
+    from .streaming import ON_DISK_CHOICES, TRAIN_SIZE
+
+    b.add_argument("--train-size", type=int, default=TRAIN_SIZE, metavar="N",
+                   help=f"vectors the IVF quantisers train on, drawn evenly across the collection (default {TRAIN_SIZE})")
+    b.add_argument("--on-disk", nargs="?", const="yes", default="auto", choices=ON_DISK_CHOICES,
+                   help="faiss-ivfpq: inverted lists in a file beside the index, mapped, not in memory (auto: when "
+                        "they would take over a quarter of this machine's memory)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``embed``, ``index build|info|add|remove``, ``search`` and ``export`` to the ``deepmetric`` parser."""
     from .index import BACKENDS, METRIC_ALIASES, METRICS
@@ -337,7 +350,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     ix = subparsers.add_parser("index", help="build, inspect or change a search index")
     isub = ix.add_subparsers(dest="index_command", metavar="ACTION")
-    b = isub.add_parser("build", help="index a features.npz or a folder of Parquet chunks for search")
+    b = isub.add_parser("build", help="index a features.npz or a folder of Parquet chunks for search (streamed)")
     b.add_argument("--embeddings", required=True, help="features .npz or Parquet folder from 'deepmetric embed'")
     b.add_argument("--output", required=True, help="index file to write")
     b.add_argument("--backend", choices=list(BACKENDS), default="exact")
@@ -347,6 +360,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="backend parameter: nlist, nprobe (faiss-ivf/ivfpq), m, nbits (faiss-ivfpq), "
                         "M, ef_construction, ef_search (faiss-hnsw)")
+    _streaming_args(b)
     b.set_defaults(func=cmd_index_build)
     inf = isub.add_parser("info", help="print an index's backend, metric, size and parameters")
     inf.add_argument("index")
