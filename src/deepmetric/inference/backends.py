@@ -22,7 +22,7 @@ from ..core.errors import UserError
 #: integer parameters: (lowest, highest) accepted, from the command line or from a file
 _PARAM_RANGES = {"query_chunk": (1, 1 << 24), "nlist": (1, 1 << 24), "nprobe": (1, 1 << 24), "m": (1, 4096),
                  "nbits": (1, 16), "refine": (0, 4096), "M": (2, 512), "ef_construction": (1, 1 << 16),
-                 "ef_search": (1, 1 << 16)}
+                 "ef_search": (1, 1 << 16), "on_disk": (0, 1)}
 #: query rows per chunk of exact search by default: about 16M scores (64 MB of float32) at once
 _CHUNK_ELEMENTS = 1 << 24
 

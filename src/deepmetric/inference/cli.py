@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,12 @@ log = logging.getLogger("deepmetric")
 
 #: seconds between progress lines off a terminal
 PROGRESS_EVERY_S = 10.0
+#: how long a rank of a sharded embed waits for the others at the end (a resumed rank may have nothing to do)
+EMBED_WAIT_S = 7 * 24 * 3600.0
+#: images per resumable chunk by default: a ``.npz``'s parts, and Parquet chunk files
+CHUNK_SIZE = {"npz": 4096, "parquet": 16384}
+
+
 class EmbedProgress:
     """Progress of ``write_embeddings`` as log lines: a stand-in for the predictor that counts what
     ``iter_embeddings`` yields. Chunks come in order (``chunk_size`` images each, as the input list), so
@@ -78,11 +85,30 @@ def _params(items: List[str]) -> Dict[str, Any]:
     return out
 
 
+def _embed_format(args: argparse.Namespace) -> str:
+    """``parquet`` for an output folder (existing, ending in ``/``, or ``--format parquet``), else ``npz``;
+    more than one process (torchrun) needs a folder."""
+    folder = args.output.endswith(("/", os.sep)) or Path(args.output).is_dir()
+    fmt = args.format or ("parquet" if folder else "npz")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if fmt == "npz" and folder:
+        raise UserError(f"--output {args.output}: a folder, but --format npz writes one file; name a .npz file")
+    if fmt == "npz" and world > 1:
+        raise UserError(f"--output {args.output}: {world} processes (torchrun) write Parquet chunks into a folder; "
+                        "name a folder (--output DIR/)")
+    return fmt
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from .predictor import Predictor, list_inputs, write_embeddings
 
     from ..data.loading import loader_settings
 
+    fmt = _embed_format(args)
+    if args.chunk_size is None:
+        args.chunk_size = CHUNK_SIZE[fmt]
+    if fmt == "parquet":
+        return _embed_shards(args)
     output = Path(args.output)
     check_writable(output, "--output")
     inputs = list_inputs(args.input)
@@ -102,29 +128,82 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed_shards(args: argparse.Namespace) -> int:
+    """``embed`` into a folder of Parquet chunks, sharded over the processes torchrun started (or one)."""
+    from ..data.loading import loader_settings
+    from .predictor import Predictor, list_inputs
+    from .shards import chunk_spans, embed_shards, remove_stale_manifest, require_pyarrow, write_manifest
+
+    require_pyarrow()
+    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1") or 1)
+    device = args.device
+    if world > 1:
+        from ..core.distributed import init_distributed, rank_device
+
+        info = init_distributed(backend="gloo", timeout_s=EMBED_WAIT_S)  # a barrier and a gather, no tensors
+        rank, world = info.rank, info.world_size
+        device = str(rank_device(args.device, info)) if args.runtime == "torch" else args.device
+    folder = Path(args.output)
+    check_writable(folder, "--output", folder=True)
+    inputs = list_inputs(args.input)
+    predictor = Predictor.load(args.checkpoint, device=device, runtime=args.runtime)
+    workers = loader_settings(args.workers, False, device if args.runtime == "torch" else "cpu").num_workers
+    show = not (args.no_progress or getattr(args, "quiet", False))
+    bar = show and sys.stderr.isatty()
+    with writing(folder, "--output"):
+        if rank == 0:
+            remove_stale_manifest(folder, predictor, inputs, args.chunk_size, args.dtype)
+        if show and not bar:
+            mine = [p for i, s, e in chunk_spans(len(inputs.paths), args.chunk_size) if i % world == rank
+                    for p in inputs.paths[s:e]]
+            predictor = EmbedProgress(predictor, mine, args.chunk_size, PROGRESS_EVERY_S)
+        run = embed_shards(predictor, inputs, folder, rank=rank, world_size=world, chunk_size=args.chunk_size,
+                           batch_size=args.batch_size, dtype=args.dtype, num_workers=workers, progress=bar)
+        runs = [run]
+        if world > 1:
+            import torch.distributed as dist
+
+            from ..core.distributed import all_gather_object
+
+            runs = all_gather_object(run)  # every rank is done when this returns
+        if rank == 0:
+            manifest = write_manifest(folder, predictor, inputs, args.chunk_size, args.dtype)
+    if world > 1:
+        dist.destroy_process_group()
+    if rank == 0:
+        embedded, skipped = sum(len(r.embedded) for r in runs), sum(len(r.skipped) for r in runs)
+        labelled = int((inputs.labels >= 0).sum())
+        print(f"wrote {folder}: {len(inputs.paths)} x {predictor.embedding_dim} {args.dtype} embeddings in "
+              f"{embedded + skipped} Parquet chunks by {world} process(es), {embedded} embedded now and {skipped} "
+              f"found done ({labelled} labelled, {len(inputs.class_names)} classes); manifest {manifest}")
+    return 0
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from . import index_lock, index_log
-    from .index import SearchIndex
-    from .predictor import load_embeddings
+    from . import index_lock, index_log, streaming
+    from .embeddings_io import open_embeddings
 
     params = _params(args.param)
     output = Path(args.output)
     check_writable(output, "--output")
     index_lock.check_not_served(output)
-    f = load_embeddings(args.embeddings)
-    source = {"embeddings": str(args.embeddings), "model": f.meta.get("model"), "checkpoint": f.meta.get("source")}
-    start, big = time.monotonic(), len(f.embeddings) >= 100_000
+    src = open_embeddings(args.embeddings)  # streamed a block at a time (streaming's docstring)
+    source = {"embeddings": str(args.embeddings), "model": src.meta.get("model"), "checkpoint": src.meta.get("source")}
+    start, big = time.monotonic(), src.count >= 100_000
     if big:
-        log.info("index build: %d vectors into a %s index...", len(f.embeddings), args.backend)
-    index = SearchIndex.build(f.embeddings, backend=args.backend, metric=args.metric, centroids=args.centroids,
-                              class_names=f.class_names or None, source=source, **params)
+        log.info("index build: %d vectors into a %s index...", src.count, args.backend)
     with writing(output, "--output"):
-        index.save(output)
+        index = streaming.build_index(src, output, backend=args.backend, metric=args.metric, centroids=args.centroids,
+                                      params=params, train_size=args.train_size, on_disk=args.on_disk,
+                                      class_names=src.class_names or None, source_info=source)
+        streaming.save(index, output)
         index_log.discard(output)  # the change log of an index that stood here before is void
     if big:
         log.info("index build: done in %.0f s", time.monotonic() - start)
-    what = f"{len(index)} centroids of {len(f.embeddings)} vectors" if args.centroids else f"{len(index)} vectors"
-    print(f"wrote {args.output}: {args.backend} {index.metric} index of {what}, params {index.info()['params']}")
+    what = f"{len(index)} centroids of {src.count} vectors" if args.centroids else f"{len(index)} vectors"
+    sidecar = getattr(index.backend, "sidecar", None)
+    where = f", lists on disk in {sidecar.name}" if sidecar is not None else ""
+    print(f"wrote {args.output}: {args.backend} {index.metric} index of {what}, params {index.info()['params']}{where}")
     return 0
 
 
@@ -236,18 +315,34 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="run a checkpoint with PyTorch or (exported in memory) onnxruntime")
 
 
+def _streaming_args(b: argparse.ArgumentParser) -> None:
+    """``index build``'s options of a streaming build (:mod:`deepmetric.inference.streaming`)."""
+    from .streaming import ON_DISK_CHOICES, TRAIN_SIZE
+
+    b.add_argument("--train-size", type=int, default=TRAIN_SIZE, metavar="N",
+                   help=f"vectors the IVF quantisers train on, drawn evenly across the collection (default {TRAIN_SIZE})")
+    b.add_argument("--on-disk", nargs="?", const="yes", default="auto", choices=ON_DISK_CHOICES,
+                   help="faiss-ivfpq: inverted lists in a file beside the index, mapped, not in memory (auto: when "
+                        "they would take over a quarter of this machine's memory)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``embed``, ``index build|info|add|remove``, ``search`` and ``export`` to the ``deepmetric`` parser."""
     from .index import BACKENDS, METRIC_ALIASES, METRICS
 
-    e = subparsers.add_parser("embed", help="embed a folder or list of images into features.npz (resumable)")
+    e = subparsers.add_parser("embed", help="embed a folder or list of images into features.npz or Parquet chunks "
+                              "(resumable; under torchrun, sharded across the processes)")
     _model_args(e)
     e.add_argument("--input", required=True, help="image folder (class subfolders give labels) or list file "
                    "('path[ label]' per line, or CSV with header path,label)")
-    e.add_argument("--output", required=True, help="features .npz to write")
+    e.add_argument("--output", required=True, help="features .npz to write, or a folder (DIR/) for Parquet chunks "
+                   "and their manifest.json")
+    e.add_argument("--format", choices=["npz", "parquet"], default=None,
+                   help="npz (one file) or parquet (a folder of chunks); default: parquet for a folder")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    e.add_argument("--chunk-size", type=int, default=4096, help="images per resumable chunk")
+    e.add_argument("--chunk-size", type=int, default=None,
+                   help="images per resumable chunk (default 4096 for .npz, 16384 per Parquet file)")
     e.add_argument("--workers", type=_workers, default="auto",
                    help="image-decoding processes, or auto (on a GPU its CPUs less one, at most 16; on a CPU 0)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -255,8 +350,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     ix = subparsers.add_parser("index", help="build, inspect or change a search index")
     isub = ix.add_subparsers(dest="index_command", metavar="ACTION")
-    b = isub.add_parser("build", help="index a features.npz for search")
-    b.add_argument("--embeddings", required=True, help="features .npz from 'deepmetric embed'")
+    b = isub.add_parser("build", help="index a features.npz or a folder of Parquet chunks for search (streamed)")
+    b.add_argument("--embeddings", required=True, help="features .npz or Parquet folder from 'deepmetric embed'")
     b.add_argument("--output", required=True, help="index file to write")
     b.add_argument("--backend", choices=list(BACKENDS), default="exact")
     b.add_argument("--metric", choices=[*METRICS, *METRIC_ALIASES], default="cosine",
@@ -265,6 +360,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="backend parameter: nlist, nprobe (faiss-ivf/ivfpq), m, nbits (faiss-ivfpq), "
                         "M, ef_construction, ef_search (faiss-hnsw)")
+    _streaming_args(b)
     b.set_defaults(func=cmd_index_build)
     inf = isub.add_parser("info", help="print an index's backend, metric, size and parameters")
     inf.add_argument("index")

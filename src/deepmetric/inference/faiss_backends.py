@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -129,10 +131,26 @@ class IVFBackend(FaissBackend):
     defaults: Dict[str, Any] = {"nlist": None, "nprobe": 24}
     knobs: Tuple[str, ...] = ("nprobe",)
     row_arrays: Tuple[str, ...] = ("vectors", "ivf_lists")
+    _total: Optional[int] = None  # the vectors a streaming build will add, when it trains on a sample
+
+    def train(self, sample: np.ndarray, total: int) -> None:
+        """Create the index and train it on ``sample`` (prepared vectors) standing for the ``total`` that a
+        streaming build then adds block by block (the default nlist is about 4 sqrt(total))."""
+        if self.index is not None:
+            raise SearchIndexError(f"{self.name}: the index is trained already")
+        self._total = int(total)
+        self.index = self._create(sample)
+        self.index.train(sample)
+        self._apply_knobs()
+
+    @property
+    def code_size(self) -> int:
+        """Bytes per vector in the inverted lists, its row number aside (once trained)."""
+        return int(self.faiss.extract_index_ivf(self.index).code_size)
 
     def _nlist(self, n: int) -> int:
         if self.params["nlist"] is None:  # ~4 sqrt(N) lists, each with >= 39 training points (faiss's minimum)
-            self.params["nlist"] = int(max(1, min(4 * math.sqrt(n), n // 39)))
+            self.params["nlist"] = int(max(1, min(4 * math.sqrt(self._total or n), n // 39)))
         nlist = int(self.params["nlist"])
         if nlist > n:  # k-means cannot make more lists than it has points (FAISS fails with a traceback)
             raise SearchIndexError(f"{self.name}: nlist={nlist} lists need at least {nlist} vectors to train on, "
@@ -200,14 +218,112 @@ class IVFBackend(FaissBackend):
         self._apply_knobs()
 
 
+#: the most bytes of PQ distance tables one FAISS add may make (see :meth:`IVFPQBackend.add`)
+ADD_TABLE_BYTES = 32 << 20
+
+
 class IVFPQBackend(IVFBackend):
-    """``IndexIVFPQ`` (in an ``IndexRefineFlat`` with ``refine``); its arrays add the PQ codebooks and codes."""
+    """``IndexIVFPQ`` (in an ``IndexRefineFlat`` with ``refine``); its arrays add the PQ codebooks and codes.
+
+    With ``on_disk=1`` the codes live in a sidecar file beside the index, mapped read-only
+    (:mod:`deepmetric.inference.ivf_ondisk`): a streaming build calls :meth:`start_on_disk` after
+    :meth:`train`, adds, then :meth:`finish_on_disk`; the file holds the list sizes instead of the codes.
+    Such an index cannot change in place (add, remove): it is rebuilt."""
 
     name = "faiss-ivfpq"
-    defaults = {"nlist": None, "nprobe": 24, "m": None, "nbits": None, "refine": 0}
+    defaults = {"nlist": None, "nprobe": 24, "m": None, "nbits": None, "refine": 0, "on_disk": 0}
     knobs = ("nprobe", "refine")
 
     row_arrays = ("ivf_lists", "pq_codes", "vectors")  # vectors only with refine
+    folder: Optional[Path] = None  # the index file's folder, where the on-disk lists lie (set by load)
+    _spill: Any = None
+    _ondisk: Dict[str, np.ndarray] = {}  # sizes, name and token of the attached on-disk lists
+
+    @property
+    def ntotal(self) -> int:
+        return self._spill.count if self._spill is not None else super().ntotal
+
+    @property
+    def slots(self) -> int:
+        return self.ntotal
+
+    @property
+    def sidecar(self) -> Optional[Path]:
+        """The file of the on-disk lists this index searches (None when they are in memory)."""
+        if not self._ondisk or self.folder is None:
+            return None
+        return self.folder / self._ondisk["ondisk_name"].tobytes().decode("utf-8", "replace")
+
+    def start_on_disk(self, target: Path) -> None:
+        """Send the codes of the coming adds to on-disk lists beside the index file ``target`` (after :meth:`train`)."""
+        from .ivf_ondisk import ListSpill
+
+        if self.params["refine"]:
+            raise SearchIndexError("faiss-ivfpq: refine keeps every vector in memory, which on-disk lists exist to "
+                                   "avoid; build with --param refine=0, or without --on-disk")
+        ivf = self.faiss.extract_index_ivf(self.index)
+        self.params["on_disk"] = 1
+        self._spill = ListSpill(Path(target), ivf.nlist, ivf.code_size)
+
+    def finish_on_disk(self) -> Path:
+        """Lay the spilled codes out in the sidecar and search them from there; returns the sidecar's path."""
+        spill, self._spill = self._spill, None
+        path = spill.finish()
+        self.folder = path.parent
+        self._attach({"ondisk_sizes": spill.sizes, "ondisk_name": np.frombuffer(path.name.encode(), np.uint8),
+                      "ondisk_token": np.frombuffer(spill.token, np.uint8)}, self.faiss.extract_index_ivf(self.index))
+        return path
+
+    def abort_on_disk(self) -> None:
+        if self._spill is not None:
+            self._spill.abort()
+            self._spill = None
+
+    def _read_only(self) -> SearchIndexError:
+        return SearchIndexError("faiss-ivfpq: an index with on-disk lists cannot change in place; rebuild it with "
+                                "'deepmetric index build --on-disk' from all the embeddings")
+
+    def add(self, x: np.ndarray) -> None:
+        """Add ``x`` a piece at a time: FAISS encodes a batch with distance tables of ``n x 2^nbits x m`` floats
+        when a sub-vector has 16 or more dimensions, which would make a build's memory grow with its
+        blocks (65,536 rows of 256-d, m=16: 1 GB); :data:`ADD_TABLE_BYTES` bounds them."""
+        if self.index is None:
+            if x.shape[0] == 0:
+                return
+            self.train(x, x.shape[0])
+        if self.params["on_disk"] and self._spill is None:
+            raise self._read_only()
+        pq = self.faiss.downcast_index(self.faiss.extract_index_ivf(self.index)).pq
+        step = max(1024, ADD_TABLE_BYTES // (4 * pq.ksub * pq.M))
+        for start in range(0, x.shape[0], step):
+            (self._spill_piece if self.params["on_disk"] else self.index.add)(x[start:start + step])
+
+    def _spill_piece(self, x: np.ndarray) -> None:
+        ivf = self.faiss.extract_index_ivf(self.index)
+        lists = np.ascontiguousarray(ivf.quantizer.assign(x, 1).reshape(-1), np.int64)
+        codes = np.empty((len(x), ivf.code_size), np.uint8)
+        ivf.encode_vectors(len(x), self.faiss.swig_ptr(x), self.faiss.swig_ptr(lists), self.faiss.swig_ptr(codes), False)
+        self._spill.add(lists, codes)
+
+    def keep(self, mask: np.ndarray) -> None:
+        if self.params["on_disk"]:
+            raise self._read_only()
+        super().keep(mask)
+
+    def _attach(self, arrays: Dict[str, np.ndarray], ivf: Any) -> None:
+        """Search the on-disk lists that ``arrays`` (sizes, sidecar name, token) describe, from ``ivf``."""
+        from .ivf_ondisk import SUFFIX, open_lists
+
+        sizes, name = arrays["ondisk_sizes"], arrays["ondisk_name"].tobytes().decode("utf-8", "replace")
+        if len(sizes) != ivf.nlist or int(sizes.min(initial=0)) < 0:
+            raise ValueError(f"ondisk_sizes: {len(sizes)} list sizes for {ivf.nlist} lists, or a negative one")
+        if os.sep in name or name.startswith(".") or not name.endswith(SUFFIX) or self.folder is None:
+            raise ValueError(f"ondisk_name {name[:80]!r} is not the name of a sidecar beside the index")
+        lists = open_lists(self.faiss, self.folder / name, sizes, ivf.code_size, arrays["ondisk_token"].tobytes())
+        ivf.replace_invlists(lists, True)
+        lists.this.disown()
+        ivf.ntotal = int(sizes.sum())
+        self._ondisk = {k: arrays[k] for k in ("ondisk_sizes", "ondisk_name", "ondisk_token")}
 
     def _create(self, x: np.ndarray) -> Any:
         p, d, n = self.params, self.dim, x.shape[0]
@@ -234,10 +350,14 @@ class IVFPQBackend(IVFBackend):
             self.faiss.downcast_index(self.index).k_factor = float(self.params["refine"])
 
     def state(self) -> Dict[str, np.ndarray]:
+        ivf = self.faiss.extract_index_ivf(self.index)
+        pq = self.faiss.downcast_index(ivf).pq
+        pq_centroids = self.faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
+        if self.params["on_disk"]:
+            return {"ivf_centroids": np.asarray(ivf.quantizer.reconstruct_n(0, ivf.nlist)),
+                    "pq_centroids": pq_centroids, **self._ondisk}
         centroids, lists, codes = self._ivf_state()
-        pq = self.faiss.downcast_index(self.faiss.extract_index_ivf(self.index)).pq
-        out = {"ivf_centroids": centroids, "ivf_lists": lists, "pq_codes": codes,
-               "pq_centroids": self.faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)}
+        out = {"ivf_centroids": centroids, "ivf_lists": lists, "pq_codes": codes, "pq_centroids": pq_centroids}
         if self.params["refine"]:
             out["vectors"] = flat_vectors(self.faiss, self.index.refine_index, self.dim)
         return out
@@ -249,6 +369,10 @@ class IVFPQBackend(IVFBackend):
             raise ValueError(f"m={m}, nbits={nbits} do not describe a product quantiser of {self.dim}-d vectors")
         out = {"ivf_centroids": ("F32", (self.params["nlist"], self.dim)), "ivf_lists": ("I64", (count,)),
                "pq_codes": ("U8", (count, (m * nbits + 7) // 8)), "pq_centroids": ("F32", (m, 1 << nbits, self.dim // m))}
+        if self.params["on_disk"]:
+            del out["ivf_lists"], out["pq_codes"]
+            return {**out, "ondisk_sizes": ("I64", (self.params["nlist"],)), "ondisk_name": ("U8", None),
+                    "ondisk_token": ("U8", (16,))}
         if self.params["refine"]:
             out["vectors"] = ("F32", (count, self.dim))
         return out
@@ -259,7 +383,10 @@ class IVFPQBackend(IVFBackend):
             quantizer, self.dim, nlist, m, nbits, self._mt))
         self.faiss.copy_array_to_vector(np.ascontiguousarray(arrays["pq_centroids"]).ravel(), ivf.pq.centroids)
         ivf.precompute_table()
-        self._ivf_fill(ivf, arrays["ivf_lists"], arrays["pq_codes"])
+        if self.params["on_disk"]:
+            self._attach(arrays, ivf)
+        else:
+            self._ivf_fill(ivf, arrays["ivf_lists"], arrays["pq_codes"])
         index = ivf
         if self.params["refine"]:
             vectors = np.ascontiguousarray(arrays["vectors"])

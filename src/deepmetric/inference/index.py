@@ -49,7 +49,7 @@ import secrets
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -223,6 +223,37 @@ class SearchIndex:
         self.class_names = names
         self.changes += 1
         return ids
+
+    def add_stream(self, batches: Iterable[Tuple[Any, np.ndarray, StringTable]]) -> int:
+        """Add batches ``(vectors (n, D), labels (n,) int64, paths)`` one after another as one change, the way
+        a streaming build does: each batch's vectors go to the backend as they come, and the per-item
+        metadata (ids, labels, paths) is joined once at the end, so memory holds one batch of vectors and
+        never copies what came before it per batch. Labels are the index's own (no class-name mapping);
+        items mode only. A batch that is refused (wrong shape, NaN, label below -1) raises, and the batches
+        before it stay added. Returns the number of items added."""
+        if self.mode != "items":
+            raise SearchIndexError("add_stream: a centroid index takes its members through add()")
+        labels, paths, n = [self._labels], [self._paths], 0
+        try:
+            for vectors, lab, pth in batches:
+                x = as_matrix(vectors, self.dim, "SearchIndex.add_stream")
+                lab = np.asarray(lab, np.int64).reshape(-1)
+                if len(lab) != len(x) or len(pth) != len(x):
+                    raise SearchIndexError(f"SearchIndex.add_stream: {len(x)} vectors but {len(lab)} labels and "
+                                           f"{len(pth)} paths")
+                check_finite(x, "SearchIndex.add_stream", pth)
+                if len(lab) and int(lab.min()) < -1:
+                    raise SearchIndexError(f"SearchIndex.add_stream: label {int(lab.min())}; labels are >= 0, or -1")
+                self.backend.add(self._prepare(x))
+                labels.append(lab)
+                paths.append(pth)
+                n += len(x)
+        finally:
+            self._ids = np.concatenate([self._ids, np.arange(self.next_id, self.next_id + n, dtype=np.int64)])
+            self._labels, self._paths = np.concatenate(labels), StringTable.join(paths)
+            self.next_id += n
+            self.changes += 1 if n else 0
+        return n
 
     def _map_labels(self, lab: np.ndarray, names: List[str]) -> Tuple[np.ndarray, List[str]]:
         if len(lab) and int(lab.max()) >= len(names):
@@ -446,6 +477,7 @@ class SearchIndex:
         """
         def open_index(h: Dict[str, Any], read_arrays) -> "SearchIndex":
             index = cls(h["dim"], h["metric"], h["backend"], mode=h["mode"], source=h["source"], **h["params"])
+            index.backend.folder = Path(path).parent  # where a backend finds files of its own (on-disk lists)
             index._restore(h, read_arrays(index_file.expected_arrays(h, index.backend)))
             return index
 

@@ -81,6 +81,16 @@ class StringTable:
         data, bounds = self.blob.tobytes(), self.offsets.tolist()
         return (data[s:e].decode("utf-8", "surrogateescape") or None for s, e in zip(bounds, bounds[1:]))
 
+    @classmethod
+    def join(cls, tables: Sequence["StringTable"]) -> "StringTable":
+        """``tables`` one after another, in one copy (``concat`` in a loop copies all that came before, each time)."""
+        if not tables:
+            return cls()
+        lengths = np.concatenate([np.diff(t.offsets) for t in tables])
+        offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(np.concatenate([t.blob[t.offsets[0]:t.offsets[-1]] for t in tables]), offsets)
+
     def concat(self, other: "StringTable") -> "StringTable":
         return StringTable(np.concatenate([self.blob, other.blob]),
                            np.concatenate([self.offsets, other.offsets[1:] + self.offsets[-1]]))

@@ -1,33 +1,19 @@
-"""Images in, embeddings out: :class:`Predictor` (a model plus the preprocessing it was trained with),
-the inputs it reads (:func:`list_inputs`) and the resumable ``features.npz`` writer.
+"""Images in, embeddings out: :class:`Predictor` (a model plus the preprocessing it was trained with)
+and the inputs it reads (:func:`list_inputs`).
 
 A predictor runs a checkpoint with PyTorch or an ONNX model with onnxruntime; both apply the same
 test-time pipeline (:class:`~deepmetric.inference.preprocess.Preprocessing`: the preset's, with numpy
 and Pillow), so their embeddings agree to export tolerance. The ONNX path (:meth:`Predictor.from_onnx`)
 never imports PyTorch.
 
-``features.npz`` (read back with :func:`load_embeddings`)::
-
-    vectors      (N, D) float32 or float16
-    labels       (N,) int64, -1 for unlabelled
-    paths        (N,) str
-    class_names  (C,) str, the name of label i (empty if labels are not from folders)
-    meta         0-d str: JSON (source checkpoint, model fingerprint, dim, dtype, normalised, version)
-
-:func:`write_embeddings` writes ``chunk_size`` images at a time into ``<output>.parts/`` next to a
-manifest; rerun with the same inputs and model, it skips finished chunks, then streams them into
-the ``.npz`` (written under a temporary name and renamed, so a half-written file never appears).
+Writing and reading embeddings (``features.npz``, Parquet chunks) is in
+:mod:`deepmetric.inference.embeddings_io`; its names are importable from here too.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import shutil
 import threading
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -35,7 +21,9 @@ import numpy as np
 from PIL import Image
 
 from ..core.errors import UserError
-from ..core.files import atomic_write, file_fingerprint
+from ..core.files import file_fingerprint
+from .blocks import DTYPES, EmbeddingsFileError, InputList  # noqa: F401 (re-exported)
+from .embeddings_io import EmbeddingsFile, load_embeddings, write_embeddings  # noqa: F401 (re-exported)
 from .onnx import decode_metadata, onnx_session
 from .preprocess import Preprocessing
 
@@ -44,27 +32,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("deepmetric")
 
-DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
 class InputError(UserError):
     """An ``--input`` that is neither an image folder nor a list file, or a malformed list file."""
 
 
-class EmbeddingsFileError(UserError):
-    """A features file that is missing, foreign or damaged; the message names the file."""
-
-
 # -- inputs ------------------------------------------------------------------------------------------
-
-@dataclass
-class InputList:
-    """Image ``paths`` with ``labels`` ((N,) int64, -1 unlabelled) and the ``class_names`` labels index."""
-
-    paths: List[str]
-    labels: np.ndarray
-    class_names: List[str]
-
 
 def list_inputs(source: str | os.PathLike) -> InputList:
     """Images named by a folder or a list file.
@@ -323,127 +295,3 @@ class Predictor:
         """:meth:`embed_list` over :func:`list_inputs` (a folder or a list file)."""
         inputs = list_inputs(source)
         return self.embed_list(inputs.paths, inputs.labels, **kwargs)
-
-
-# -- features.npz --------------------------------------------------------------------------------------
-
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.asarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
-def write_embeddings(predictor: Predictor, inputs: InputList, output: str | os.PathLike, *, batch_size: int = 64,
-                     dtype: str = "float32", chunk_size: int = 4096, num_workers: int = 0,
-                     progress: bool = True) -> Path:
-    """Embed ``inputs`` into ``output`` (``.npz``, layout in the module docstring), resumably.
-
-    Chunks of ``chunk_size`` images go to ``<output>.parts/chunk_NNNNNN.npy``; ``manifest.json`` there
-    records the inputs, model fingerprint, dtype and chunk size, and a rerun with the same four
-    continues after the last finished chunk (anything else starts over, with a warning).
-    """
-    from tqdm.auto import tqdm
-
-    from ..core import __version__
-
-    if dtype not in DTYPES:
-        raise UserError(f"unknown --dtype {dtype!r} (valid: {', '.join(DTYPES)})")
-    if chunk_size < 1 or batch_size < 1:
-        raise UserError("chunk size and batch size must be >= 1")
-    output = Path(output)
-    parts = output.with_name(output.name + ".parts")
-    digest = hashlib.sha256(json.dumps([inputs.paths, inputs.labels.tolist()]).encode()).hexdigest()
-    manifest = {"format": "deepmetric-embedding-parts", "version": 1, "inputs_sha256": digest,
-                "count": len(inputs.paths), "chunk_size": int(chunk_size), "dtype": dtype,
-                "model": predictor.fingerprint or predictor.source, "dim": predictor.embedding_dim}
-    mpath = parts / "manifest.json"
-    if parts.exists():
-        try:
-            old = json.loads(mpath.read_text())
-        except (OSError, ValueError):
-            old = None
-        if old != manifest:
-            log.warning("%s: partial embeddings from other inputs, model or settings; starting over", parts)
-            shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    if not mpath.exists():
-        atomic_write(mpath, json.dumps(manifest))
-    n, np_dtype = len(inputs.paths), DTYPES[dtype]
-    chunks = [(i, s, min(s + chunk_size, n)) for i, s in enumerate(range(0, n, chunk_size))]
-    done = {i for i, s, e in chunks if (parts / f"chunk_{i:06d}.npy").is_file()}
-    if done:
-        log.info("resuming %s: %d of %d chunks already embedded", output, len(done), len(chunks))
-    with tqdm(total=n, initial=sum(e - s for i, s, e in chunks if i in done), desc="embed", unit="img",
-              disable=not progress) as bar:
-        for i, s, e in chunks:
-            if i in done:
-                continue
-            got = []
-            for emb in predictor.iter_embeddings(inputs.paths[s:e], batch_size, num_workers):
-                got.append(emb)
-                bar.update(len(emb))
-            atomic_write(parts / f"chunk_{i:06d}.npy", _npy_bytes(np.concatenate(got).astype(np_dtype)))
-    meta = {"source": predictor.source, "model": predictor.fingerprint, "runtime": predictor.runtime,
-            "dim": predictor.embedding_dim, "dtype": dtype, "l2_normalized": predictor.normalized,
-            "count": n, "deepmetric_version": __version__}
-    _assemble(output, [parts / f"chunk_{i:06d}.npy" for i, _, _ in chunks], inputs, meta, np_dtype,
-              predictor.embedding_dim)
-    shutil.rmtree(parts)
-    return output
-
-
-def _assemble(output: Path, chunk_files: List[Path], inputs: InputList, meta: Dict[str, Any],
-              dtype: Any, dim: int) -> None:
-    """Stream the chunks into one ``.npz`` (never all vectors in memory), written atomically."""
-    def write(out) -> None:
-        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("vectors.npy", "w", force_zip64=True) as f:
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                          "shape": (len(inputs.paths), dim)}
-                np.lib.format.write_array_header_2_0(f, header)
-                for cf in chunk_files:
-                    f.write(np.ascontiguousarray(np.load(cf), dtype=dtype).tobytes())
-            zf.writestr("labels.npy", _npy_bytes(inputs.labels.astype(np.int64)))
-            zf.writestr("paths.npy", _npy_bytes(np.asarray(inputs.paths, dtype=str)))
-            zf.writestr("class_names.npy", _npy_bytes(np.asarray(inputs.class_names, dtype=str)))
-            zf.writestr("meta.npy", _npy_bytes(np.asarray(json.dumps(meta))))
-
-    atomic_write(output, write)
-
-
-@dataclass
-class EmbeddingsFile:
-    """What :func:`load_embeddings` read: the :class:`EmbeddingSet`, label names and the writer's metadata."""
-
-    embeddings: EmbeddingSet
-    class_names: List[str]
-    meta: Dict[str, Any]
-
-
-def load_embeddings(path: str | os.PathLike) -> EmbeddingsFile:
-    """Read a ``features.npz`` written by ``deepmetric embed`` (vectors come back as float32)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EmbeddingsFileError(f"embeddings file not found: {path}")
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"PK\x03\x04":
-            raise EmbeddingsFileError(f"{path}: not an .npz embeddings file; write one with 'deepmetric embed'")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("vectors", "labels", "paths") if k not in z.files]
-            if missing:
-                raise EmbeddingsFileError(f"{path}: no {', '.join(missing)} array; write it with 'deepmetric embed'")
-            vectors = z["vectors"].astype(np.float32)
-            labels, paths = z["labels"], [str(p) for p in z["paths"]]
-            names = [str(c) for c in z["class_names"]] if "class_names" in z.files else []
-            meta = json.loads(str(z["meta"].reshape(-1)[0])) if "meta" in z.files else {}
-        from ..core.embeddings import EmbeddingSet
-
-        es = EmbeddingSet(vectors, labels, paths=paths)
-    except EmbeddingsFileError:
-        raise
-    except Exception as e:  # noqa: BLE001 - zipfile.BadZipFile, ValueError, truncated data ...
-        raise EmbeddingsFileError(f"{path}: not a readable embeddings file ({type(e).__name__}: {e})".splitlines()[0]) from None
-    return EmbeddingsFile(es, names, meta)
