@@ -321,7 +321,7 @@ class MilvusIndex:
             found |= set(self._rows_of_ids(ids))
         if paths is not None:
             want = list(dict.fromkeys([str(p) for p in paths] + [os.path.abspath(p) for p in paths]))
-            rows = self._rowsin_list("path", want, ["path"])
+            rows = self.rows_in("path", want, ["path"])
             stored = {r["path"] for r in rows}
             missing = [p for p in paths if str(p) not in stored and os.path.abspath(p) not in stored]
             if missing:
@@ -330,7 +330,7 @@ class MilvusIndex:
         if labels is not None:
             found |= self._ids_of_labels(labels)
         out = np.asarray(sorted(found), np.int64)
-        if len(out) and len(out) >= len(self):
+        if len(out) and not self._more_than(len(out)):
             raise SearchIndexError(f"remove: that would remove all {len(out)} items, and an index needs at least one; "
                                    "build a new index instead")
         return out
@@ -386,11 +386,11 @@ class MilvusIndex:
         return own
 
     def _labels_of_names(self, names: Sequence[str]) -> Dict[str, int]:
-        rows = self._rowsin_list("key", [f"class:{c}" for c in dict.fromkeys(names)], ["key", "label"], meta=True)
+        rows = self.rows_in("key", [f"class:{c}" for c in dict.fromkeys(names)], ["key", "label"], meta=True)
         return {r["key"][len("class:"):]: int(r["label"]) for r in rows}
 
     def _names_of_labels(self, labels: Sequence[int]) -> Dict[int, str]:
-        rows = self._rowsin_list("label", list(labels), ["key", "label"], meta=True)
+        rows = self.rows_in("label", list(labels), ["key", "label"], meta=True)
         return {int(r["label"]): r["key"][len("class:"):] for r in rows if r["key"].startswith("class:")}
 
     def _ids_of_labels(self, labels: Sequence[Any]) -> set:
@@ -403,7 +403,7 @@ class MilvusIndex:
                 values.append(int(v))
             else:
                 unknown.append(v)
-        rows = self._rowsin_list("label", values, ["label"])
+        rows = self.rows_in("label", values, ["label"])
         unknown += [v for v in values if v not in {int(r["label"]) for r in rows}]
         if unknown:
             raise UnknownItemError(f"no item has label {few(unknown, 5)} in {self.location}")
@@ -413,7 +413,7 @@ class MilvusIndex:
         want = np.asarray(ids).reshape(-1)
         if want.size and want.dtype.kind not in "iu":
             raise SearchIndexError(f"item ids must be integers, got {few(want.tolist())}")
-        rows = {int(r["id"]): r for r in self._rowsin_list("id", want.tolist(), _OUT)}
+        rows = {int(r["id"]): r for r in self.rows_in("id", want.tolist(), _OUT)}
         missing = [int(i) for i in want.tolist() if int(i) not in rows]
         if missing:
             raise UnknownItemError(f"no item with id {few(missing)} in {self.location} (ids of removed items are "
@@ -425,18 +425,29 @@ class MilvusIndex:
     def _errors(self, doing: str):
         return milvus_errors(self.location, doing)
 
+    def _more_than(self, n: int) -> bool:
+        """Whether the collection holds more than ``n`` items (a query of ``n + 1`` rows where Milvus allows
+        it: cheaper than counting all)."""
+        if n + 1 > MAX_K:
+            return len(self) > n
+        return len(self._query("", ["id"], limit=n + 1)) > n
+
     def _query(self, expr: str, fields: List[str], limit: int, meta: bool = False) -> List[Dict[str, Any]]:
         name = meta_name(self.location.collection) if meta else self.location.collection
         with self._errors("reading"):
             return list(self.client.query(name, filter=expr, output_fields=fields, limit=limit))
 
     def _iterate(self, expr: str, fields: List[str], meta: bool = False) -> List[Dict[str, Any]]:
-        """Every row matching ``expr`` (in pages: Milvus answers at most 16384 rows a query)."""
+        """Every row matching ``expr``: one query, or (where that fills Milvus's 16384-row window) all pages
+        of a query iterator, which costs many queries."""
         if not expr:
             return []
         name = meta_name(self.location.collection) if meta else self.location.collection
-        out: List[Dict[str, Any]] = []
         with self._errors("reading"):
+            out = list(self.client.query(name, filter=expr, output_fields=fields, limit=MAX_K))
+            if len(out) < MAX_K:
+                return out
+            out = []
             it = self.client.query_iterator(name, batch_size=4096, filter=expr, output_fields=fields)
             try:
                 while True:
@@ -447,10 +458,13 @@ class MilvusIndex:
             finally:
                 it.close()
 
-    def _rowsin_list(self, field: str, values: Sequence[Any], fields: List[str], meta: bool = False) -> List[Dict[str, Any]]:
-        """The rows whose ``field`` is one of ``values`` (asked 1000 values at a time)."""
+    def rows_in(self, field: str, values: Sequence[Any], fields: List[str], meta: bool = False
+                ) -> List[Dict[str, Any]]:
+        """The rows (``id`` and ``fields``) whose ``field`` is one of ``values``, asked 1000 values at a time
+        (``meta``: of the metadata collection)."""
         values = list(dict.fromkeys(values))
-        return [r for s in range(0, len(values), 1000) for r in self._iterate(in_list(field, values[s:s + 1000]), fields, meta)]
+        return [r for s in range(0, len(values), 1000)
+                for r in self._iterate(in_list(field, values[s:s + 1000]), fields, meta)]
 
     def _write_meta(self) -> None:
         with self._errors("writing the metadata"):
