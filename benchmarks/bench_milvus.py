@@ -149,13 +149,13 @@ def kill_test(args, folder):
     reader.join(timeout=10)
     t = time.perf_counter()
     index = MilvusIndex.open(f"milvus://{db}")
-    reopen_s = time.perf_counter() - t
     try:
+        total = len(index)  # Milvus Lite 3 replays its log lazily: the first read pays for it
+        reopen_s = time.perf_counter() - t
         want = [i for first, last, n in acked for i in ([first, last] if n > 1 else [first])]
         ends = index.rows_in("id", want, ["id"])  # each batch's first and last id
         found = {int(r["id"]) for r in ends}
         kept = [n for first, last, n in acked if first in found and last in found]  # an add is one insert
-        total = len(index)
     finally:
         index.close()
     acked_n = sum(n for _, _, n in acked)
@@ -211,7 +211,7 @@ def main() -> None:
         print(f"\nkill -9 after {args.kill_after:g} s of adds: {kill['acknowledged_items']} items acknowledged in "
               f"{kill['acknowledged_batches']} batches; after reopening {kill['batches_found_after_kill']} of those "
               f"batches are there ({kill['items_in_collection_after_kill']} items), "
-              f"{kill['lost_acknowledged_items']} acknowledged items lost (reopened in {kill['reopen_s']:.1f} s)")
+              f"{kill['lost_acknowledged_items']} acknowledged items lost (reopened and counted in {kill['reopen_s']:.1f} s)")
     print(f"total {time.perf_counter() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "kill": kill}, indent=1))

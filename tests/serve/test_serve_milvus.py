@@ -62,3 +62,12 @@ def test_items_go_to_the_collection_and_survive_a_restart(milvus_gallery, tmp_pa
         r = c.post("/items", files={"file": ("c.png", png(13), "image/png")}, data={"label": "zebra"}, headers=AUTH)
         new = r.json()["items"][0]
         assert new["id"] > gone and new["label"] == added[0]["label"], "a class keeps its label across restarts"
+
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(str(db))  # Milvus goes away under the server
+        r = c.post("/search", files={"file": ("q.png", a, "image/png")}, headers=AUTH)
+        assert r.status_code == 503 and "not reachable" in r.json()["detail"]
+        r = c.post("/items", files={"file": ("d.png", png(14), "image/png")}, headers=AUTH)
+        assert r.status_code == 503
+        assert len([p for p in (tmp_path / "gallery.db.items").rglob("*.png")]) == 2, "the failed add kept no image"

@@ -31,6 +31,8 @@ from .backends import SearchIndexError
 DEFAULT_COLLECTION = "gallery"
 #: seconds a connection to a Milvus server may take before the command gives up
 CONNECT_TIMEOUT_S = 5.0
+#: seconds one search, insert, delete or query may take (a hung server: the request fails, nothing waits on)
+CALL_TIMEOUT_S = 60.0
 TOKEN_ENV = "MILVUS_TOKEN"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,199}$")  # Milvus's rule for collection names (255; room for a suffix)
 _LITE = re.compile(r"^(?P<path>[^:]*\.db)(/(?P<name>[^/]+))?/?$")  # a path ending in .db, then a collection
@@ -41,6 +43,12 @@ class MilvusUnavailableError(SearchIndexError):
     """Milvus did not answer, or failed: the change or search was not made (HTTP 503 in a server)."""
 
     status = 503
+
+
+class MilvusRefusedError(SearchIndexError):
+    """Milvus answered with an error (in Milvus's words); a server answers 500: nothing was changed."""
+
+    status = 500
 
 
 class MilvusMissingError(SearchIndexError):
@@ -163,10 +171,13 @@ def milvus_errors(location: Location, doing: str) -> Iterator[None]:
         raise SearchIndexError(f"{location.uri}: {_message(e)}") from None
     except MilvusException as e:
         message = _message(e)
-        if "Fail connecting" in message or "server unavailable" in message or "UNAVAILABLE" in message:
+        if any(s in message.lower() for s in _UNAVAILABLE):
             raise MilvusUnavailableError(f"{location.uri}: Milvus is not reachable ({doing}); check the address and "
                                          "that the server is running") from None
-        raise SearchIndexError(f"{location}: Milvus refused: {message}") from None
+        raise MilvusRefusedError(f"{location}: Milvus refused ({doing}): {message}") from None
+
+
+_UNAVAILABLE = ("fail connecting", "server unavailable", "unavailable", "deadline", "retry timeout", "retry run out")
 
 
 def _message(e: Exception) -> str:
