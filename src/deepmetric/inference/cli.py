@@ -347,7 +347,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--centroids", action="store_true", help="one vector per label (Centroids-ReID gallery)")
     b.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="backend parameter: nlist, nprobe (faiss-ivf/ivfpq), m, nbits (faiss-ivfpq), "
-                        "M, ef_construction, ef_search (faiss-hnsw)")
+                        "M, ef_construction, ef_search (faiss-hnsw); index_type (AUTOINDEX, FLAT, HNSW, IVF_FLAT...), "
+                        "M, ef_construction, nlist, ef_search, nprobe (milvus)")
     b.add_argument("--uri", help="--backend milvus: a Milvus Lite file (gallery.db) or a Milvus server "
                    "(http://host:19530; credentials in MILVUS_TOKEN)")
     b.add_argument("--collection", default=None, help="--backend milvus: the collection (default gallery)")
