@@ -18,9 +18,10 @@ parameters) and its class names, one row per name, so labels keep their numbers 
 index file. Milvus Lite 2.5 keeps no collection properties, hence a collection.
 
 Every change is Milvus's to keep once ``add`` or ``remove`` returns (``durable``): a server serving
-this index writes no change log of its own. Milvus Lite appends each insert and delete to its own
+this index writes no change log of its own. Milvus Lite 3 appends each insert and delete to its own
 write-ahead log before it answers (flushed to the OS, not fsynced: a killed process loses nothing, a
-power cut may lose the last writes); a Milvus cluster keeps them in its message queue.
+power cut may lose the last writes; ``benchmarks/bench_milvus.py`` kills a writer to count); a Milvus
+cluster keeps them in its message queue.
 
 Vector index: ``index_type`` (default ``AUTOINDEX``; ``FLAT`` is exact), ``M`` and ``ef_construction``
 (HNSW), ``nlist`` (IVF); search parameters ``ef_search`` (HNSW) and ``nprobe`` (IVF). Metric: cosine
@@ -30,7 +31,6 @@ from a counter in the metadata: on a cluster, add new classes from one writer at
 from __future__ import annotations
 
 import json
-import logging
 import os
 import secrets
 from dataclasses import dataclass
@@ -42,14 +42,13 @@ from .backends import SearchIndexError
 from .filters import ItemFilter, groups, per_query
 from .index import Batch, Hit, UnknownItemError
 from .index_file import few
-from .milvus_store import (CALL_TIMEOUT_S, DEFAULT_COLLECTION, FORMAT, MAX_K, MAX_NAME, MAX_PATH, SEARCH_PARAMS, Location,
-                           MilvusUnavailableError, check_params, connect, create_items, create_meta, import_pymilvus,
-                           in_list, meta_name, milvus_errors, read_meta)
+from .milvus_store import (CALL_TIMEOUT_S, DEFAULT_COLLECTION, FORMAT, MAX_K, MAX_NAME, MAX_PATH, SEARCH_PARAMS,
+                           Location, MilvusUnavailableError, check_params, connect, create_items, create_meta,
+                           import_pymilvus, in_list, meta_name, milvus_errors, read_meta)
 from .vectors import as_matrix, canonical_metric, check_finite, l2_normalize
 
-log = logging.getLogger("deepmetric")
-
 _OUT = ["label", "label_name", "path"]  # the fields of a hit
+
 
 @dataclass(frozen=True)
 class MilvusBatch(Batch):
@@ -228,8 +227,9 @@ class MilvusIndex:
     def search(self, queries: Any, k: int = 10, filter: Any = None) -> List[List[Hit]]:
         """The ``k`` nearest items of each query ``(Q, D)`` (or one ``(D,)``), best first; ``filter``: an
         :class:`~deepmetric.inference.filters.ItemFilter` or a Milvus expression (one, or one per query)."""
+        found = self._search(queries, k, filter, _OUT)
         return [[Hit(int(h["id"]), float(h["distance"]), int(h["entity"]["label"]), h["entity"]["path"] or None,
-                     h["entity"]["label_name"] or None) for h in hits] for hits in self._search(queries, k, filter, _OUT)]
+                     h["entity"]["label_name"] or None) for h in hits] for hits in found]
 
     def search_arrays(self, queries: Any, k: int = 10, filter: Any = None) -> Tuple[np.ndarray, np.ndarray]:
         """``(scores (Q, k), ids (Q, k))`` best first; ids -1 (scores NaN) where there are fewer hits."""
@@ -303,7 +303,8 @@ class MilvusIndex:
                      "camera": int(cams[i])} for i in range(s, min(s + step, len(x)))]
             try:
                 with self._errors("adding"):
-                    ids += [int(i) for i in self.client.insert(self.location.collection, rows, timeout=CALL_TIMEOUT_S)["ids"]]
+                    done = self.client.insert(self.location.collection, rows, timeout=CALL_TIMEOUT_S)
+                ids += [int(i) for i in done["ids"]]
             except SearchIndexError as e:
                 if ids:
                     raise type(e)(f"{e} (after {len(ids)} of {len(x)} items were added: ids {few(ids)}; remove them "
@@ -379,7 +380,8 @@ class MilvusIndex:
             if not self.meta["named"]:
                 if self.unnamed_labels:
                     raise SearchIndexError("the index has labels but no class names (built from a list file), so "
-                                           "labels named by class cannot be matched to its own; add embeddings of a list file")
+                                           "labels named by class cannot be matched to its own; add embeddings of "
+                                           "a list file")
                 self._update_meta(named=True)
             first = int(self.meta["next_label"])
             self._update_meta(next_label=first + len(new))
@@ -472,7 +474,8 @@ class MilvusIndex:
     def _write_meta(self) -> None:
         with self._errors("writing the metadata"):
             self.client.upsert(meta_name(self.location.collection),
-                               [{"key": "index", "label": -1, "value": json.dumps(self.meta), "vec": [0.0, 0.0]}], timeout=CALL_TIMEOUT_S)
+                               [{"key": "index", "label": -1, "value": json.dumps(self.meta), "vec": [0.0, 0.0]}],
+                               timeout=CALL_TIMEOUT_S)
 
     def _update_meta(self, **changes: Any) -> None:
         self.meta = {**read_meta(self.client, self.location), **changes}
