@@ -132,6 +132,7 @@ def import_pymilvus() -> Any:
                                  "pip install 'deepmetric[milvus]'") from None
     for name in ("pymilvus", "milvus_lite", "grpc._server"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # Milvus Lite 3 loads FAISS: INFO noise
     return pymilvus
 
 
