@@ -42,9 +42,9 @@ from .backends import SearchIndexError
 from .filters import ItemFilter, groups, per_query
 from .index import Batch, Hit, UnknownItemError
 from .index_file import few
-from .milvus_store import (CALL_TIMEOUT_S, DEFAULT_COLLECTION, FORMAT, MAX_K, MAX_NAME, MAX_PATH, SEARCH_PARAMS,
-                           Location, MilvusUnavailableError, check_params, connect, create_items, create_meta,
-                           import_pymilvus, in_list, meta_name, milvus_errors, read_meta)
+from .milvus_store import (DEFAULT_COLLECTION, FORMAT, MAX_K, MAX_NAME, MAX_PATH, READ_TIMEOUT_S, SEARCH_PARAMS,
+                           WRITE_TIMEOUT_S, Location, MilvusUnavailableError, check_params, connect, create_items,
+                           create_meta, import_pymilvus, in_list, meta_name, milvus_errors, read_meta)
 from .vectors import as_matrix, canonical_metric, check_finite, l2_normalize
 
 _OUT = ["label", "label_name", "path"]  # the fields of a hit
@@ -181,7 +181,7 @@ class MilvusIndex:
     def __len__(self) -> int:
         with self._errors("counting"):
             return int(self.client.query(self.location.collection, filter="", output_fields=["count(*)"],
-                                         timeout=CALL_TIMEOUT_S)[0]["count(*)"])
+                                         timeout=READ_TIMEOUT_S)[0]["count(*)"])
 
     def info(self) -> Dict[str, Any]:
         """Backend, metric, dim, count, mode, parameters, source, and where it lives."""
@@ -254,7 +254,7 @@ class MilvusIndex:
                 part = rows[start:start + 256]
                 with self._errors("searching"):
                     res = self.client.search(self.location.collection, data=list(q[part]), limit=int(k), filter=expr,
-                                             output_fields=fields, search_params=params, timeout=CALL_TIMEOUT_S)
+                                             output_fields=fields, search_params=params, timeout=READ_TIMEOUT_S)
                 for r, hits in zip(part.tolist(), res):
                     out[r] = list(hits)
         return out
@@ -302,8 +302,8 @@ class MilvusIndex:
             rows = [{"vector": x[i], "label": int(labels[i]), "label_name": names[i], "path": batch.paths[i] or "",
                      "camera": int(cams[i])} for i in range(s, min(s + step, len(x)))]
             try:
-                with self._errors("adding"):
-                    done = self.client.insert(self.location.collection, rows, timeout=CALL_TIMEOUT_S)
+                with self._errors("adding", changing=True):
+                    done = self.client.insert(self.location.collection, rows, timeout=WRITE_TIMEOUT_S)
                 ids += [int(i) for i in done["ids"]]
             except SearchIndexError as e:
                 if ids:
@@ -342,9 +342,9 @@ class MilvusIndex:
         """Remove items by id, path or label (number or class name); the removed ids, ascending."""
         removed = self.select(ids, paths, labels)
         for s in range(0, len(removed), 10_000):
-            with self._errors("removing"):
+            with self._errors("removing", changing=True):
                 self.client.delete(self.location.collection, filter=in_list("id", removed[s:s + 10_000].tolist()),
-                                   timeout=CALL_TIMEOUT_S)
+                                   timeout=WRITE_TIMEOUT_S)
         if len(removed):
             self.changes += 1
         return removed
@@ -426,8 +426,8 @@ class MilvusIndex:
 
     # -- Milvus calls ---------------------------------------------------------------------------------
 
-    def _errors(self, doing: str):
-        return milvus_errors(self.location, doing)
+    def _errors(self, doing: str, changing: bool = False):
+        return milvus_errors(self.location, doing, changing)
 
     def _more_than(self, n: int) -> bool:
         """Whether the collection holds more than ``n`` items (a query of ``n + 1`` rows where Milvus allows
@@ -439,7 +439,7 @@ class MilvusIndex:
     def _query(self, expr: str, fields: List[str], limit: int, meta: bool = False) -> List[Dict[str, Any]]:
         name = meta_name(self.location.collection) if meta else self.location.collection
         with self._errors("reading"):
-            return list(self.client.query(name, filter=expr, output_fields=fields, limit=limit, timeout=CALL_TIMEOUT_S))
+            return list(self.client.query(name, filter=expr, output_fields=fields, limit=limit, timeout=READ_TIMEOUT_S))
 
     def _iterate(self, expr: str, fields: List[str], meta: bool = False) -> List[Dict[str, Any]]:
         """Every row matching ``expr``: one query, or (where that fills Milvus's 16384-row window) all pages
@@ -448,12 +448,12 @@ class MilvusIndex:
             return []
         name = meta_name(self.location.collection) if meta else self.location.collection
         with self._errors("reading"):
-            out = list(self.client.query(name, filter=expr, output_fields=fields, limit=MAX_K, timeout=CALL_TIMEOUT_S))
+            out = list(self.client.query(name, filter=expr, output_fields=fields, limit=MAX_K, timeout=READ_TIMEOUT_S))
             if len(out) < MAX_K:
                 return out
             out = []
             it = self.client.query_iterator(name, batch_size=4096, filter=expr, output_fields=fields,
-                                            timeout=CALL_TIMEOUT_S)
+                                            timeout=READ_TIMEOUT_S)
             try:
                 while True:
                     page = it.next()
@@ -472,10 +472,10 @@ class MilvusIndex:
                 for r in self._iterate(in_list(field, values[s:s + 1000]), fields, meta)]
 
     def _write_meta(self) -> None:
-        with self._errors("writing the metadata"):
+        with self._errors("writing the metadata", changing=True):
             self.client.upsert(meta_name(self.location.collection),
                                [{"key": "index", "label": -1, "value": json.dumps(self.meta), "vec": [0.0, 0.0]}],
-                               timeout=CALL_TIMEOUT_S)
+                               timeout=WRITE_TIMEOUT_S)
 
     def _update_meta(self, **changes: Any) -> None:
         self.meta = {**read_meta(self.client, self.location), **changes}
@@ -483,8 +483,8 @@ class MilvusIndex:
 
     def _put_classes(self, labels: Dict[str, int]) -> None:
         rows = [{"key": f"class:{c}", "label": int(v), "value": "", "vec": [0.0, 0.0]} for c, v in labels.items()]
-        with self._errors("writing class names"):
-            self.client.upsert(meta_name(self.location.collection), rows, timeout=CALL_TIMEOUT_S)
+        with self._errors("writing class names", changing=True):
+            self.client.upsert(meta_name(self.location.collection), rows, timeout=WRITE_TIMEOUT_S)
 
 
 def _version() -> str:

@@ -31,8 +31,9 @@ from .backends import SearchIndexError
 DEFAULT_COLLECTION = "gallery"
 #: seconds a connection to a Milvus server may take before the command gives up
 CONNECT_TIMEOUT_S = 5.0
-#: seconds one search, insert, delete or query may take (a hung server: the request fails, nothing waits on)
-CALL_TIMEOUT_S = 60.0
+#: seconds a search or query may take, and an insert or delete (Milvus Lite 3 holds an insert for minutes
+#: while it compacts and indexes in the background): a hung server fails the request instead of holding it
+READ_TIMEOUT_S, WRITE_TIMEOUT_S = 60.0, 600.0
 TOKEN_ENV = "MILVUS_TOKEN"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,199}$")  # Milvus's rule for collection names (255; room for a suffix)
 _LITE = re.compile(r"^(?P<path>[^:]*\.db)(/(?P<name>[^/]+))?/?$")  # a path ending in .db, then a collection
@@ -157,8 +158,10 @@ def connect(location: Location, create: bool = False, timeout: Optional[float] =
 
 
 @contextmanager
-def milvus_errors(location: Location, doing: str) -> Iterator[None]:
-    """pymilvus's exceptions raised inside, as one :class:`SearchIndexError` line naming ``location``."""
+def milvus_errors(location: Location, doing: str, changing: bool = False) -> Iterator[None]:
+    """pymilvus's (and gRPC's) exceptions raised inside, as one :class:`SearchIndexError` line naming
+    ``location``. ``changing``: a write, whose outcome a timeout leaves unknown (the message says so)."""
+    import grpc
     from pymilvus.exceptions import ConnectionConfigException, MilvusException
 
     try:
@@ -170,15 +173,18 @@ def milvus_errors(location: Location, doing: str) -> Iterator[None]:
                 "lets one process use a file at a time: change a served gallery through the server's POST /items "
                 "and DELETE /items/{id}, or move to a Milvus server), or it is not a Milvus Lite file") from None
         raise SearchIndexError(f"{location.uri}: {_message(e)}") from None
-    except MilvusException as e:
+    except (MilvusException, grpc.RpcError) as e:
         message = _message(e)
+        if any(s in message.lower() for s in ("deadline", "retry timeout")):
+            outcome = "; the change may still be made: look before you retry" if changing else ""
+            raise MilvusUnavailableError(f"{location.uri}: Milvus did not answer in time ({doing}){outcome}") from None
         if any(s in message.lower() for s in _UNAVAILABLE):
             raise MilvusUnavailableError(f"{location.uri}: Milvus is not reachable ({doing}); check the address and "
                                          "that the server is running") from None
         raise MilvusRefusedError(f"{location}: Milvus refused ({doing}): {message}") from None
 
 
-_UNAVAILABLE = ("fail connecting", "server unavailable", "unavailable", "deadline", "retry timeout", "retry run out")
+_UNAVAILABLE = ("fail connecting", "server unavailable", "unavailable", "retry run out")
 
 
 def _message(e: Exception) -> str:
