@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -182,7 +183,13 @@ def _embed_shards(args: argparse.Namespace) -> int:
 def cmd_index_build(args: argparse.Namespace) -> int:
     from . import index_lock, index_log, streaming
     from .embeddings_io import open_embeddings
+    from .stores import STORES
 
+    if args.backend in STORES or args.uri:
+        return build_in_store(args)
+    if not args.output:
+        raise UserError(f"--output: name the index file to write (--backend {args.backend} writes a file; "
+                        "--backend milvus --uri gallery.db writes a Milvus collection)")
     params = _params(args.param)
     output = Path(args.output)
     check_writable(output, "--output")
@@ -207,10 +214,83 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_index_info(args: argparse.Namespace) -> int:
-    from .index import SearchIndex
+def build_in_store(args: argparse.Namespace) -> int:
+    """``index build --backend milvus --uri ...``: the embeddings into a database collection."""
+    from .stores import STORES, store_class
+    from .predictor import load_embeddings
 
-    print(json.dumps(SearchIndex.load(args.index).info(), indent=1))
+    if args.backend not in STORES:
+        raise UserError(f"--uri is for --backend {' or '.join(STORES)}; --backend {args.backend} writes a file "
+                        "named by --output")
+    if not args.uri or args.output:
+        raise UserError(f"--backend {args.backend} writes to a collection named by --uri (gallery.db, or "
+                        "http://host:19530), not to --output")
+    if args.centroids:
+        raise UserError(f"--centroids: a {args.backend} index keeps items; build a centroid index as a file "
+                        "(--backend exact or faiss-*)")
+    params = _params(args.param)
+    f = load_embeddings(args.embeddings)
+    source = {"embeddings": str(args.embeddings), "model": f.meta.get("model"), "checkpoint": f.meta.get("source")}
+    start = time.monotonic()
+    log.info("index build: %d vectors into %s...", len(f.embeddings), args.uri)
+    index = store_class(args.backend).build(f.embeddings, args.uri, collection=args.collection,
+                                            class_names=f.class_names or None, camids=_camids(args.embeddings,
+                                            len(f.embeddings)), metric=args.metric, source=source,
+                                            replace=args.replace, **params)
+    try:
+        print(f"wrote {index.location}: {args.backend} {index.metric} index of {len(index)} vectors, params "
+              f"{index.info()['params']}, in {time.monotonic() - start:.1f} s; serve it with --index {index.location.spec}")
+    finally:
+        index.close()
+    return 0
+
+
+def _camids(path: str, n: int) -> Any:
+    """The ``camids`` array of a features file, where it has one (camera ids, -1 unknown)."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "camids" not in z.files:
+                return None
+            camids = np.asarray(z["camids"], np.int64).reshape(-1)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{path}: its camids array is not readable as integers ({e})") from None
+    if len(camids) != n:
+        raise UserError(f"{path}: {len(camids)} camera ids (camids) for {n} vectors")
+    return camids
+
+
+@contextmanager
+def opened(spec: str) -> Iterator[Any]:
+    """The index ``spec`` names (a file, or ``milvus://...``), closed afterwards."""
+    from .stores import open_index
+
+    index = open_index(spec)
+    try:
+        yield index
+    finally:
+        index.close()
+
+
+@contextmanager
+def editing(spec: str) -> Iterator[Any]:
+    """The index ``spec`` names, to change: a file under its lock, saved when the block ends; a
+    database collection as it is (each change is kept when made)."""
+    from .index import edit_index
+    from .stores import store_of
+
+    if store_of(spec) is None:
+        with writing(Path(spec), "--index"), edit_index(spec) as index:
+            yield index
+    else:
+        with opened(spec) as index:
+            yield index
+
+
+def cmd_index_info(args: argparse.Namespace) -> int:
+    with opened(args.index) as index:
+        print(json.dumps(index.info(), indent=1))
     return 0
 
 
@@ -223,48 +303,50 @@ def _id_span(ids) -> str:
 
 
 def cmd_index_add(args: argparse.Namespace) -> int:
-    from .index import edit_index
     from .predictor import load_embeddings
+    from .stores import store_of
 
     f = load_embeddings(args.embeddings)
-    with writing(Path(args.index), "--index"), edit_index(args.index) as index:
+    camids = _camids(args.embeddings, len(f.embeddings)) if store_of(args.index) else None  # a file keeps none
+    with editing(args.index) as index:
         theirs, ours = f.meta.get("model"), index.source.get("model")
         if theirs and ours and theirs != ours and not args.allow_other_model:
             raise UserError(f"{args.embeddings} was embedded by model {theirs}, but {args.index} holds embeddings of "
                             f"model {ours}; their vectors are not comparable (embed with that model, or pass "
                             "--allow-other-model)")
-        before = set(index.labels.tolist())
+        before = set(index.labels.tolist()) if index.mode == "centroids" else set()
         es = f.embeddings
-        ids = index.add(es.vectors, es.labels, es.paths, class_names=f.class_names or None)
+        ids = index.add(es.vectors, es.labels, es.paths, class_names=f.class_names or None,
+                        **({} if camids is None else {"camids": camids}))
+        count = len(index)
+        if index.mode == "centroids":
+            updated = len(before & set(index.labels[count - len(ids):].tolist()))  # new ids are the last rows
     if index.mode == "centroids":
-        updated = len(before & set(index.labels[len(index) - len(ids):].tolist()))  # new ids are the last rows
         print(f"added {len(es)} vectors to {args.index}: {updated} centroids updated, {len(ids) - updated} new "
-              f"({_id_span(ids)}); now {len(index)} centroids")
+              f"({_id_span(ids)}); now {count} centroids")
     else:
-        print(f"added {len(ids)} items to {args.index} ({_id_span(ids)}); now {len(index)} items")
+        print(f"added {len(ids)} items to {args.index} ({_id_span(ids)}); now {count} items")
     return 0
 
 
 def cmd_index_remove(args: argparse.Namespace) -> int:
-    from .index import edit_index
-
-    with writing(Path(args.index), "--index"), edit_index(args.index) as index:
+    with editing(args.index) as index:
         removed = index.remove(ids=args.ids, paths=args.paths, labels=args.labels)
+        count = len(index)
     noun = "centroids" if index.mode == "centroids" else "items"
-    print(f"removed {len(removed)} {noun} from {args.index} ({_id_span(removed)}); now {len(index)} {noun}")
+    print(f"removed {len(removed)} {noun} from {args.index} ({_id_span(removed)}); now {count} {noun}")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .index import SearchIndex
     from .predictor import Predictor
 
-    index = SearchIndex.load(args.index)
-    if args.param:
-        index.set_search_params(**_params(args.param))
-    predictor = Predictor.load(args.checkpoint, device=args.device, runtime=args.runtime)
-    predictor.check_index(index)
-    results = index.search(predictor.embed_images(args.query), k=args.top_k)
+    with opened(args.index) as index:
+        if args.param:
+            index.set_search_params(**_params(args.param))
+        predictor = Predictor.load(args.checkpoint, device=args.device, runtime=args.runtime)
+        predictor.check_index(index)
+        results = index.search(predictor.embed_images(args.query), k=args.top_k, filter=args.filter)
     if args.json:
         print(json.dumps([{"query": q, "metric": index.metric, "hits": [h.to_dict() for h in hits]}
                           for q, hits in zip(args.query, results)], indent=1))
@@ -329,6 +411,7 @@ def _streaming_args(b: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``embed``, ``index build|info|add|remove``, ``search`` and ``export`` to the ``deepmetric`` parser."""
     from .index import BACKENDS, METRIC_ALIASES, METRICS
+    from .stores import STORES
 
     e = subparsers.add_parser("embed", help="embed a folder or list of images into features.npz or Parquet chunks "
                               "(resumable; under torchrun, sharded across the processes)")
@@ -352,15 +435,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     isub = ix.add_subparsers(dest="index_command", metavar="ACTION")
     b = isub.add_parser("build", help="index a features.npz or a folder of Parquet chunks for search (streamed)")
     b.add_argument("--embeddings", required=True, help="features .npz or Parquet folder from 'deepmetric embed'")
-    b.add_argument("--output", required=True, help="index file to write")
-    b.add_argument("--backend", choices=list(BACKENDS), default="exact")
+    b.add_argument("--output", help="index file to write")
+    b.add_argument("--backend", choices=[*BACKENDS, *STORES], default="exact")
     b.add_argument("--metric", choices=[*METRICS, *METRIC_ALIASES], default="cosine",
                    help="cosine, or squared_euclidean (l2 is its old name)")
     b.add_argument("--centroids", action="store_true", help="one vector per label (Centroids-ReID gallery)")
     b.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="backend parameter: nlist, nprobe (faiss-ivf/ivfpq), m, nbits (faiss-ivfpq), "
-                        "M, ef_construction, ef_search (faiss-hnsw)")
+                        "M, ef_construction, ef_search (faiss-hnsw); index_type (AUTOINDEX, FLAT, HNSW, IVF_FLAT...), "
+                        "M, ef_construction, nlist, ef_search, nprobe (milvus)")
     _streaming_args(b)
+    b.add_argument("--uri", help="--backend milvus: a Milvus Lite file (gallery.db) or a Milvus server "
+                   "(http://host:19530; credentials in MILVUS_TOKEN)")
+    b.add_argument("--collection", default=None, help="--backend milvus: the collection (default gallery)")
+    b.add_argument("--replace", action="store_true", help="--backend milvus: drop the collection if it exists")
     b.set_defaults(func=cmd_index_build)
     inf = isub.add_parser("info", help="print an index's backend, metric, size and parameters")
     inf.add_argument("index")
@@ -380,12 +468,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ix.set_defaults(func=lambda args: (ix.print_help(), 2)[1])
 
     s = subparsers.add_parser("search", help="the nearest gallery images of query images")
-    s.add_argument("--index", required=True)
+    s.add_argument("--index", required=True, help="index file, or milvus://gallery.db, milvus://host:19530/collection")
     _model_args(s)
     s.add_argument("--query", required=True, nargs="+", help="query image file(s)")
     s.add_argument("--top-k", type=int, default=10)
     s.add_argument("--param", action="append", metavar="KEY=VALUE", help="search parameter: nprobe or ef_search")
     s.add_argument("--json", action="store_true", help="print hits as JSON")
+    s.add_argument("--filter", default=None, metavar="EXPR",
+                   help="a Milvus index: only items this Milvus expression passes ('label in [3, 5]', 'camera != 2')")
     s.set_defaults(func=cmd_search)
 
     x = subparsers.add_parser("export", help="export a checkpoint to ONNX or TorchScript (checks parity)")

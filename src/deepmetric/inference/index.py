@@ -1,4 +1,5 @@
-"""Search over embeddings: :class:`SearchIndex`, a live gallery with an exact (numpy) and four FAISS backends.
+"""Search over embeddings: :class:`SearchIndex`, a live gallery with an exact (numpy) and four FAISS backends;
+:func:`deepmetric.inference.stores.open_index` opens an index file or a vector database's collection.
 
 | backend | structure | memory per vector | recall | ``add`` | ``remove`` |
 |---|---|---|---|---|---|
@@ -39,6 +40,16 @@ The file (format 2, safetensors) and its checks are in :mod:`deepmetric.inferenc
 refuses an index a server is changing. The backends are in
 :mod:`deepmetric.inference.backends`; none needs PyTorch.
 
+Search may take a ``filter`` (:class:`~deepmetric.inference.filters.ItemFilter`, one for all queries or
+one per query) on the items' ids, labels, label names and paths: the backend searches ``k`` plus the
+number of items the filter removes, and the removed ones are dropped, so exact backends give exact
+search over the items that pass.
+
+``milvus`` is no backend of this table but an index that lives in a Milvus collection
+(:class:`~deepmetric.inference.milvus_backend.MilvusIndex`, opened by URI: :mod:`.stores`): the same
+search, add and remove, with camera ids stored too and filters run by Milvus, and every change durable
+once made (``durable``), so it has no file, no change log and no lock.
+
 Not thread-safe while changing: ``add``, ``remove`` and ``set_search_params`` must not run during a search.
 """
 from __future__ import annotations
@@ -57,6 +68,7 @@ from . import index_file, index_lock, index_log
 from .backends import ExactBackend, FaissMissingError, SearchIndexError
 from .faiss_backends import FlatBackend, IVFBackend, IVFPQBackend
 from .hnsw import HNSWBackend
+from .filters import filtered_search
 from .index_file import MODES, IndexFileError, StringTable, few
 from .vectors import (METRIC_ALIASES, METRICS, as_matrix, canonical_metric, centroid_vectors, check_finite,
                       l2_normalize, label_centroids, labelled, member_sums)
@@ -123,6 +135,9 @@ class SearchIndex:
     [(3, 0.995, 7), (2, 0.707, 9)]
     """
 
+    #: changes are kept only by :meth:`save` (a database collection keeps each as it is made)
+    durable = False
+
     def __init__(self, dim: int, metric: str = "cosine", backend: str = "exact", *, mode: str = "items",
                  class_names: Optional[Sequence[str]] = None, source: Optional[Dict[str, Any]] = None,
                  **params: Any) -> None:
@@ -175,6 +190,24 @@ class SearchIndex:
     def path_of(self, item_id: int) -> Optional[str]:
         """The stored path of item ``item_id`` (a stable id); :class:`UnknownItemError` if there is none."""
         return self._paths[int(self._rows_of_ids([item_id])[0])]
+
+    def close(self) -> None:
+        """Nothing to let go: the index is in memory (a database index closes its connection)."""
+
+    def items(self, ids: Sequence[int]) -> List[Tuple[int, int, Optional[str], Optional[str]]]:
+        """``(id, label, label name, path)`` of each stable id; :class:`UnknownItemError` for one there is not."""
+        rows = self._rows_of_ids(ids).tolist()
+        return [(int(self._ids[r]), int(self._labels[r]), self.label_name(int(self._labels[r])), self._paths[r])
+                for r in rows]
+
+    def paths_under(self, prefix: str) -> List[str]:
+        """The stored paths that start with ``prefix``."""
+        return [p for p in self._paths if p and p.startswith(prefix)]
+
+    @property
+    def unnamed_labels(self) -> bool:
+        """Whether the labels are numbers without class names (an index of a list file)."""
+        return self.class_names is None and bool((self._labels >= 0).any())
 
     def _prepare(self, x: np.ndarray) -> np.ndarray:
         return l2_normalize(x) if self.metric == "cosine" else x
@@ -258,7 +291,7 @@ class SearchIndex:
     def _map_labels(self, lab: np.ndarray, names: List[str]) -> Tuple[np.ndarray, List[str]]:
         if len(lab) and int(lab.max()) >= len(names):
             raise SearchIndexError(f"label {int(lab.max())} has no class name (there are {len(names)})")
-        if self.class_names is None and (self._labels >= 0).any():
+        if self.unnamed_labels:
             raise SearchIndexError("the index has labels but no class names (built from a list file), so labels "
                                    "named by class cannot be matched to its own; add embeddings of a list file")
         own = list(self.class_names or [])
@@ -397,18 +430,31 @@ class SearchIndex:
         """Speed/recall knobs: ``nprobe`` (faiss-ivf, faiss-ivfpq), ``ef_search`` (faiss-hnsw)."""
         self.backend.set_search_params(**params)
 
-    def _search_rows(self, queries: Any, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    def _search_rows(self, queries: Any, k: int, filter: Any = None) -> Tuple[np.ndarray, np.ndarray]:
         if k < 1:
             raise SearchIndexError(f"search: k must be >= 1, got {k}")
         q = as_matrix(queries, self.dim, "SearchIndex.search queries")
         check_finite(q, "SearchIndex.search: query")
         if len(q) == 0:
             return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
-        return self.backend.search(self._prepare(q), int(k))
+        if filter is None:
+            return self.backend.search(self._prepare(q), int(k))
+        return filtered_search(self.backend.search, self._prepare(q), int(k), filter, self._columns, len(self))
 
-    def search_arrays(self, queries: Any, k: int = 10) -> Tuple[np.ndarray, np.ndarray]:
-        """``(scores (Q, k'), ids (Q, k'))`` best first, ``k' = min(k, len(self))``; ids -1 mark missing hits."""
-        scores, rows = self._search_rows(queries, k)
+    def _columns(self, fields: List[str]) -> Dict[str, Any]:
+        """The filterable fields per row (:mod:`deepmetric.inference.filters`)."""
+        if "camera" in fields:
+            raise SearchIndexError("an index file keeps no camera ids, so it cannot filter on them; build a Milvus "
+                                   "index (deepmetric index build --backend milvus --uri gallery.db) from embeddings "
+                                   "with camera ids")
+        every = {"id": lambda: self._ids, "label": lambda: self._labels, "path": lambda: list(self._paths),
+                 "label_name": lambda: [self.label_name(int(v)) for v in self._labels]}
+        return {f: every[f]() for f in fields}
+
+    def search_arrays(self, queries: Any, k: int = 10, filter: Any = None) -> Tuple[np.ndarray, np.ndarray]:
+        """``(scores (Q, k'), ids (Q, k'))`` best first, ``k' = min(k, len(self))``; ids -1 mark missing hits
+        (``filter``: as :meth:`search`)."""
+        scores, rows = self._search_rows(queries, k, filter)
         return scores, np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
 
     def label_name(self, label: int) -> Optional[str]:
@@ -416,9 +462,11 @@ class SearchIndex:
         names = self.class_names
         return names[label] if names is not None and 0 <= label < len(names) else None
 
-    def search(self, queries: Any, k: int = 10) -> List[List[Hit]]:
-        """The ``k`` nearest items of each query ``(Q, D)`` (or one ``(D,)`` vector), best first."""
-        scores, rows = self._search_rows(queries, k)
+    def search(self, queries: Any, k: int = 10, filter: Any = None) -> List[List[Hit]]:
+        """The ``k`` nearest items of each query ``(Q, D)`` (or one ``(D,)`` vector), best first; with
+        ``filter`` (an :class:`~deepmetric.inference.filters.ItemFilter`, or one per query) only among
+        the items it passes."""
+        scores, rows = self._search_rows(queries, k, filter)
         out = []
         for srow, rrow in zip(scores.tolist(), rows.tolist()):
             hits = []

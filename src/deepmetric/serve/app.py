@@ -231,13 +231,20 @@ def _open_gallery(predictor: Any, index: Any, api_key: Optional[str], items_dir:
     """The gallery: a path is loaded (under the server's lock when it may change it) and checked
     against the model; a server without a key never writes, so it holds no lock."""
     from ..inference.index import SearchIndex
+    from ..inference.stores import open_index, store_of
 
-    if isinstance(index, (str, os.PathLike)):
+    if isinstance(index, (str, os.PathLike)) and store_of(index):
+        index = open_index(index)  # a database collection: no file, change log or lock of ours
+    elif isinstance(index, (str, os.PathLike)):
         index_path = index if index_path is None else index_path
         index = None if api_key else SearchIndex.load(index)
     path = None if index_path is None or not api_key else Path(index_path)
     if index is not None:
-        predictor.check_index(index)
+        try:
+            predictor.check_index(index)
+        except BaseException:
+            index.close()
+            raise
     gallery = LiveGallery.open(index, None if items_dir is None else Path(items_dir), path, save_every,
                                load=SearchIndex.load)
     if index is None:

@@ -61,9 +61,18 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--shutdown-timeout must be a number above 0, got {args.shutdown_timeout!r}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be an integer of at least 1, got {args.threads!r}")
-    items = Path(args.items_dir or f"{args.index}.items")
+    items = Path(args.items_dir or default_items_dir(args.index))
     if items.exists() and not items.is_dir():
         raise UserError(f"--items-dir {items}: is a file, not a folder; name a folder for the uploaded images")
+
+
+def default_items_dir(index: str) -> str:
+    """Where uploaded images go by default: ``INDEX.items`` beside an index file; for a database
+    collection, what its class says (``gallery.db.items`` beside a Milvus Lite file)."""
+    from ..inference.stores import store_class, store_of
+
+    scheme = store_of(index)
+    return f"{index}.items" if scheme is None else store_class(scheme).default_items_dir(index)
 
 
 def build_app(args: argparse.Namespace) -> Any:
@@ -78,18 +87,28 @@ def build_app(args: argparse.Namespace) -> Any:
         import torch
 
         torch.set_num_threads(args.threads)
-    if not Path(args.index).is_file():
-        from ..inference.index import SearchIndex
+    from ..inference.index import SearchIndex
+    from ..inference.stores import open_index, store_of
 
+    index: Any = Path(args.index)
+    if store_of(args.index) is not None:  # a database collection: reached (or refused) before the model loads
+        index = open_index(args.index)
+    elif not index.is_file():
         SearchIndex.load(args.index)  # the error that says what is there instead
-    predictor = Predictor.load(args.checkpoint, device=args.device, runtime=args.runtime, threads=args.threads)
-    api_key = api_key_of(args)
-    allowed = _hosts(args.allowed_hosts, args.host)
-    items_dir = args.items_dir or f"{args.index}.items"
-    return create_app(predictor, Path(args.index), max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
-                      max_top_k=args.max_top_k, workers=args.workers, queue=args.queue, allowed_hosts=allowed,
-                      api_key=api_key, loopback_without_key=args.allow_loopback_without_key, items_dir=items_dir,
-                      save_every=args.save_every, read_timeout=args.read_timeout, queue_timeout=args.queue_timeout)
+    try:
+        predictor = Predictor.load(args.checkpoint, device=args.device, runtime=args.runtime, threads=args.threads)
+        api_key = api_key_of(args)
+        allowed = _hosts(args.allowed_hosts, args.host)
+        items_dir = args.items_dir or default_items_dir(args.index)
+        return create_app(predictor, index, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
+                          max_top_k=args.max_top_k, workers=args.workers, queue=args.queue, allowed_hosts=allowed,
+                          api_key=api_key, loopback_without_key=args.allow_loopback_without_key, items_dir=items_dir,
+                          save_every=args.save_every, read_timeout=args.read_timeout,
+                          queue_timeout=args.queue_timeout)
+    except BaseException:
+        if not isinstance(index, Path):
+            index.close()
+        raise
 
 
 def api_key_of(args: argparse.Namespace, warn: bool = True) -> Optional[str]:
@@ -215,7 +234,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="HTTP search API and web page for an index")
     p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
                    help="exported .onnx file (served without PyTorch), or a run or checkpoint directory")
-    p.add_argument("--index", required=True, help="index file from 'deepmetric index build'")
+    p.add_argument("--index", required=True, help="index file from 'deepmetric index build', or a Milvus collection: "
+                   "milvus://gallery.db (Milvus Lite), milvus://host:19530/collection (a Milvus server)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port to listen on (0: any free port; default 8000)")
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
@@ -250,7 +270,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="let clients on this machine search without the key (only where no relay, such as ssh -L "
                         "or a reverse proxy, forwards other clients from this machine); changes still need it")
     p.add_argument("--items-dir", default=None, metavar="DIR",
-                   help="where images added with POST /items are kept (default: INDEX.items next to the index)")
+                   help="where images added with POST /items are kept (default: INDEX.items next to the index; "
+                        "for Milvus Lite gallery.db.items, for a Milvus server ./COLLECTION.items)")
     p.add_argument("--save-every", type=int, default=100, metavar="N",
                    help="rewrite the index file after every N changes and when the server stops (0: only then; "
                         "default 100). Every change is durable before it is acknowledged whatever N is: it is "

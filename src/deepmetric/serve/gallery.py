@@ -22,6 +22,12 @@ The server owns the file while it runs (:func:`deepmetric.inference.index_lock.s
 log held changes, removing stale temporary files of the index and orphaned images
 (:class:`~.item_files.ItemFiles`).
 
+An index that keeps each change itself (``index.durable``: a Milvus collection,
+:mod:`deepmetric.inference.milvus_backend`) is served with no file, change log or lock of ours: a change
+goes to the collection under the write lock, and is durable as Milvus makes it once the call returns;
+image files are still written before it and unlinked after it. Its ids come from Milvus, stable and
+never reused, so several servers may serve one Milvus cluster (a Milvus Lite file opens in one process).
+
 Searches and changes share the index under :class:`IndexLock`: any number of searches at once, a change
 alone. ``/health`` reads :attr:`LiveGallery.info`, published after each change: it never waits on the
 lock. ``faiss-hnsw`` removals are tombstones; once a quarter of the graph is dead, a background thread
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import re
 import threading
 from contextlib import contextmanager
@@ -117,6 +124,8 @@ class LiveGallery:
 
     def __init__(self, index: Any, items_dir: Optional[Path] = None, index_path: Optional[Path] = None,
                  save_every: int = 100) -> None:
+        if getattr(index, "durable", False) and index_path is not None:
+            raise ValueError("an index that keeps its own changes (a database) is served without index_path")
         self.index, self.lock = index, IndexLock()
         self.index_path = None if index_path is None else Path(index_path)
         self.items_dir = None if items_dir is None else Path(items_dir)
@@ -136,10 +145,11 @@ class LiveGallery:
         """The gallery of ``index``, or (``index`` None) of the file ``index_path`` loaded with ``load``
         once the lock is held. With ``index_path``: the lock is taken, the log replayed (by ``load``)
         and a fresh one started, stale files removed; a problem is one :class:`UserError`."""
-        if index_path is None:
+        if index_path is None:  # in memory, or an index that keeps its own changes
             gallery = cls(index, items_dir, None, save_every)
             if items_dir is not None:
-                gallery.files = ItemFiles.open(items_dir, None, index.paths)
+                ours = index.paths_under(f"{Path(items_dir).resolve()}{os.sep}")
+                gallery.files = ItemFiles.open(items_dir, None, ours)
             return gallery
         index_path = Path(index_path)
         owner = index_lock.serving(index_path)
@@ -224,8 +234,7 @@ class LiveGallery:
                     batch = self.index.check_batch(vectors, lab, paths, names)
                 except SearchIndexError as e:
                     raise ChangeError(422, str(e)) from None
-                first = self.index.next_id
-                offset = self._logged(lambda lg: lg.append_add(batch, self.index.changes + 1, first))
+                offset = self._logged(lambda lg: lg.append_add(batch, self.index.changes + 1, self.index.next_id))
                 try:
                     ids = self.index.add_batch(batch)
                 except BaseException:
@@ -243,14 +252,7 @@ class LiveGallery:
         return out, count
 
     def _added(self, ids: Any) -> List[Added]:
-        index = self.index
-        rows = {int(i): r for r, i in enumerate(index.ids[len(index) - len(ids):].tolist(), len(index) - len(ids))}
-        out = []
-        for item_id in ids.tolist():
-            r = rows[int(item_id)]
-            label = int(index.labels[r])
-            out.append(Added(int(item_id), label, index.label_name(label), index.paths[r]))
-        return out
+        return [Added(*item) for item in self.index.items(ids)]
 
     def remove(self, item_id: int) -> Tuple[List[int], int]:
         """Remove item ``item_id``; the removed ids and the new count. :class:`UnknownItemError` (404) and
@@ -283,7 +285,7 @@ class LiveGallery:
         if len(labels) != n:
             raise ChangeError(422, f"{len(labels)} labels for {n} files: send one label for all, or one per file")
         index = self.index
-        if index.class_names is None and (index.labels >= 0).any():  # a list-file index: numeric labels
+        if index.unnamed_labels:  # a list-file index: numeric labels
             bad = [s for s in labels if not _NUMBER.match(s)]
             if bad:
                 raise ChangeError(422, f"label {bad[0][:40]!r}: this index has numeric labels and no class names: "
@@ -335,8 +337,8 @@ class LiveGallery:
             self._save_mutex.release()
 
     def _compact_in_background(self) -> None:
-        backend = getattr(self.index, "backend", None)
-        if self._compacting or self.closed or getattr(backend, "slots", 0) == len(self.index):
+        backend = getattr(self.index, "backend", None)  # a database index has none: it compacts itself
+        if backend is None or self._compacting or self.closed or backend.slots == len(self.index):
             return  # nothing removed is kept (a read without the lock: a hint, checked again under it)
         with self.lock.reading():
             job = self.index.compaction()  # copies the live vectors
@@ -378,3 +380,6 @@ class LiveGallery:
                     self.log.close()
                 if self.owner is not None:
                     self.owner.release()
+                close = getattr(self.index, "close", None)  # a database index lets its connection go
+                if close is not None:
+                    close()
