@@ -129,26 +129,40 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="OMP threads of the build (0: FAISS's default)")
     p.add_argument("--dir", type=Path, default=Path("/tmp/bench_stream_index"))
     p.add_argument("--keep", action="store_true", help="keep the generated data")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse data (and exact top 10) that an earlier --keep run left in --dir for the same sizes")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
     args.clusters = args.clusters or max(1, args.n // 10)
 
     folder = args.dir / "embeddings"
-    if args.dir.exists():
+    sizes = {"n": args.n, "dim": args.dim, "clusters": args.clusters, "chunk": args.chunk, "queries": args.queries}
+    stamp = args.dir / "sizes.json"
+    reuse = args.reuse and stamp.is_file() and json.loads(stamp.read_text()).get("sizes") == sizes
+    if args.dir.exists() and not reuse:
         shutil.rmtree(args.dir)
-    args.dir.mkdir(parents=True)
-    figures: dict = {"n": args.n, "dim": args.dim, "clusters": args.clusters, "chunk": args.chunk,
-                     "queries": args.queries, "cpus": os.cpu_count(), "builds": {}}
+    args.dir.mkdir(parents=True, exist_ok=True)
+    figures: dict = {**sizes, "cpus": os.cpu_count(), "builds": {}}
     try:
-        figures["generate_s"] = generate(folder, args.n, args.dim, args.clusters, args.chunk, seed=0)
+        if reuse:
+            figures.update(json.loads(stamp.read_text())["figures"])
+        else:
+            figures["generate_s"] = generate(folder, args.n, args.dim, args.clusters, args.chunk, seed=0)
         size = sum(f.stat().st_size for f in folder.iterdir())
         figures["parquet_gb"] = size / 1e9
         print(f"data: {args.n:,} x {args.dim} float32 ({args.clusters:,} blobs) in {args.n // args.chunk + (args.n % args.chunk > 0)} Parquet "
               f"chunks, {size / 1e9:.2f} GB, written in {figures['generate_s']:.0f} s", flush=True)
         draw = blob_sampler(args.dim, args.clusters, seed=0)
         queries, _ = draw(args.queries, np.random.default_rng(12345))
-        truth, exact_s = exact_top10(folder, queries)
-        figures["exact_streaming_qps"] = args.queries / exact_s
+        cached = args.dir / "truth.npy"
+        if reuse and cached.is_file():
+            truth, exact_s = np.load(cached), args.queries / figures["exact_streaming_qps"]
+        else:
+            truth, exact_s = exact_top10(folder, queries)
+            figures["exact_streaming_qps"] = args.queries / exact_s
+            np.save(cached, truth)
+            stamp.write_text(json.dumps({"sizes": sizes, "figures": {k: figures[k] for k in (
+                "generate_s", "exact_streaming_qps")}}))
         print(f"peer, exact search streamed over the chunks: {exact_s:.1f} s for {args.queries} queries "
               f"({figures['exact_streaming_qps']:.1f} queries/s)", flush=True)
         for on_disk in args.on_disk:
