@@ -14,6 +14,8 @@ import pytest
 from benchmark_scripts import load, read_back
 from PIL import Image, ImageDraw
 
+from tests.conftest import require
+
 mi = load("make_icon_benchmark")
 
 INDEX = """[Icon Theme]
@@ -133,7 +135,7 @@ def make_themes(root: Path) -> Path:
 @pytest.fixture
 def rsvg():
     if mi.svg_renderer() is None:
-        pytest.skip("rsvg-convert not installed (apt-get install librsvg2-bin)")
+        require(False, "rsvg-convert not installed (apt-get install librsvg2-bin)")
 
 
 def test_build_from_theme_folders(tmp_path, rsvg, capsys):

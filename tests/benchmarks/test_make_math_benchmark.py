@@ -15,6 +15,8 @@ import pytest
 from benchmark_scripts import load, read_back
 from PIL import Image
 
+from tests.conftest import require
+
 mm = load("make_math_benchmark")
 mg = load("make_glyph_benchmark")
 DEJAVU = ("DejaVuSans.ttf", "DejaVuSansMono.ttf", "DejaVuSerif.ttf", "DejaVuSans-Bold.ttf")
@@ -34,7 +36,7 @@ def dejavu():
     found = _installed(DEJAVU)
     if len(found) < len(DEJAVU):
         missing = sorted(set(DEJAVU) - set(found))
-        pytest.skip(f"DejaVu faces {missing} not installed (apt-get install fonts-dejavu-core)")
+        require(False, f"DejaVu faces {missing} not installed (apt-get install fonts-dejavu-core)")
     return found
 
 

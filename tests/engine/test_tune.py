@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-optuna = pytest.importorskip("optuna")
+from tests.conftest import require_module
+
+optuna = require_module("optuna", "the tune extra")
 
 from deepmetric.cli import main  # noqa: E402
 from deepmetric.config import Config, load_config, validate  # noqa: E402

@@ -14,8 +14,10 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("pymilvus")
-pytest.importorskip("milvus_lite")
+from tests.conftest import require_module
+
+require_module("pymilvus", "the milvus extra")
+require_module("milvus_lite", "the milvus extra")
 
 from deepmetric.cli import main  # noqa: E402
 from deepmetric.core.embeddings import EmbeddingSet  # noqa: E402

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 
 import pytest
+
 from fastapi.testclient import TestClient
 
-pytest.importorskip("pymilvus")
-pytest.importorskip("milvus_lite")
+from tests.conftest import require_module
+
+require_module("pymilvus", "the milvus extra")
+require_module("milvus_lite", "the milvus extra")
 
 from deepmetric.inference.milvus_backend import MilvusIndex  # noqa: E402
 from deepmetric.inference.predictor import list_inputs  # noqa: E402
