@@ -38,8 +38,8 @@ def per_class_map_at_r(vectors, labels) -> Dict[int, float]:
 class _Recording(Trainer):
     rows: List[Dict]
 
-    def _evaluate(self, split, *args, **kwargs):
-        result = super()._evaluate(split, *args, **kwargs)
+    def evaluate(self, split, *args, **kwargs):
+        result = super().evaluate(split, *args, **kwargs)
         q = result.query
         self.rows.append({"step": self.step, "split": split, "final": self.final_test,
                           "classes": per_class_map_at_r(q.vectors, q.labels)})

@@ -41,7 +41,7 @@ class Batches:
         self.generator = torch.Generator().manual_seed(seed)
         # every sample is augmented under its own seed: the same pixels with any number of workers
         self.plan = SeededBatchSampler(self.sampler, seed, dist.rank, dist.world_size)
-        settings = loader_settings(cfg.data.num_workers, cfg.data.pin_memory, device,
+        self.settings = settings = loader_settings(cfg.data.num_workers, cfg.data.pin_memory, device,
                                    local_world_size=dist.local_world_size)
         # uint8 images from the workers, normalised on the device (CUDA by default)
         view, self.normalize = build_device_normalisation(cfg, splits.train, device)

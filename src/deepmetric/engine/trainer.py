@@ -141,6 +141,8 @@ class Trainer:
     loader = property(lambda self: self.parts.batches.loader, lambda self, v: setattr(self.parts.batches, "loader", v))
     batch_plan = property(lambda self: self.parts.batches.plan)
     batch_affine = property(lambda self: self.parts.batches.affine)
+    batch_normalize = property(lambda self: self.parts.batches.normalize)
+    loader_settings = property(lambda self: self.parts.batches.settings)
     best_value = property(lambda self: self.selection.record.best_value)
     best_step = property(lambda self: self.selection.record.best_step)
     best_val = property(lambda self: self.selection.record.best_val)
