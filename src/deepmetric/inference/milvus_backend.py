@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .backends import SearchIndexError
+from .faiss_compat import search_with_params
 from .filters import ItemFilter, groups, per_query
 from .index import Batch, Hit, UnknownItemError
 from .index_file import few
@@ -246,6 +247,7 @@ class MilvusIndex:
         q = as_matrix(queries, self.dim, "MilvusIndex.search queries")
         check_finite(q, "MilvusIndex.search: query")
         q = l2_normalize(q)
+        search_with_params()  # Milvus Lite 3 runs FAISS here; torch_utils may have been imported since we connected
         out: List[List[Dict[str, Any]]] = [[] for _ in range(len(q))]
         params = {"metric_type": "IP", "params": {SEARCH_PARAMS[k_]: v for k_, v in self.search_params.items()}}
         for f, rows in groups(per_query(filter, len(q))):

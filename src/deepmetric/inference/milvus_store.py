@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, Optional
 
 from .backends import SearchIndexError
+from .faiss_compat import search_with_params
 
 DEFAULT_COLLECTION = "gallery"
 #: seconds a connection to a Milvus server may take before the command gives up
@@ -134,6 +135,7 @@ def import_pymilvus() -> Any:
     for name in ("pymilvus", "milvus_lite", "grpc._server"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # Milvus Lite 3 loads FAISS: INFO noise
+    search_with_params()  # Milvus Lite 3 searches FAISS with params, which faiss.contrib.torch_utils drops
     return pymilvus
 
 
