@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from .core import __version__
+from .core import drawing as _drawing
 from .core.lazy import lazy_exports
 
 _EXPORTS = {
@@ -46,6 +47,9 @@ _EXPORTS = {
     "Predictor": "deepmetric.inference.predictor",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+# RetrievalResults (core) draws through deepmetric.viz.retrieval, which core may not import itself
+_drawing.register("retrieval", "deepmetric.viz.retrieval")
 
 # A library stays quiet until its user configures logging (the CLI does); it never calls basicConfig.
 logging.getLogger("deepmetric").addHandler(logging.NullHandler())

@@ -9,21 +9,20 @@
 - :class:`EvalResult`: one evaluation: the metrics, the embedding sets and, by protocol, the top
   neighbours (retrieval, re-ID) or the pair scores (verification).
 
-The retrieval figure is drawn here, with matplotlib's object API (no pyplot, no global backend), so
-the report (:mod:`deepmetric.viz`, which may import core but not the reverse) and ``plot()`` draw
-the same grid.
+The retrieval figure is drawn in :mod:`deepmetric.viz.retrieval` (matplotlib's object API, no
+pyplot), which ``deepmetric`` registers in :mod:`.drawing`: ``plot()``, ``to_html()`` and the
+notebook view call it, and the report draws the same grid, while core imports nothing above it.
 """
 from __future__ import annotations
 
-import base64
 import html
-import io
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 
+from .drawing import drawer
 from .embeddings import EmbeddingSet
 from .files import atomic_write
 
@@ -157,58 +156,16 @@ class RetrievalResults:
              title: Optional[str] = None):
         """A ``matplotlib.figure.Figure``: a row per query (``queries``, or ``n_queries`` drawn with
         ``seed``), the query image then its ``top_k`` neighbours framed green (same class), red
-        (another class) or grey (ignored), each titled with its class name; a legend says which is which."""
-        from matplotlib.figure import Figure
-
-        rows, k = self._rows(n_queries, top_k, queries, seed)
-        qlab, glab = self._labels()
-        fig = Figure(figsize=(1.3 * (k + 1), 1.35 * len(rows) + 0.5))
-        axes = fig.subplots(len(rows), k + 1, squeeze=False)
-        for r, q in enumerate(rows.tolist()):
-            _show(axes[r, 0], self.load_query(q), f"query: {self.name(qlab[q])}", "#222222", 1)
-            for j in range(k):
-                v = self.verdict(q, j)
-                g = int(self.indices[q, j])
-                _show(axes[r, j + 1], self.load_gallery(g), f"{self.name(glab[g])} {MARKS[v]}", COLOURS[v], 3)
-                axes[r, j + 1].set_xlabel(f"{self.distances[q, j]:.3f}", fontsize=6)
-        from matplotlib.patches import Patch
-
-        legend = [Patch(edgecolor=COLOURS[v], facecolor="none", linewidth=2, label=label) for v, label in
-                  (("relevant", "same class"), ("wrong", "another class"), ("ignored", "ignored (same camera)"))
-                  if v != "ignored" or self.ignored.any()]
-        fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=7, frameon=False)
-        fig.suptitle(title or f"{len(rows)} queries and their top {k} (distance under each)", fontsize=9)
-        fig.tight_layout(rect=(0, 0.04, 1, 0.97))
-        return fig
+        (another class) or grey (ignored), each titled with its class name; a legend says which is which.
+        Drawn by :func:`deepmetric.viz.retrieval.plot`."""
+        return _drawer().plot(self, *self._rows(n_queries, top_k, queries, seed), title)
 
     def to_html(self, path: str | Path, n_queries: int = 8, top_k: int = 5, queries: Optional[Sequence[int]] = None,
                 seed: int = 0, thumb: int = 96) -> Path:
         """Write one self-contained page (images inlined as base64 PNG thumbnails of at most ``thumb``
-        pixels a side) of the same rows as :meth:`plot`, atomically; returns ``path``."""
-        body = self._html_table(*self._rows(n_queries, top_k, queries, seed), thumb)
-        page = (f'<!doctype html><html><head><meta charset="utf-8"><title>retrieval results</title>'
-                f"<style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}{_CSS}</style></head>"
-                f"<body><h1>retrieval results</h1><p>{html.escape(repr(self))}</p>{body}</body></html>")
-        return atomic_write(path, page)
-
-    def _html_table(self, rows: np.ndarray, k: int, thumb: int) -> str:
-        qlab, glab = self._labels()
-
-        def cell(image: Any, caption: str, colour: str) -> str:
-            return (f'<td><img style="border:3px solid {colour}" src="data:image/png;base64,{_png64(image, thumb)}">'
-                    f"<br>{html.escape(caption)}</td>")
-
-        lines = []
-        for q in rows.tolist():
-            cells = [cell(self.load_query(q), f"query {q}: {self.name(qlab[q])}", "#222222")]
-            for j in range(k):
-                v, g = self.verdict(q, j), int(self.indices[q, j])
-                cells.append(cell(self.load_gallery(g), f"{self.name(glab[g])} {MARKS[v]} {self.distances[q, j]:.3f}",
-                                  COLOURS[v]))
-            lines.append("<tr>" + "".join(cells) + "</tr>")
-        key = " ".join(f'<span style="border:3px solid {COLOURS[v]};padding:0 4px">{label}</span>' for v, label in
-                       (("relevant", "same class"), ("wrong", "another class"), ("ignored", "ignored")))
-        return f'<p>{key}</p><table class="dm-retrieval">{"".join(lines)}</table>'
+        pixels a side) of the same rows as :meth:`plot`, atomically; returns ``path``. Drawn by
+        :func:`deepmetric.viz.retrieval.page`."""
+        return atomic_write(path, _drawer().page(self, *self._rows(n_queries, top_k, queries, seed), thumb))
 
     def __repr__(self) -> str:
         shape = f"{len(self)} queries, top {self.k}"
@@ -221,14 +178,14 @@ class RetrievalResults:
 
     def _repr_html_(self) -> str:
         """A notebook shows the summary and four queries' rows (thumbnails) when the results are bound."""
-        head = f"<p><code>{html.escape(repr(self))}</code></p>"
         if self.load_query is None or self.load_gallery is None or not len(self) or not self.k:
-            return head
-        return f"<style>{_CSS}</style>{head}{self._html_table(self.pick_queries(4), min(5, self.k), 64)}"
+            return f"<p><code>{html.escape(repr(self))}</code></p>"
+        return _drawer().notebook(self)
 
 
-_CSS = (".dm-retrieval td{text-align:center;font-size:11px;padding:3px;vertical-align:top}"
-        ".dm-retrieval img{image-rendering:pixelated;min-width:48px}")
+def _drawer() -> Any:
+    """:mod:`deepmetric.viz.retrieval`, as ``deepmetric`` registered it (core imports nothing above it)."""
+    return drawer("retrieval")
 
 
 def _loader(dataset: Any, es: Optional[EmbeddingSet], side: str) -> Optional[ImageLoader]:
@@ -249,47 +206,6 @@ def _loader(dataset: Any, es: Optional[EmbeddingSet], side: str) -> Optional[Ima
 
         return load
     return None
-
-
-def as_image(x: Any) -> np.ndarray:
-    """A PIL image or an ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` array (or tensor) as an array ``imshow`` draws."""
-    if hasattr(x, "convert"):  # PIL
-        return np.asarray(x.convert("RGB"))
-    if hasattr(x, "detach"):  # a tensor
-        x = x.detach().cpu().numpy()
-    a = np.asarray(x)
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
-        a = np.transpose(a, (1, 2, 0))
-    return a.squeeze()
-
-
-def _show(ax: Any, image: Any, title: str, colour: str, width: float) -> None:
-    a = as_image(image)
-    ax.imshow(a, cmap="gray" if a.ndim == 2 else None)
-    for s in ax.spines.values():
-        s.set_color(colour)
-        s.set_linewidth(width)
-    ax.set_title(title, fontsize=7, color=colour if width > 1 else "#222222")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def _png64(image: Any, thumb: int) -> str:
-    from PIL import Image
-
-    a = as_image(image)
-    if a.dtype != np.uint8:  # floats in [0, 1] or any range: stretch to 0..255
-        lo, hi = float(np.min(a)), float(np.max(a))
-        a = ((a - lo) / (hi - lo or 1.0) * 255).astype(np.uint8)
-    im = Image.fromarray(a)
-    scale = thumb / max(im.size)
-    if scale > 1:  # small images (digits are 8 x 8) are enlarged without blurring
-        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.NEAREST)
-    else:
-        im.thumbnail((thumb, thumb))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _plain(x):
