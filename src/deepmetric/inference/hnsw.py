@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from .faiss_compat import search_with_params
 from .faiss_backends import FaissBackend, flat_vectors
 
 log = logging.getLogger("deepmetric")
@@ -75,10 +76,8 @@ class HNSWBackend(FaissBackend):
         if self._params is None:
             scores, slots = self.index.search(q, k)
         else:
-            # faiss.contrib.torch_utils (which pytorch-metric-learning imports) replaces Index.search
-            # with a torch-aware one that takes no params; the numpy search it keeps aside does.
-            search = getattr(self.index, "search_numpy", self.index.search)
-            scores, slots = search(q, k, params=self._params)
+            search_with_params()  # faiss.contrib.torch_utils (PML imports it) drops params
+            scores, slots = self.index.search(q, k, params=self._params)
         slots = slots.astype(np.int64)
         return scores, np.where(slots >= 0, self._row[np.maximum(slots, 0)], -1)
 
