@@ -19,7 +19,7 @@ import numpy as np
 
 from ..core.files import atomic_write
 from ..data.base import DataSplits
-from .callbacks import Callback
+from .callbacks import LogRecords
 
 log = logging.getLogger("deepmetric")
 
@@ -130,13 +130,14 @@ def tensorboard_writer(run_dir: Path, purge_step: Optional[int] = None):
     return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
 
 
-class Recorder(Callback):
+class Recorder(LogRecords):
     """The run's record: every training row (``train.log_every`` steps) and every evaluation row (the
     final test excepted: it is in ``metrics.json``) in ``trainer.history``, ``metrics.jsonl`` and
     TensorBoard events. A resumed run first drops the rows written after its checkpoint. The
     trainer puts it first among the callbacks, on the main rank, which alone writes."""
 
     def __init__(self) -> None:
+        super().__init__(self.write)  # the rows LogRecords hands on_log are the ones recorded
         self.history: List[Dict[str, Any]] = []
         self._file: Optional[Any] = None
         self._writer: Optional[Any] = None
@@ -146,14 +147,6 @@ class Recorder(Callback):
             truncate_log(trainer.run_dir / "metrics.jsonl", trainer.step)
         self._writer = tensorboard_writer(trainer.run_dir, purge_step=trainer.step + 1 if trainer.resume else None)
         self._file = open(trainer.run_dir / "metrics.jsonl", "a")
-
-    def on_step_end(self, trainer: Any, record: Dict[str, Any]) -> None:
-        if "loss" in record:
-            self.write(record)
-
-    def on_evaluation(self, trainer: Any, split: str, metrics: Dict[str, Any]) -> None:
-        if not trainer.final_test:
-            self.write({"step": trainer.step, "split": split, "eval": metrics})
 
     def write(self, rec: Dict[str, Any]) -> None:
         self.history.append(rec)
