@@ -45,6 +45,20 @@ class DataConfig(_Section):
     #: loader workers send uint8 images and the batch is normalised on the device (a quarter of the
     #: bytes to copy); ``auto`` = on CUDA, for presets that end in normalisation (not ``reid``)
     normalize_on_device: Union[bool, str] = "auto"
+    #: keep each image's decoded, resized input in memory after its first use (the deterministic
+    #: steps of the pipeline; random ones still run on every read): ``auto`` (up to a quarter of
+    #: the memory, at most 4 GiB), a limit in GiB, or false. The same tensors, so the same run; in
+    #: the training process only (none with loader workers). See :mod:`deepmetric.data.cache`
+    cache: Union[bool, float, str] = "auto"
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache(cls, v):
+        if v == "auto" or isinstance(v, bool):
+            return v
+        if isinstance(v, (int, float)) and v >= 0:
+            return float(v)
+        raise ValueError("expected auto, false, true or a limit in GiB (a number >= 0)")
 
     @field_validator("num_workers", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import dataclass
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -48,19 +48,38 @@ class Plan:
     eval_s: float
     test_s: float
     elapsed_s: float
+    #: seconds planned for the training images' first decoding into the memory cache (``data.cache``)
+    fill_s: float = 0.0
 
     def describe(self, budget: str) -> str:
-        return (f"train.time_budget={budget} came to {self.max_steps:,} steps ({self.step_s * 1000:.0f} ms a step, "
+        fill = f", {self.fill_s:.1f} s to decode the images into memory once" if self.fill_s else ""
+        return (f"train.time_budget={budget} came to {self.max_steps:,} steps ({self.step_s * 1000:.0f} ms a step{fill}, "
                 f"an evaluation every {self.eval_every:,} steps of {self.eval_s:.1f} s, the final test "
                 f"{self.test_s:.1f} s); config.yaml records train.max_steps={self.max_steps}, which repeats the run")
 
 
+def _steps_in(seconds: float, step_s: float, fill: Optional[Tuple[int, float, int]]) -> float:
+    """Steps of ``step_s`` that fit ``seconds``, when the first use of each of ``fill = (items,
+    seconds_each, per_step)`` not yet in memory also costs ``seconds_each`` (a step reads
+    ``per_step`` images, each new until all ``items`` have been read once)."""
+    if not fill or fill[0] <= 0 or fill[1] <= 0:
+        return seconds / step_s
+    items, each, per_step = fill
+    steps = seconds / (step_s + each * per_step)
+    if steps * per_step <= items:
+        return steps
+    return (seconds - each * items) / step_s
+
+
 def plan_steps(budget_s: float, elapsed_s: float, step_s: float, eval_s: float, test_s: float,
-               eval_every: int = 0, evaluations: int = EVALUATIONS, what: str = "") -> Plan:
+               eval_every: int = 0, evaluations: int = EVALUATIONS, what: str = "",
+               fill: Optional[Tuple[int, float, int]] = None) -> Plan:
     """The step count that fits ``budget_s`` seconds of training, after ``elapsed_s`` already spent
     on it, for steps of ``step_s`` seconds and periodic evaluations of ``eval_s`` (a run ends with
     one); ``test_s``, the test evaluation's time, is recorded, not counted. ``eval_every``: the
-    recipe's (0: about ``evaluations`` of them, taking at most a quarter of the time).
+    recipe's (0: about ``evaluations`` of them, taking at most a quarter of the time). ``fill``:
+    ``(images, seconds each, images per step)``, the training images not yet decoded into the
+    memory cache (``data.cache``), each read from its file on first use and from memory after.
 
     >>> p = plan_steps(100.0, 10.0, 0.1, 2.0, 3.0)
     >>> p.max_steps, p.eval_every
@@ -79,13 +98,14 @@ def plan_steps(budget_s: float, elapsed_s: float, step_s: float, eval_s: float, 
             f"{elapsed_s:.1f} s, an evaluation takes {eval_s:.1f} s and a step {step_s * 1000:.0f} ms; give at "
             f"least {math.ceil(need / (1.0 - SAFETY))}s, or train.max_steps")
     if eval_every:
-        steps = int(left / (step_s + eval_s / eval_every))
+        steps = int(_steps_in(left, step_s + eval_s / eval_every, fill))
     else:
         n_eval = max(1, min(evaluations, int(left / max(eval_s, 1e-9) / 4)))  # evaluations take <= 1/4
-        steps = int((left - n_eval * eval_s) / step_s)
+        steps = int(_steps_in(left - n_eval * eval_s, step_s, fill))
         eval_every = max(1, math.ceil(steps / n_eval))
     steps = max(1, steps)
-    return Plan(budget_s, steps, min(eval_every, steps), step_s, eval_s, test_s, elapsed_s)
+    fill_s = 0.0 if not fill else fill[1] * min(fill[0], steps * fill[2])
+    return Plan(budget_s, steps, min(eval_every, steps), step_s, eval_s, test_s, elapsed_s, fill_s)
 
 
 def budget_seconds(cfg) -> Optional[float]:
@@ -110,9 +130,18 @@ def measure_budget(trainer: Any, started: Optional[float] = None, time_test: boo
         timed[split] = CLOCK() - t0
         if cfg.eval.untrained:
             done[split] = result.metrics
-    step_s = measure_steps(trainer)
+    cache = getattr(getattr(trainer, "parts", None), "cache", None)
+    stats = None if cache is None else cache.stats("train")
+    cold_s, warm_s, each_s = _time_steps(trainer, stats=stats)
+    fill = None
+    if stats is not None and stats.misses and cache.fits("train"):  # new images decode once, then come from memory
+        step_s, fill = warm_s, (cache.left_to_fill("train"), each_s, trainer.cfg.data.classes_per_batch
+                                * trainer.cfg.data.samples_per_class)
+    else:
+        step_s = cold_s
     split = "val" if "val" in timed else "test"
-    if timed[split] < 30.0:  # the first evaluation pays for warming up (workers, kernels): time it again
+    if timed[split] < 30.0 or cache is not None:  # the first evaluation pays for warming up (workers, kernels,
+        # the cache): time it again
         t0 = CLOCK()
         trainer.evaluate(split, record=False, notify=False)
         timed[split] = min(timed[split], CLOCK() - t0)
@@ -120,7 +149,7 @@ def measure_budget(trainer: Any, started: Optional[float] = None, time_test: boo
     if not cfg.eval.untrained and "val" in timed:  # that evaluation was for timing only
         spent -= timed["val"]
     plan = plan_steps(budget_seconds(cfg), spent, step_s, timed.get("val", timed.get("test")), timed.get("test", 0.0),
-                      cfg.train.eval_every, what=str(cfg.train.time_budget))
+                      cfg.train.eval_every, what=str(cfg.train.time_budget), fill=fill)
     return broadcast_object(plan), done  # every rank trains the steps rank 0 measured
 
 
@@ -130,6 +159,13 @@ def measure_steps(trainer: Any, steps: int = 8, warmup: int = 2) -> float:
     effect undone (weights, optimizer and loss state, memories, the hooks' state such as a moving
     average, the step counter and random generators), so the run that follows is the run
     ``train.max_steps`` would give."""
+    return _time_steps(trainer, steps, warmup)[0]
+
+
+def _time_steps(trainer: Any, steps: int = 8, warmup: int = 2, stats: Any = None) -> Tuple[float, float, float]:
+    """``(step, step from memory, first read of an image)`` in seconds (see :func:`measure_steps`):
+    the median step; with ``stats`` (the training images' :class:`~deepmetric.data.cache.CacheStats`),
+    the median step less the time its images' first decoding took, and that time per image."""
     model_state = copy.deepcopy(trainer.model.state_dict())
     loss_state = copy.deepcopy(trainer.losses.state_dict())
     opt_state = {k: copy.deepcopy(o.state_dict()) for k, o in trainer.optimizers.items()}
@@ -139,16 +175,20 @@ def measure_steps(trainer: Any, steps: int = 8, warmup: int = 2) -> float:
     rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     batches = trainer.calibration_batches()
+    misses = (stats.misses, stats.miss_s) if stats is not None else (0, 0.0)
     try:
-        times = []
+        times, warm = [], []
         for i in range(warmup + steps):
             t0 = CLOCK()
+            read_s = stats.miss_s if stats is not None else 0.0
             images, labels, _ = next(batches)
+            read_s = (stats.miss_s if stats is not None else 0.0) - read_s
             trainer.train_step(images, labels)
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize(trainer.device)
             if i >= warmup:
                 times.append(CLOCK() - t0)
+                warm.append(times[-1] - read_s)
     finally:
         trainer.model.load_state_dict(model_state)
         trainer.losses.load_state_dict(loss_state)
@@ -163,7 +203,9 @@ def measure_steps(trainer: Any, steps: int = 8, warmup: int = 2) -> float:
         random.setstate(rng[2])
         if rng[3] is not None:
             torch.cuda.set_rng_state_all(rng[3])
-    return float(np.median(times))
+    n = (stats.misses - misses[0]) if stats is not None else 0
+    each = (stats.miss_s - misses[1]) / n if n else 0.0
+    return float(np.median(times)), float(np.median(warm)), each
 
 
 def fit_to_budget(trainer: Any, started: Optional[float] = None) -> Dict[str, Any]:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from ..config import Config, ConfigError
 from ..core.distributed import DistInfo
 from ..data.base import DataSplits
+from ..data.cache import InputCache
 from ..data.loading import SeededBatchSampler, SeededDataset, affine_on_batch, loader_settings
 from .build import (build_data, build_device_normalisation, build_losses, build_model, build_optimizers,
                     build_sampler, channels_last, check_pairs, protocol)
@@ -33,7 +34,7 @@ class Batches:
     (:class:`~deepmetric.data.loading.SeededBatchSampler`), which the checkpoint keeps."""
 
     def __init__(self, cfg: Config, splits: DataSplits, device: torch.device, dist: DistInfo,
-                 channels_last: bool, seed: Optional[int] = None) -> None:
+                 channels_last: bool, seed: Optional[int] = None, cache: Optional[InputCache] = None) -> None:
         seed = cfg.seed if seed is None else seed
         self.device, self.channels_last = device, channels_last
         self.sampler = build_sampler(cfg.model_copy(update={"seed": seed}), splits.train.labels, dist.rank,
@@ -47,6 +48,9 @@ class Batches:
         view, self.normalize = build_device_normalisation(cfg, splits.train, device)
         # a random affine draws per image and warps per batch (the same pixels, a fraction of the time)
         view, self.affine = affine_on_batch(view)
+        if cache is not None and not settings.num_workers:  # decoded once, in this process (data.cache)
+            view = cache.wrap(view, "train")
+        self.view = view
         self.loader = DataLoader(SeededDataset(view), batch_sampler=self.plan, generator=self.generator,
                                  **settings.kwargs())
         self.epoch = 0
@@ -100,6 +104,8 @@ class TrainingParts:
     amp_dtype: Optional[torch.dtype]
     channels_last: bool
     notes: List[str] = field(default_factory=list)
+    #: the run's decoded inputs kept in memory (``data.cache``), None without
+    cache: Optional[InputCache] = None
 
 
 def build_training(cfg: Config, device: torch.device, dist: DistInfo, *, resume: bool = False,
@@ -121,8 +127,9 @@ def build_training(cfg: Config, device: torch.device, dist: DistInfo, *, resume:
     losses = (build_losses(cfg, splits.num_classes, dim) if loss is None else torch.nn.ModuleList([loss])).to(device)
     check_pairs(cfg, losses)
     optimizers = build_optimizers(cfg, model, losses)
-    evaluator = Evaluator(cfg, splits, device)
-    val_evaluator = None if splits.val is None else Evaluator(cfg, splits.val, device)
+    cache = input_cache(cfg, device, dist)
+    evaluator = Evaluator(cfg, cached_splits(splits, cache, "test"), device)
+    val_evaluator = None if splits.val is None else Evaluator(cfg, cached_splits(splits.val, cache, "val"), device)
     _check_selection(cfg, val_evaluator or evaluator, val_evaluator is not None)
     nhwc = channels_last(cfg.train.channels_last, device, model)
     if nhwc:
@@ -137,9 +144,34 @@ def build_training(cfg: Config, device: torch.device, dist: DistInfo, *, resume:
     amp = cfg.train.amp
     return TrainingParts(
         splits=splits, model=model, net=net, losses=losses, optimizers=optimizers,
-        batches=Batches(cfg, splits, device, dist, nhwc), evaluator=evaluator, val_evaluator=val_evaluator,
+        batches=Batches(cfg, splits, device, dist, nhwc, cache=cache), evaluator=evaluator, val_evaluator=val_evaluator,
         scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),
-        amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp), channels_last=nhwc, notes=notes)
+        amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp), channels_last=nhwc, notes=notes,
+        cache=cache)
+
+
+def input_cache(cfg: Config, device: torch.device, dist: DistInfo) -> Optional[InputCache]:
+    """The run's :class:`~deepmetric.data.cache.InputCache` (``data.cache``), timed by the budget's
+    clock; None when it is off or the data is read by loader workers (they decode in parallel)."""
+    from . import budget
+
+    settings = loader_settings(cfg.data.num_workers, cfg.data.pin_memory, device,
+                               local_world_size=dist.local_world_size)
+    cache = None if settings.num_workers else InputCache.from_setting(cfg.data.cache)
+    if cache is not None:
+        cache.clock = lambda: budget.CLOCK()
+    return cache
+
+
+def cached_splits(splits: DataSplits, cache: Optional[InputCache], key: str) -> DataSplits:
+    """``splits`` whose query and gallery are read through ``cache`` (stores ``KEY/query``,
+    ``KEY/gallery``), for an evaluator that embeds them again at every evaluation."""
+    if cache is None:
+        return splits
+    import dataclasses
+
+    wrap = lambda d, part: None if d is None else cache.wrap(d, f"{key}/{part}")  # noqa: E731
+    return dataclasses.replace(splits, query=wrap(splits.query, "query"), gallery=wrap(splits.gallery, "gallery"))
 
 
 def training_splits(cfg: Config, splits: Optional[DataSplits] = None, train_dataset=None) -> DataSplits:

@@ -208,7 +208,8 @@ class Trainer:
     def calibration_batches(self):
         """Batches drawn like the run's, from a sampler and generator of their own (seeded apart), so
         that drawing them leaves the run's batches as they were (``train.time_budget`` measures steps)."""
-        return iter(Batches(self.cfg, self.splits, self.device, self.dist, self.channels_last, seed=self.cfg.seed + 7919))
+        return iter(Batches(self.cfg, self.splits, self.device, self.dist, self.channels_last, seed=self.cfg.seed + 7919,
+                            cache=self.parts.cache))
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step (:mod:`.step`), then the hooks."""
