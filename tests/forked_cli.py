@@ -125,7 +125,7 @@ class ForkedCLI:
         req = {"args": list(args), "cwd": str(cwd), "env": self.env, "stdout": str(out), "stderr": str(err)}
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
-        pid = self._next(60)["pid"]
+        pid = self._next(300)["pid"]  # the first waits for the helper's imports
         try:
             code = self._next(timeout)["code"]
         except TimeoutError:
