@@ -3,15 +3,19 @@ every page of ``docs/`` runs, in document order, in a fresh folder per page, as 
 
 - ```python blocks are executed (each in a namespace of its own);
 - in ```bash blocks, ``deepmetric ...`` and ``python ...`` lines are run (backslash continuations
-  joined). Training commands get ``SHORT`` appended (a later override wins), so the suite stays fast;
-  the commands are otherwise exactly as printed;
+  joined), each in a process of its own. Training commands get ``SHORT`` appended (a later override
+  wins), so the suite stays fast; the commands are otherwise exactly as printed. ``deepmetric`` lines
+  run as the console script runs them, in processes forked from one that has imported PyTorch,
+  torchvision and scikit-learn once per page (tests/forked_cli.py): a page of ten commands would
+  otherwise spend most of its time starting PyTorch ten times;
 - ```text, ```console, ```yaml and unlabelled blocks are not run: output, layouts, and commands that
   need a data set, weights or hardware the suite does not have (the recipes are smoke-tested on
   miniatures of their layouts by ``tests/recipes``);
 - in bash blocks, other lines are not run: ``deepmetric serve`` (a long-running server: ``tests/serve``
   covers it, with a real browser), ``curl``, ``export``;
 - a page that starts with ``<!-- docs-test: continues PAGE -->`` runs in a copy of PAGE's folder, after
-  it, so that it can use what PAGE made (a trained run, an index) without training it again;
+  it, so that it can use what PAGE made (a trained run, an index) without training it again (its test
+  comes after PAGE's, so that each test's time is its own page's);
 - Fashion-MNIST lines need Debian's ``dataset-fashion-mnist`` (``.ci/run`` installs it): without it
   the rest of the page runs and the test is then skipped with that reason, or fails under ``CI=true``.
 """
@@ -27,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
+from tests.forked_cli import ForkedCLI
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -143,31 +148,57 @@ def run_page(page: Path, factory, monkeypatch):
     bindir = Path(sys.executable).parent
     env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", PYTHONWARNINGS="ignore")
     missing_data = []
-    for kind, code in steps(text):
-        if kind == "python":
-            exec(compile(code, str(page), "exec"), {"__name__": "__docs__"})
-            continue
-        args = shlex.split(code)
-        if args[0] == "deepmetric" and args[1] in ("serve",):
-            continue
-        if "fashion_mnist" in code or "fmnist" in code:
-            if not FMNIST.is_dir():
-                missing_data.append(code)
+    cli = None
+    try:
+        for kind, code in steps(text):
+            if kind == "python":
+                exec(compile(code, str(page), "exec"), {"__name__": "__docs__"})
                 continue
-            if args[1] == "train":
-                args += ["data.options.train_limit=2000", "data.options.test_limit=500"]
-        if args[0] == "deepmetric" and args[1] in ("train", "quickstart"):
-            args += SHORT
-        if args[0] == "python":
-            args[0] = sys.executable
-        r = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, f"{page_id(page)}: {code}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+            args = shlex.split(code)
+            if args[0] == "deepmetric" and args[1] in ("serve",):
+                continue
+            if "fashion_mnist" in code or "fmnist" in code:
+                if not FMNIST.is_dir():
+                    missing_data.append(code)
+                    continue
+                if args[1] == "train":
+                    args += ["data.options.train_limit=2000", "data.options.test_limit=500"]
+            if args[0] == "deepmetric" and args[1] in ("train", "quickstart"):
+                args += SHORT
+            if args[0] == "deepmetric":
+                cli = cli or ForkedCLI(env, folder)
+                returncode, stdout, stderr = cli.run(args[1:], cwd=folder, timeout=600)
+            else:
+                if args[0] == "python":
+                    args[0] = sys.executable
+                r = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+                returncode, stdout, stderr = r.returncode, r.stdout, r.stderr
+            assert returncode == 0, f"{page_id(page)}: {code}\n{stdout[-2000:]}\n{stderr[-2000:]}"
+    finally:
+        if cli is not None:
+            cli.close()
     _RAN[page] = folder, missing_data
     return _RAN[page]
 
 
+def run_order(pages):
+    """``pages`` in order, except that a page another continues comes before it."""
+    ordered = []
+
+    def add(page):
+        parent = CONTINUES.search(page.read_text())
+        if parent and DOCS / parent.group(1) in pages:
+            add(DOCS / parent.group(1))
+        if page not in ordered:
+            ordered.append(page)
+
+    for page in pages:
+        add(page)
+    return ordered
+
+
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("page", [p for p in PAGES if steps(p.read_text())], ids=page_id)
+@pytest.mark.parametrize("page", run_order([p for p in PAGES if steps(p.read_text())]), ids=page_id)
 def test_page_code_runs(page, tmp_path_factory, monkeypatch):
     _, missing_data = run_page(page, tmp_path_factory, monkeypatch)
     if missing_data:

@@ -1,5 +1,10 @@
 """The main job: the quickstart proves that training helps, on classes never seen in training or
-selection, and never deletes what it did not write."""
+selection, and never deletes what it did not write.
+
+The quickstart runs its recipe on its data (all the glyphs: 3424 training images, 3808 test images of
+238 unseen characters, a report) but for 40 steps instead of 200, with an evaluation every 10 instead
+of every 50 (four validations to select among, as in the full run): on 2 cores the full run takes over a
+minute, and 40 steps already lift MAP@R on the unseen characters from 0.29 to about 0.6 (0.71 at 200)."""
 import json
 
 import pytest
@@ -9,10 +14,13 @@ from deepmetric.quickstart import MARKER, run_quickstart
 from deepmetric.viz.summary import shown_metrics
 
 
+SHORTER = ["train.max_steps=40", "train.eval_every=10"]
+
+
 @pytest.mark.timeout(600)
 def test_quickstart_trained_beats_untrained_on_unseen_classes(tmp_path, capsys):
     run = tmp_path / "qs"
-    summary = run_quickstart(str(run))
+    summary = run_quickstart(str(run), SHORTER)
     out = capsys.readouterr().out
     before, after = summary["untrained"]["test"], summary["metrics"]
     printed = shown_metrics(before, after)
