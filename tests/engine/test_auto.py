@@ -106,8 +106,15 @@ def test_few_classes_say_so_and_keep_the_last_step(tmp_path):
     recipe = auto_config(root, TINY)
     assert recipe.config.data.val_classes is None
     assert f"only 9 training classes: a validation split of 2 would select by noise" in recipe.describe()
+    assert recipe.config.losses[0].memory is None  # a memory would hold the same few classes again
+    assert "no cross-batch memory: only 9 training classes" in recipe.describe()
     many = auto_config(folder(tmp_path / "many", n_classes=2 * FEW_CLASSES, per_class=3, size=8), TINY)
     assert isinstance(many.config.data.val_classes, float)
+    # 45 training classes of 3 images: a memory of every training image's embedding
+    assert many.config.losses[0].memory.size == 45 * 3
+    assert "a memory of the last 135 embeddings (XBM)" in many.describe()
+    assert "no cross-batch memory" not in many.describe()
+    assert auto_config(tmp_path / "many", [*TINY, "losses.0.memory=null"]).config.losses[0].memory is None
 
 
 @pytest.mark.parametrize("case,message", [

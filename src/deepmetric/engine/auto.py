@@ -72,8 +72,12 @@ DEFAULTS: Dict[str, Any] = {
     "time_budget": "5m",
     "samples_per_class": 4,
     #: a cross-batch memory on the loss (XBM): None, or {size: "auto" (the training images, at most
-    #: MEMORY_MAX) or a number, start_step, weight}
-    "memory": None,
+    #: MEMORY_MAX) or a number, start_step, weight}; chosen on the suite: each batch is also compared
+    #: with the embeddings of up to MEMORY_MAX earlier images, which the PML loop's batch alone lacks
+    "memory": {"size": "auto"},
+    #: ... when the training classes are at least this many (with fewer, a memory holds the same few
+    #: classes again: it lowered validation MAP@R on the suite's few-class data sets)
+    "memory_min_classes": FEW_CLASSES,
     "max_side": MAX_SIDE,
     "batch": BATCH,
 }
@@ -282,12 +286,20 @@ def auto_config(source: str | os.PathLike, overrides: Sequence[str] = (), name: 
     p = choose("data.classes_per_batch", p, f"{p} classes x {k} images = {p * k} per batch")
     loss = dict(DEFAULTS["loss"])
     memory = DEFAULTS.get("memory")
+    if memory and n_train < DEFAULTS.get("memory_min_classes", 0):
+        memory = None
+        notes.append(f"no cross-batch memory: only {n_train} training classes (a memory would hold the same "
+                     f"few classes again; on the suite's few-class data sets it lowered validation MAP@R)")
     if memory:
         n_images = int(counts[[i for i, key in enumerate(profile.class_keys) if key in set(train_keys)]].sum())
         slots = memory.get("size", "auto")
         slots = int(min(MEMORY_MAX, n_images)) if slots == "auto" else int(slots)
         loss["memory"] = {**{k: v for k, v in memory.items() if k != "size"}, "size": max(slots, p * k)}
-    choices.append(Choice("losses", [loss], "chosen on the suite's validation splits (docs/benchmarks.md)"))
+    why = "chosen on the suite's validation splits (docs/benchmarks.md)"
+    if loss.get("memory"):
+        why = (f"multi-similarity, each batch also against a memory of the last {loss['memory']['size']:,} "
+               f"embeddings (XBM): {why}")
+    choices.append(Choice("losses", [loss], why))
     optimizer = DEFAULTS["optimizer"]
     choices.append(Choice("optimizer", optimizer, "chosen on the suite"))
     scheduler = DEFAULTS["scheduler"]
