@@ -506,9 +506,10 @@ def choose(scores: Dict[str, Dict[str, float]], datasets: Sequence[str], candida
     """The candidate with the best mean rank of validation MAP@R over ``datasets`` (ties: mean score)."""
     ranks = {c: [] for c in candidates}
     for d in datasets:
-        order = sorted(candidates, key=lambda c: -scores[d][c] if scores[d][c] == scores[d][c] else 1e9)
-        for i, c in enumerate(order):
-            ranks[c].append(i)
+        key = {c: -scores[d][c] if scores[d][c] == scores[d][c] else 1e9 for c in candidates}
+        for c in candidates:  # candidates with equal scores (the same recipe there) share their mean rank
+            below, equal = sum(key[o] < key[c] for o in candidates), sum(key[o] == key[c] for o in candidates)
+            ranks[c].append(below + (equal - 1) / 2)
     return min(candidates, key=lambda c: (statistics.fmean(ranks[c]), -_mean([scores[d][c] for d in datasets])))
 
 
