@@ -175,14 +175,15 @@ def _time_steps(trainer: Any, steps: int = 8, warmup: int = 2, stats: Any = None
     rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     batches = trainer.calibration_batches()
-    misses = (stats.misses, stats.miss_s) if stats is not None else (0, 0.0)
+    missed = (lambda: (stats.misses, stats.miss_s)) if stats is not None else (lambda: (0, 0.0))
+    before = missed()
     try:
         times, warm = [], []
         for i in range(warmup + steps):
             t0 = CLOCK()
-            read_s = stats.miss_s if stats is not None else 0.0
+            read_s = missed()[1]
             images, labels, _ = next(batches)
-            read_s = (stats.miss_s if stats is not None else 0.0) - read_s
+            read_s = missed()[1] - read_s
             trainer.train_step(images, labels)
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize(trainer.device)
@@ -203,9 +204,8 @@ def _time_steps(trainer: Any, steps: int = 8, warmup: int = 2, stats: Any = None
         random.setstate(rng[2])
         if rng[3] is not None:
             torch.cuda.set_rng_state_all(rng[3])
-    n = (stats.misses - misses[0]) if stats is not None else 0
-    each = (stats.miss_s - misses[1]) / n if n else 0.0
-    return float(np.median(times)), float(np.median(warm)), each
+    n, seconds = (after - was for after, was in zip(missed(), before))
+    return float(np.median(times)), float(np.median(warm)), seconds / n if n else 0.0
 
 
 def fit_to_budget(trainer: Any, started: Optional[float] = None) -> Dict[str, Any]:

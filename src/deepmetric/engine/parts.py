@@ -48,9 +48,8 @@ class Batches:
         view, self.normalize = build_device_normalisation(cfg, splits.train, device)
         # a random affine draws per image and warps per batch (the same pixels, a fraction of the time)
         view, self.affine = affine_on_batch(view)
-        if cache is not None and not settings.num_workers:  # decoded once, in this process (data.cache)
+        if cache is not None:  # decoded once, in this process (data.cache; none with workers: input_cache)
             view = cache.wrap(view, "train")
-        self.view = view
         self.loader = DataLoader(SeededDataset(view), batch_sampler=self.plan, generator=self.generator,
                                  **settings.kwargs())
         self.epoch = 0
