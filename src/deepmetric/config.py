@@ -58,7 +58,7 @@ class DataConfig(_Section):
             return v
         if isinstance(v, (int, float)) and v >= 0:
             return float(v)
-        raise ValueError("expected auto, false, true or a limit in GiB (a number >= 0)")
+        raise ValueError("expected auto, false, true or a memory limit in gibibytes (a number >= 0)")
 
     @field_validator("num_workers", mode="before")
     @classmethod
