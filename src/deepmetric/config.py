@@ -89,6 +89,9 @@ class DataConfig(_Section):
     #: (the last step is reported, not selected).
     val_classes: Optional[Union[float, List[Union[int, str]]]] = None
     val_seed: int = 0
+    #: at most this many images of each validation class are scored (drawn with ``val_seed``; all of
+    #: them still leave the training set): cheaper evaluations of large classes. null: all
+    val_per_class: Optional[int] = Field(None, ge=2)
 
     @field_validator("train_classes", "val_classes", mode="before")
     @classmethod
@@ -178,6 +181,9 @@ class SchedulerConfig(_Section):
     patience: int = Field(4, ge=0)
     threshold: float = Field(1e-3, ge=0)
     cooldown: int = Field(0, ge=0)
+    #: the steps ``cosine`` decays over (null: ``train.max_steps``); a run that stops earlier keeps
+    #: the lr of that point of the longer schedule (``train.length_folds`` chooses such a length)
+    total_steps: Optional[int] = Field(None, ge=1)
 
 
 def parse_duration(value: Union[str, int, float]) -> float:
@@ -238,6 +244,21 @@ class TrainConfig(_Section):
     deterministic: bool = True
     #: stop after this many evaluations in a row without a better validation ``eval.metric``; 0 = off
     early_stopping: int = Field(0, ge=0)
+    #: choose the run's length on folds of the training classes, for data with too few classes for a
+    #: validation split (``data.val_classes`` null): a list of folds, each a list of training classes.
+    #: Each fold trains without its classes and validates on them; the step with the best mean
+    #: validation ``eval.metric`` over the folds is how long the run then trains on all of them (the
+    #: schedule keeps the folds' length: ``scheduler.total_steps``). The budget covers the folds:
+    #: with ``train.time_budget`` or ``train.max_steps``, each fold and the run get a
+    #: ``1/(folds + 1)`` share. See :mod:`deepmetric.engine.folds`. Empty: off.
+    length_folds: List[List[Union[int, str]]] = Field(default_factory=list)
+
+    @field_validator("length_folds")
+    @classmethod
+    def _folds(cls, v):
+        if any(not fold for fold in v):
+            raise ValueError("every fold needs at least one class")
+        return v
 
     @field_validator("time_budget")
     @classmethod
@@ -427,13 +448,17 @@ def validate(raw: Any, source: str = "config") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as e:
         errors = e.errors()
         msg = _format_error(errors[0])
         if len(errors) > 1:
             msg += f" (+{len(errors) - 1} more problems)"
         raise ConfigError(f"{source}: {msg}") from None
+    if cfg.train.length_folds and cfg.data.val_classes is not None:
+        raise ConfigError(f"{source}: train.length_folds chooses the length where there is no validation split; "
+                          f"give data.val_classes=null, or train.length_folds=[]")
+    return cfg
 
 
 #: the packaged recipes (``configs/`` at the top of a checkout is a link to it)

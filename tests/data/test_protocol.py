@@ -117,6 +117,23 @@ def test_class_split_on_a_two_pool_format():
     assert s.train_class_ids.tolist() == [0, 1, 2] and s.num_classes == 3
 
 
+def test_validation_can_score_a_few_images_of_each_class():
+    """``data.val_per_class``: a drawn few of each validation class are scored, all leave training."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(6), 7)
+
+    def carve(per_class, seed=0):
+        s = DataSplits(train=ArrayDataset(rng.integers(0, 255, (42, 4, 4), dtype=np.uint8), y), query=None)
+        return carve_validation(s, [1, 4], seed=seed, per_class=per_class)
+
+    s = carve(3)
+    assert np.bincount(s.val.query.labels).tolist() == [0, 3, 0, 0, 3]
+    assert s.train_class_ids.tolist() == [0, 2, 3, 5] and len(s.train) == 28  # all 14 left training
+    assert carve(3).val.query.indices.tolist() == s.val.query.indices.tolist()  # the same draw
+    assert carve(3, seed=1).val.query.indices.tolist() != s.val.query.indices.tolist()
+    assert len(carve(None).val.query) == len(carve(10).val.query) == 14
+
+
 def test_validation_by_name_and_bad_values(mini):
     s = _build("image_folder", mini["image_folder"], "retrieval", "data.train_classes=0.67",
                "data.val_classes=[class_00, class_02]")

@@ -152,7 +152,8 @@ def split_classes(splits: DataSplits, train_classes: ClassSpec = None, test_clas
 
 
 def carve_validation(splits: DataSplits, val_classes: ClassSpec, *, layout: str = "retrieval", seed: int = 0,
-                     transform: Optional[Callable] = None, min_train_classes: int = 2) -> DataSplits:
+                     transform: Optional[Callable] = None, min_train_classes: int = 2,
+                     per_class: Optional[int] = None) -> DataSplits:
     """Move the images of ``val_classes`` from the training set into ``splits.val``.
 
     ``val_classes``: a fraction of the training classes (``max(2, round(f * C))`` classes, drawn by
@@ -165,6 +166,9 @@ def carve_validation(splits: DataSplits, val_classes: ClassSpec, *, layout: str 
       all validation images; the re-ID rule removes a query's own camera, the query included;
     - ``verification``: matched and unmatched pairs of validation images, balanced, in 10 folds
       (:func:`verification_pairs`).
+
+    ``per_class``: at most this many images of each validation class are scored (drawn with ``seed``;
+    the others still leave the training set).
     """
     if val_classes is None:
         return splits
@@ -185,8 +189,12 @@ def carve_validation(splits: DataSplits, val_classes: ClassSpec, *, layout: str 
                                              f"{left} to train on (needs >= {min_train_classes}) and {len(val_ids)} "
                                              f"to validate on (needs >= 2)")
     in_val = np.isin(original, val_ids)
-    pool = splits.train.subset(np.flatnonzero(in_val), name=f"{splits.train.name}/val")
-    pool.labels = original[in_val]
+    scored = np.flatnonzero(in_val)
+    if per_class is not None:
+        rng = np.random.default_rng(seed)
+        scored = np.sort(np.concatenate([rng.permutation(np.flatnonzero(original == c))[:per_class] for c in val_ids]))
+    pool = splits.train.subset(scored, name=f"{splits.train.name}/val")
+    pool.labels = original[scored]
     eval_tf = transform if transform is not None else getattr(splits.query, "transform", splits.train.transform)
     pool = pool.with_transform(eval_tf)
     _set_train(splits, splits.train.subset(np.flatnonzero(~in_val), name=splits.train.name), original[~in_val])
@@ -242,7 +250,8 @@ def apply(splits: DataSplits, data: Any, *, layout: str = "retrieval", eval_tran
     if splits.val is None:
         min_train = max(2, data.classes_per_batch) if data.sampler == "pk" else 2  # a P x K batch needs P classes
         splits = carve_validation(splits, data.val_classes, layout=layout, seed=data.val_seed,
-                                  transform=eval_transform, min_train_classes=min_train)
+                                  transform=eval_transform, min_train_classes=min_train,
+                                  per_class=getattr(data, "val_per_class", None))
     return check_training_set(splits, data)
 
 

@@ -21,7 +21,7 @@ class LRSchedule:
     def __init__(self, cfg: SchedulerConfig, optimizers: List[torch.optim.Optimizer], max_steps: int) -> None:
         self.cfg = cfg
         self.optimizers = optimizers
-        self.max_steps = max_steps
+        self.max_steps = cfg.total_steps or max_steps
         for opt in optimizers:
             for g in opt.param_groups:
                 g.setdefault("initial_lr", g["lr"])
