@@ -169,7 +169,8 @@ def test_plan_steps_and_a_budget_too_short():
 
 def test_a_budgeted_run_repeats_exactly_as_its_step_count(tmp_path):
     root = folder(tmp_path / "imgs", n_classes=10, per_class=6, size=8)
-    cfg = auto_config(root, [*TINY, "train.time_budget=6s", "train.log_every=5"]).config
+    # few classes: without the folds (their share of a budget is tests/engine/test_folds.py's)
+    cfg = auto_config(root, [*TINY, "train.time_budget=6s", "train.log_every=5", "train.length_folds=[]"]).config
     summary = Trainer(cfg, tmp_path / "a").fit()
     written = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["train"]
     assert written["time_budget"] is None and written["max_steps"] == summary["max_steps"] >= 10
@@ -193,11 +194,13 @@ def test_train_dir_from_the_command_line_and_python(tmp_path, capsys, caplog):
     with caplog.at_level(logging.INFO, logger="deepmetric"):
         assert main(["train", str(root), "--run-dir", str(tmp_path / "run"), *TINY, "train.max_steps=6"]) == 0
     assert "a recipe from the data" in caplog.text and "data.samples_per_class = 4: the median class has 5" in caplog.text
-    assert "last step" in capsys.readouterr().out  # 6 training classes: no validation split
+    # 6 training classes: no validation split, a length chosen on three folds of them in the 6 steps
+    assert "a length chosen on 3 folds of the training classes" in capsys.readouterr().out
     cfg = load_config(tmp_path / "run")
-    assert cfg.name == "my_images" and cfg.data.root == str(root) and cfg.train.max_steps == 6
-    summary = dm.Trainer(dm.auto_config(root, [*TINY, "train.max_steps=4"]).config, tmp_path / "py").fit()
-    assert summary["max_steps"] == 4
+    assert cfg.name == "my_images" and cfg.data.root == str(root) and cfg.train.max_steps == 1
+    assert cfg.scheduler.total_steps == 1 and cfg.train.length_folds == []
+    summary = dm.Trainer(dm.auto_config(root, [*TINY, "train.max_steps=8"]).config, tmp_path / "py").fit()
+    assert summary["length_folds"]["schedule_steps"] == 2 and summary["max_steps"] in (1, 2)  # 8 // (3 + 1)
     trainer = dm.Trainer(str(root), tmp_path / "py2")  # a path: the automatic recipe, defaults and all
     assert trainer.cfg.data.format == "image_folder" and trainer.cfg.train.time_budget == "5m"
 

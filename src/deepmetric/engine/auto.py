@@ -80,6 +80,9 @@ DEFAULTS: Dict[str, Any] = {
     "memory_min_classes": FEW_CLASSES,
     "max_side": MAX_SIDE,
     "batch": BATCH,
+    #: below FEW_CLASSES training classes: the length is chosen on this many folds of them
+    #: (train.length_folds, see fold_classes; 0 = train the whole budget and keep the last step)
+    "length_folds": 3,
 }
 #: the largest cross-batch memory the automatic recipe sizes to the training set
 MEMORY_MAX = 16384
@@ -169,6 +172,22 @@ def validation_rule(n_train: int):
     return round(n_val / n_train, 4), f"{n_val} of the {n_train} training classes, held out, select the checkpoint"
 
 
+def fold_classes(train_keys: Sequence[Any], folds: int) -> List[List[Any]]:
+    """``train.length_folds`` for few training classes: up to ``folds`` folds of a fifth of them (at
+    least 2) each, consecutive in :func:`hash_order` (wrapping round, so five classes give three folds
+    of two); none when a fold would leave fewer than 2 classes to train on.
+
+    >>> fold_classes(["a", "b", "c", "d", "e"], 3)
+    [['d', 'e'], ['c', 'a'], ['b', 'd']]
+    """
+    n = len(train_keys)
+    size = max(2, int(round(n / 5)))
+    if folds <= 0 or n - size < 2:
+        return []
+    order = hash_order(train_keys)
+    return [[order[(i * size + j) % n] for j in range(size)] for i in range(min(folds, -(-n // size)))]
+
+
 def _override_value(overrides: Sequence[str], key: str) -> Any:
     """The value ``overrides`` give ``key`` (the last one), or ``...`` when they do not set it."""
     value: Any = ...
@@ -229,7 +248,26 @@ def auto_config(source: str | os.PathLike, overrides: Sequence[str] = (), name: 
         if given_test is not ... and given_train is ...:
             n_train = len(profile.class_keys) - len(given_test or [])
     val, val_reason = validation_rule(n_train)
+    if given_train is ... and given_test is ...:
+        train_list: Optional[List[Any]] = list(train_keys)
+    elif isinstance(given_train, list):
+        train_list = list(given_train)
+    elif given_train is ... and isinstance(given_test, list):
+        train_list = [k for k in profile.class_keys if k not in set(given_test)]
+    else:  # a fraction of the sorted classes: not known here
+        train_list = None
+    folds = fold_classes(train_list, DEFAULTS.get("length_folds", 0)) if val is None and train_list else []
+    if folds:
+        val_reason = (f"only {n_train} training classes: a validation split of {len(folds[0])} would select by "
+                      f"noise; all of them train, for a length chosen on folds of them (train.length_folds)")
     val = choose("data.val_classes", val, val_reason)
+    if val is not None:
+        folds = []
+    if folds:
+        folds = choose("train.length_folds", folds,
+                       f"{len(folds)} folds of {len(folds[0])} training classes: each trains without its classes "
+                       f"and validates on them; the best step of their mean validation MAP@R is the run's length "
+                       f"(the budget covers the folds)")
 
     # -- model and input -----------------------------------------------------------------------------
     pretrained = _override_value(overrides, "model.pretrained")
@@ -325,7 +363,7 @@ def auto_config(source: str | os.PathLike, overrides: Sequence[str] = (), name: 
         "losses": [loss],
         "optimizer": optimizer,
         "scheduler": scheduler,
-        "train": {"time_budget": budget, "eval_every": 0, "log_every": 25},
+        "train": {"time_budget": budget, "eval_every": 0, "log_every": 25, "length_folds": folds},
         "eval": {"protocol": "retrieval", "metric": "map@r", "ks": [1, 2, 4, 8], "distance": "cosine"},
     }
     if steps is not ... and budget is None:
@@ -358,4 +396,4 @@ def recipe_or_data(target: str | os.PathLike, overrides: Sequence[str] = ()) -> 
 
 
 __all__ = ["AutoRecipe", "Choice", "DataError", "auto_config", "hash_order", "is_data_path", "recipe_or_data",
-           "split_classes", "validation_rule"]
+           "fold_classes", "split_classes", "validation_rule"]

@@ -102,6 +102,7 @@ def run_summary(trainer: Any, result: Any, selected: int) -> Dict[str, Any]:
         "metrics": result.metrics, "val": how["val"], "untrained": trainer.untrained,
         "splits": split_sizes(trainer.splits),
         "budget": None if trainer.budget_plan is None else dataclasses.asdict(trainer.budget_plan),
+        "length_folds": None if trainer.fold_length is None else trainer.fold_length.summary(),
         "sources": dict(trainer.sources), "notes": trainer.notes,
     }
 

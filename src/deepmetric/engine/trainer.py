@@ -118,6 +118,7 @@ class Trainer:
             self.last_result = None  # EvalResult of the latest test evaluation (the selected one after fit)
             self.summary: Dict[str, Any] = {}
             self.budget_plan = None  # what train.time_budget came to (engine.budget.Plan)
+            self.fold_length = None  # what train.length_folds chose (engine.folds.FoldLength)
             self.recorder = Recorder()
             self.callbacks: List[Callback] = []  # rank 0 alone calls them, as it alone writes
             if self.is_main:
@@ -246,12 +247,19 @@ class Trainer:
             raise
 
     def _fit(self) -> Dict[str, Any]:
+        if self.cfg.train.length_folds and not self.resume:  # how long to train, chosen on folds first
+            if self.dist.is_distributed:
+                raise ConfigError("train.length_folds runs in one process; choose the length there (or set "
+                                  "train.max_steps) and launch that with torchrun")
+            from .folds import run_folds
+
+            self.fold_length = run_folds(self)
         untrained = fit_to_budget(self, budget.CLOCK()) if budget_seconds(self.cfg) and not self.resume else {}
         if self.is_main and not self.resume:
             save_config(self.cfg, self.run_dir / "config.yaml")
             atomic_write(self.run_dir / "splits.json", json.dumps(
                 {"source": self.sources["splits"], **describe_splits(self.splits)}, indent=1))
-        if self.val_evaluator is None:
+        if self.val_evaluator is None and self.fold_length is None:
             log.warning("no validation split (data.val_classes): the last step is reported, not selected")
         show = self.cfg.train.progress and self.is_main
         on_terminal = sys.stderr.isatty()

@@ -32,7 +32,7 @@ def format_summary(summary: Dict[str, Any], title: Optional[str] = None) -> str:
     untrained = summary.get("untrained") or {}
     val, test = summary.get("val"), summary.get("metrics") or {}
     sizes = summary.get("splits") or {}
-    chosen = "selected" if summary.get("selected_by") else "last step"
+    chosen = "selected" if summary.get("selected_by") else "fold-chosen" if summary.get("length_folds") else "last step"
     columns = []
     if val is not None:
         columns += [(f"validation ({sizes.get('val') or '?'})", untrained.get("val"), val)]
@@ -56,5 +56,10 @@ def describe_selection(summary: Dict[str, Any]) -> str:
         return (f"selected step {step} of {total} by {summary['selected_by']} "
                 f"({summary.get('evaluations', '?')} evaluations{early}); the test split was scored once, "
                 f"on that checkpoint")
+    folds = summary.get("length_folds")
+    if folds:
+        return (f"step {step}, a length chosen on {folds['folds']} folds of the training classes (their mean "
+                f"validation {folds['metric']} there {folds['val']:.4f}, untrained {folds['untrained']:.4f}); the "
+                f"test split was scored once, on the last step")
     return (f"step {step} of {total}, the last: not selected (no validation split; set data.val_classes "
             f"to select on classes held out of training)")

@@ -1,0 +1,166 @@
+"""``train.length_folds``: how long to train, chosen on folds of the training classes.
+
+With a handful of training classes a validation split of two or three of them selects a checkpoint
+by noise, and training on all of them to the end of the schedule can leave the embedding worse on
+new classes than it was untrained (the few classes' features crowd out the rest). So the run first
+trains once per fold: without the fold's classes, validating on them every ``eval_every`` steps
+(step 0, the untrained network, included; at most :data:`FOLD_VAL_PER_CLASS` images of each, so that
+a fold's share of a budget buys several evaluations). The folds' mean validation curve (``eval.metric``)
+gives the length: its best step after the first. The run then trains on every training class for
+that many steps, on the same schedule (``scheduler.total_steps`` keeps the folds' length, so the
+lr at the chosen step is the one the folds measured there), and keeps the last step.
+
+The budget covers the folds: with ``train.time_budget`` the first fold plans its steps for a
+``1/(folds + 1)`` share (:func:`deepmetric.engine.budget.fit_to_budget`) and the other folds repeat
+that plan; with ``train.max_steps`` each fold trains ``max_steps // (folds + 1)`` steps, evaluated
+about ten times. Each fold is an ordinary run under ``RUN/folds/N/``; ``RUN/folds.json`` holds the
+curves and the choice, and ``RUN/config.yaml`` the length chosen (``train.length_folds`` then
+empty), so it repeats the run without the folds.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+from ..config import Config, ConfigError
+from ..core.files import atomic_write
+
+log = logging.getLogger("deepmetric")
+
+#: evaluations per fold when the length is a step count (a time budget plans its own)
+FOLD_EVALUATIONS = 10
+#: images of each held-out class a fold scores (``data.val_per_class``, unless the recipe sets it):
+#: cheap evaluations, so a fold's share of a budget buys several of them
+FOLD_VAL_PER_CLASS = 100
+
+
+@dataclass
+class FoldLength:
+    """What the folds found: each fold's validation curve ``[(step, value)]`` (step 0: untrained),
+    their mean at the steps they share, and the chosen length."""
+
+    metric: str
+    steps: int
+    schedule_steps: int
+    curves: List[List[Tuple[int, float]]]
+    mean: List[Tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def untrained(self) -> float:
+        return self.mean[0][1]
+
+    def summary(self) -> Dict[str, Any]:
+        """What a run's summary records (``length_folds``)."""
+        return {"folds": len(self.curves), "metric": self.metric, "steps": self.steps,
+                "schedule_steps": self.schedule_steps, "val": dict(self.mean)[self.steps], "untrained": self.untrained}
+
+    def describe(self) -> str:
+        best = dict(self.mean)[self.steps]
+        text = (f"length chosen on {len(self.curves)} folds of the training classes: {self.steps} of "
+                f"{self.schedule_steps} steps (mean validation {self.metric} {best:.4f}; untrained "
+                f"{self.untrained:.4f}, after {self.schedule_steps} steps {self.mean[-1][1]:.4f})")
+        if self.untrained > best:
+            text += ("; no length beat the untrained network on the held-out classes: train on more classes, "
+                     "or start from pretrained weights (model.pretrained=PATH)")
+        return text
+
+
+def mean_curve(curves: List[List[Tuple[int, float]]]) -> List[Tuple[int, float]]:
+    """The folds' mean validation value at every step all of them evaluated.
+
+    >>> mean_curve([[(0, 0.5), (10, 0.7), (20, 0.6)], [(0, 0.3), (10, 0.5), (20, 0.6)]])
+    [(0, 0.4), (10, 0.6), (20, 0.6)]
+    """
+    shared = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
+    return [(s, round(float(np.mean([dict(c)[s] for c in curves])), 12)) for s in shared]
+
+
+def choose_length(mean: List[Tuple[int, float]]) -> int:
+    """The step of the best mean value after step 0 (the earliest of equals).
+
+    >>> choose_length([(0, 0.9), (10, 0.6), (20, 0.7), (30, 0.7)])
+    20
+    """
+    trained = [(s, v) for s, v in mean if s > 0]
+    if not trained:
+        raise ValueError("the folds evaluated no trained step")
+    return max(trained, key=lambda sv: (sv[1], -sv[0]))[0]
+
+
+def _fold_config(cfg: Config, fold: List[Any], n_train: int, i: int) -> Config:
+    left = n_train - len(fold)
+    if left < 2:
+        raise ConfigError(f"train.length_folds: fold {i + 1} ({fold}) leaves {left} training class"
+                          f"{'' if left == 1 else 'es'}; a fold must leave at least 2 to train on")
+    data = cfg.data.model_copy(update={"val_classes": list(fold), "val_per_class": cfg.data.val_per_class or
+                                       FOLD_VAL_PER_CLASS, "classes_per_batch": min(cfg.data.classes_per_batch, left)})
+    train = cfg.train.model_copy(update={"length_folds": [], "progress": False})
+    return cfg.model_copy(update={"data": data, "train": train, "name": f"{cfg.name}-fold{i + 1}",
+                                  "eval": cfg.eval.model_copy(update={"untrained": True})})
+
+
+def _curve(trainer: Any, metric: str) -> List[Tuple[int, float]]:
+    rows = [(int(r["step"]), float(r["eval"][metric])) for r in trainer.history
+            if r.get("split") == "val" and "eval" in r and r["step"] > 0]
+    return [(0, float(trainer.untrained["val"][metric]))] + sorted(dict(rows).items())
+
+
+def run_folds(trainer: Any) -> FoldLength:
+    """Train ``trainer``'s folds (``train.length_folds``), choose the length, and set the trainer's
+    config (``train.max_steps``, ``scheduler.total_steps``, no budget, no folds) and schedule to it."""
+    from .budget import budget_seconds
+    from .schedule import LRSchedule
+    from .trainer import Trainer
+
+    cfg = trainer.cfg
+    folds = [list(f) for f in cfg.train.length_folds]
+    known = set(np.unique(trainer.splits.train.labels).tolist())
+    n_train = len(known)
+    share = 1.0 / (len(folds) + 1)
+    budget = budget_seconds(cfg)
+    metric = cfg.eval.metric
+    curves: List[List[Tuple[int, float]]] = []
+    plan: Dict[str, Any] = {}
+    for i, fold in enumerate(folds):
+        fcfg = _fold_config(cfg, fold, n_train, i)
+        if i == 0 and budget:
+            fcfg = fcfg.model_copy(update={"train": fcfg.train.model_copy(update={"time_budget": f"{budget * share:g}s"})})
+        else:
+            steps = plan.get("max_steps") or max(1, cfg.train.max_steps // (len(folds) + 1))
+            every = plan.get("eval_every") or max(1, steps // FOLD_EVALUATIONS)
+            update = {"train": fcfg.train.model_copy(update={"time_budget": None, "max_steps": steps,
+                                                             "eval_every": every})}
+            if "warmup_steps" in plan:
+                update["scheduler"] = fcfg.scheduler.model_copy(update={"warmup_steps": plan["warmup_steps"]})
+            fcfg = fcfg.model_copy(update=update)
+        log.info("train.length_folds: fold %d of %d, validating on %s", i + 1, len(folds), fold)
+        fold_trainer = Trainer(fcfg, trainer.run_dir / "folds" / str(i + 1))
+        fold_trainer.fit()
+        if i == 0:
+            plan = {"max_steps": fold_trainer.cfg.train.max_steps, "eval_every": fold_trainer.cfg.train.eval_every,
+                    "warmup_steps": fold_trainer.cfg.scheduler.warmup_steps}
+        curves.append(_curve(fold_trainer, metric))
+        del fold_trainer
+        gc.collect()
+    mean = mean_curve(curves)
+    result = FoldLength(metric, choose_length(mean), plan["max_steps"], curves, mean)
+    atomic_write(trainer.run_dir / "folds.json", json.dumps(
+        {"folds": folds, "metric": metric, "steps": result.steps, "schedule_steps": result.schedule_steps,
+         "curves": curves, "mean": mean}, indent=1))
+    trainer.notes.append(result.describe())
+    log.info("%s", trainer.notes[-1])
+    scheduler = cfg.scheduler.model_copy(update={"total_steps": result.schedule_steps,
+                                                 "warmup_steps": plan["warmup_steps"]})
+    train = cfg.train.model_copy(update={"max_steps": result.steps, "time_budget": None, "length_folds": [],
+                                         "eval_every": 0})
+    trainer.cfg = cfg.model_copy(update={"train": train, "scheduler": scheduler})
+    trainer.schedule = LRSchedule(scheduler, [trainer.optimizers["main"]], result.steps)
+    return result
+
+
+__all__ = ["FOLD_EVALUATIONS", "FOLD_VAL_PER_CLASS", "FoldLength", "choose_length", "mean_curve", "run_folds"]

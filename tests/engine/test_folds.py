@@ -1,0 +1,105 @@
+"""``train.length_folds``: the run's length chosen on folds of its few training classes (issue 22,
+few classes): the folds' curves and choice, the run that follows, its exact repeat from
+``config.yaml``, the budget share, and the recipe that asks for it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from deepmetric.config import ConfigError, load_config
+from deepmetric.engine.auto import auto_config, fold_classes
+from deepmetric.engine.folds import FOLD_VAL_PER_CLASS, choose_length, mean_curve
+from deepmetric.engine.schedule import LRSchedule
+from deepmetric.engine.trainer import Trainer
+from deepmetric.viz.summary import format_summary
+
+from tests.engine.test_auto import TINY, folder
+
+
+def test_the_mean_curve_and_the_chosen_step():
+    curves = [[(0, 0.9), (5, 0.5), (10, 0.7)], [(0, 0.7), (5, 0.8), (10, 0.6), (15, 0.9)]]
+    assert mean_curve(curves) == [(0, 0.8), (5, 0.65), (10, 0.65)]  # steps both folds evaluated
+    assert choose_length(mean_curve(curves)) == 5  # the best trained step, the earliest of equals
+    with pytest.raises(ValueError, match="no trained step"):
+        choose_length([(0, 0.5)])
+
+
+def test_the_schedule_can_be_longer_than_the_run():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    cfg = load_config("quickstart", ["scheduler.name=cosine", "scheduler.warmup_steps=0"]).scheduler
+    long = LRSchedule(cfg, [opt], 100)
+    short = LRSchedule(cfg.model_copy(update={"total_steps": 100}), [opt], 30)
+    assert [short.factor(s) for s in range(30)] == [long.factor(s) for s in range(30)]
+    assert short.factor(29) > 0.5  # not decayed to zero at the run's end
+
+
+def test_folds_choose_the_length_and_the_config_repeats_it(tmp_path):
+    root = folder(tmp_path / "imgs", n_classes=8, per_class=6, size=8, grey=True)
+    cfg = auto_config(root, [*TINY, "train.max_steps=40", "train.log_every=5"]).config
+    assert len(cfg.train.length_folds) == 3 and cfg.data.val_classes is None
+    trainer = Trainer(cfg, tmp_path / "a")
+    summary = trainer.fit()
+    record = json.loads((tmp_path / "a" / "folds.json").read_text())
+    assert len(record["curves"]) == 3
+    # max_steps 40 covers the folds: 3 folds of 40 // 4 = 10 steps, evaluated every step, step 0 first
+    assert all([s for s, _ in c] == list(range(11)) for c in record["curves"])
+    for i, fold in enumerate(cfg.train.length_folds):  # each fold is an ordinary run of its own
+        fold_run = load_config(tmp_path / "a" / "folds" / str(i + 1) / "config.yaml")
+        assert fold_run.data.val_classes == fold and fold_run.train.max_steps == 10
+        assert fold_run.data.val_per_class == FOLD_VAL_PER_CLASS
+    assert record["steps"] == choose_length([tuple(x) for x in record["mean"]])
+    assert 1 <= summary["max_steps"] == record["steps"] == summary["step"] <= 10
+    assert summary["length_folds"]["folds"] == 3 and summary["length_folds"]["schedule_steps"] == 10
+    assert any(n.startswith("length chosen on 3 folds of the training classes") for n in summary["notes"])
+    assert "a length chosen on 3 folds of the training classes" in format_summary(summary)
+    written = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert written["train"]["length_folds"] == [] and written["train"]["max_steps"] == record["steps"]
+    assert written["scheduler"]["total_steps"] == 10
+    again = Trainer(load_config(tmp_path / "a" / "config.yaml"), tmp_path / "b").fit()  # no folds: the same run
+    assert not (tmp_path / "b" / "folds").exists() and again["metrics"] == summary["metrics"]
+    a = (tmp_path / "a" / "checkpoints" / "last" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "checkpoints" / "last" / "model.safetensors").read_bytes()
+
+
+def test_a_time_budget_is_shared_with_the_folds(tmp_path):
+    root = folder(tmp_path / "imgs", n_classes=7, per_class=6, size=8, grey=True)
+    cfg = auto_config(root, [*TINY, "train.time_budget=8s"]).config
+    assert len(cfg.train.length_folds) == 3  # 5 training classes: three folds of two
+    summary = Trainer(cfg, tmp_path / "a").fit()
+    plans = [load_config(tmp_path / "a" / "folds" / str(i + 1) / "config.yaml").train
+             for i in range(len(cfg.train.length_folds))]
+    assert plans[0].time_budget is None and all(p.max_steps == plans[0].max_steps for p in plans)
+    assert any(n.startswith(f"train.time_budget={8 / (len(plans) + 1):g}s came to") for n in
+               json.loads((tmp_path / "a" / "folds" / "1" / "metrics.json").read_text())["notes"])
+    assert summary["max_steps"] <= plans[0].max_steps == summary["length_folds"]["schedule_steps"]
+
+
+def test_the_recipe_asks_for_folds_only_where_the_classes_are_few(tmp_path):
+    assert fold_classes(["a", "b", "c", "d", "e"], 3) == [["d", "e"], ["c", "a"], ["b", "d"]]
+    assert fold_classes(list("abcd"), 3) == [["d", "c"], ["a", "b"]]  # two folds cover four classes
+    assert fold_classes(list("abc"), 3) == []  # a fold of two would leave one class to train on
+    assert len(fold_classes([f"k{i}" for i in range(29)], 3)[0]) == 6  # a fifth of them
+    root = folder(tmp_path / "imgs", n_classes=12, per_class=5, size=8)
+    recipe = auto_config(root, TINY)
+    train = set(recipe.profile.class_keys) - set(recipe.config.data.test_classes)
+    assert all(set(f) <= train for f in recipe.config.train.length_folds)
+    assert "train.length_folds = " in recipe.describe() and "the budget covers the folds" in recipe.describe()
+    assert auto_config(root, [*TINY, "data.val_classes=0.3"]).config.train.length_folds == []
+    given = auto_config(root, [*TINY, 'data.train_classes=["c00", "c01", "c02", "c03", "c04"]']).config
+    assert len(given.train.length_folds) == 3
+    assert set(sum(given.train.length_folds, [])) == {"c00", "c01", "c02", "c03", "c04"}
+    many = auto_config(folder(tmp_path / "many", n_classes=60, per_class=3, size=8), TINY)
+    assert many.config.train.length_folds == [] and isinstance(many.config.data.val_classes, float)
+
+
+def test_bad_folds_get_one_line(tmp_path):
+    root = folder(tmp_path / "imgs", n_classes=8, per_class=5, size=8)
+    with pytest.raises(ConfigError, match="train.length_folds chooses the length where there is no validation"):
+        auto_config(root, [*TINY, "train.length_folds=[[c00]]", "data.val_classes=0.3"])
+    cfg = auto_config(root, [*TINY, "train.max_steps=8", 'train.length_folds=[["c00", "c01", "c02", "c03", "c04"]]']).config
+    with pytest.raises(ConfigError, match=r"fold 1 \(.*\) leaves 1 training class; a fold must leave at least 2"):
+        Trainer(cfg, tmp_path / "run").fit()
+    assert not (tmp_path / "run").exists()
