@@ -26,8 +26,9 @@ set's customary split). On each, at one wall-clock budget on this machine:
   quickstart recipe at 64 px with the ``imagenet`` preset, 4 x 4 batches, 300 steps);
 - ``untrained``: the network before the first step (the auto run's step 0).
 
-Model selection follows the automatic recipe's rule (a validation split of the training classes; the
-last step when they are few, :func:`deepmetric.engine.auto.validation_rule`). Choosing defaults
+Model selection follows the automatic recipe's rule (a validation split of the training classes; when
+they are few, a length chosen on folds of them, ``train.length_folds``, which the PML loop, keeping
+its last step, does not have; ``curves`` measures that rule on held-out folds). Choosing defaults
 needs a validation score on every data set, so a data set with few training classes also gets
 *selection runs* (``--selection``): its training classes less a rotating fold of two, which
 validate. ``table`` then does leave-one-data-set-out: for each data set, the candidate with the best
@@ -372,6 +373,8 @@ def few_classes(name: str, root: Path) -> bool:
 def cmd_run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time:  # budgets measured in one thread's CPU time, as a calibration's (see cmd_calibrate)
+        _cpu_clock()
     warnings.filterwarnings("ignore", category=UserWarning)
     import logging
 
@@ -427,17 +430,21 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _cpu_clock() -> None:
+    from deepmetric.engine import budget
+
+    if torch.get_num_threads() != 1:
+        raise SystemExit("bench_suite --cpu-time needs --threads 1")
+    budget.CLOCK = time.process_time
+
+
 def cmd_calibrate(args) -> int:
     """Measure what the budget comes to for every system and data set, on a machine doing nothing
     else (one thread, as the runs): the runs then repeat those step counts (``run --plans``)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cpu_time:  # one thread's CPU time: its wall time on an idle machine, whatever else runs
-        from deepmetric.engine import budget
-
-        if torch.get_num_threads() != 1:
-            raise SystemExit("bench_suite calibrate --cpu-time needs --threads 1")
-        budget.CLOCK = time.process_time
+        _cpu_clock()
     warnings.filterwarnings("ignore", category=UserWarning)
     import logging
 
@@ -468,6 +475,49 @@ def cmd_calibrate(args) -> int:
                       f"{plan['test_s']:.1f} s)", flush=True)
                 if args.json:
                     atomic_write(args.json, json.dumps(out, indent=1))
+    return 0
+
+
+# -- the few-class rule's validation curves ---------------------------------------------------------------
+
+def cmd_curves(args) -> int:
+    """Validation curves of the default on a few-class data set's folds (two held-out training classes
+    each, :func:`selection_fold`), for the whole run, evaluated every ``--every`` steps; then each fold
+    scored at the length the other folds' mean curve chooses (:mod:`deepmetric.engine.folds`, cross-
+    validated) against its last step and its untrained network."""
+    from deepmetric.engine.folds import choose_length, mean_curve
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    import logging
+
+    logging.getLogger("deepmetric").setLevel(logging.WARNING)
+    out = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else {}
+    work = Path(tempfile.mkdtemp(prefix="bench_suite_curves_"))
+    for name in args.datasets:
+        root = Path(args.root) / DATASETS[name].folder
+        for f in range(args.folds):
+            key = f"{name}/{f}"
+            if key not in out:
+                cfg = auto_recipe(root, name, 0, "2m", [*selection_fold(name, root, f), "train.time_budget=null",
+                                                         f"train.max_steps={args.steps[name]}",
+                                                         f"train.eval_every={args.every[name]}", *args.set])
+                trainer = Trainer(cfg, work / key.replace("/", "-"))
+                trainer.fit()
+                curve = [(0, trainer.untrained["val"]["map@r"])] + sorted(
+                    (r["step"], r["eval"]["map@r"]) for r in trainer.history if r.get("split") == "val" and r["step"])
+                out[key] = curve
+                if args.json:
+                    atomic_write(args.json, json.dumps(out))
+        curves = [dict(map(tuple, out[f"{name}/{f}"])) for f in range(args.folds)]
+        rows = []
+        for j, c in enumerate(curves):
+            step = choose_length(mean_curve([list(o.items()) for i, o in enumerate(curves) if i != j]))
+            rows.append((c[0], c[max(c)], c[step]))
+            print(f"{name} fold {j}: untrained {c[0]:.4f}, last step {c[max(c)]:.4f}, the other folds' length "
+                  f"(step {step}) {c[step]:.4f}")
+        u, last, chosen = (statistics.fmean(col) for col in zip(*rows))
+        print(f"{name}: untrained {u:.4f}, last step {last:.4f}, length chosen by the other folds {chosen:.4f}")
     return 0
 
 
@@ -569,6 +619,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("--json")
     r.add_argument("--plans", help="a calibration's --json: repeat its step counts instead of measuring")
     r.add_argument("--pml-like", help="the candidate (a --variant NAME) whose recipe the PML loop runs on")
+    r.add_argument("--cpu-time", action="store_true",
+                   help="without --plans: measure the budget in the process's CPU time (one thread), as calibrate")
     r.add_argument("--screen", action="store_true",
                    help=f"score only {SCREEN_TEST_CLASSES} test classes (candidates compared on validation)")
     c = sub.add_parser("calibrate", help="measure what the budget comes to, per data set and system")
@@ -584,13 +636,24 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="time by the process's CPU time (one thread): an idle machine's wall time, on a busy one")
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--json")
+    v = sub.add_parser("curves", help="validation curves of the few-class rule on held-out folds")
+    v.add_argument("--root", default="/tmp/suite")
+    v.add_argument("--datasets", nargs="+", default=["digits", "fashion"], choices=list(DATASETS))
+    v.add_argument("--steps", type=lambda t: dict(item.split("=") for item in t.split(",")),
+                   default="digits=10580,fashion=3413", help="NAME=STEPS,...: each run's length")
+    v.add_argument("--every", type=lambda t: dict(item.split("=") for item in t.split(",")),
+                   default="digits=100,fashion=100", help="NAME=STEPS,...: evaluate every STEPS steps")
+    v.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="a candidate: overrides of the default")
+    v.add_argument("--folds", type=int, default=3)
+    v.add_argument("--threads", type=int, default=1)
+    v.add_argument("--json")
     t = sub.add_parser("table", help="leave-one-data-set-out table of --json files")
     t.add_argument("files", nargs="+")
     args = ap.parse_args(argv)
     if args.command == "prepare":
         prepare(Path(args.out))
         return 0
-    return {"run": cmd_run, "calibrate": cmd_calibrate, "table": cmd_table}[args.command](args)
+    return {"run": cmd_run, "calibrate": cmd_calibrate, "curves": cmd_curves, "table": cmd_table}[args.command](args)
 
 
 if __name__ == "__main__":
