@@ -103,3 +103,9 @@ def test_bad_folds_get_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"fold 1 \(.*\) leaves 1 training class; a fold must leave at least 2"):
         Trainer(cfg, tmp_path / "run").fit()
     assert not (tmp_path / "run").exists()
+    short = auto_config(root, [*TINY, "train.time_budget=0.05s"]).config
+    with pytest.raises(ConfigError, match=r"^train.time_budget=0.05s: too short for the folds that choose the length "
+                                          r"\(train.length_folds\): each of the 3 gets 1/4 of it, too little for one "
+                                          r"evaluation \(the untrained .*\); give at least \d+s, or train.length_folds=\[\]$"):
+        Trainer(short, tmp_path / "short").fit()
+    assert not (tmp_path / "short").exists()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
@@ -140,7 +141,20 @@ def run_folds(trainer: Any) -> FoldLength:
             fcfg = fcfg.model_copy(update=update)
         log.info("train.length_folds: fold %d of %d, validating on %s", i + 1, len(folds), fold)
         fold_trainer = Trainer(fcfg, trainer.run_dir / "folds" / str(i + 1))
-        fold_trainer.fit()
+        try:
+            fold_trainer.fit()
+        except ConfigError as e:
+            need = re.search(r"too short for one evaluation: (.*); give at least (\d+)s", str(e))
+            if i == 0 and budget and need:
+                raise ConfigError(f"train.time_budget={cfg.train.time_budget}: too short for the folds that choose "
+                                  f"the length (train.length_folds): each of the {len(folds)} gets 1/{len(folds) + 1} "
+                                  f"of it, too little for one evaluation ({need.group(1)}); give at least "
+                                  f"{int(need.group(2)) * (len(folds) + 1)}s, or train.length_folds=[]") from None
+            raise
+        except KeyboardInterrupt:
+            log.warning("interrupted in fold %d of %d: the folds do not resume; `deepmetric train` runs them again "
+                        "from the start", i + 1, len(folds))
+            raise
         if i == 0:
             plan = {"max_steps": fold_trainer.cfg.train.max_steps, "eval_every": fold_trainer.cfg.train.eval_every,
                     "warmup_steps": fold_trainer.cfg.scheduler.warmup_steps}
