@@ -116,7 +116,6 @@ def run_folds(trainer: Any) -> FoldLength:
     config (``train.max_steps``, ``scheduler.total_steps``, no budget, no folds) and schedule to it."""
     from .budget import budget_seconds
     from .schedule import LRSchedule
-    from .trainer import Trainer
 
     cfg = trainer.cfg
     folds = [list(f) for f in cfg.train.length_folds]
@@ -140,7 +139,7 @@ def run_folds(trainer: Any) -> FoldLength:
                 update["scheduler"] = fcfg.scheduler.model_copy(update={"warmup_steps": plan["warmup_steps"]})
             fcfg = fcfg.model_copy(update=update)
         log.info("train.length_folds: fold %d of %d, validating on %s", i + 1, len(folds), fold)
-        fold_trainer = Trainer(fcfg, trainer.run_dir / "folds" / str(i + 1))
+        fold_trainer = type(trainer)(fcfg, trainer.run_dir / "folds" / str(i + 1))  # a run of the same kind
         try:
             fold_trainer.fit()
         except ConfigError as e:
