@@ -87,12 +87,14 @@ def test_the_recipe_asks_for_folds_only_where_the_classes_are_few(tmp_path):
     train = set(recipe.profile.class_keys) - set(recipe.config.data.test_classes)
     assert all(set(f) <= train for f in recipe.config.train.length_folds)
     assert "train.length_folds = " in recipe.describe() and "the budget covers the folds" in recipe.describe()
+    assert recipe.config.train.ema == 0.99  # the folds score a moving average of the weights, steadier
     assert auto_config(root, [*TINY, "data.val_classes=0.3"]).config.train.length_folds == []
     given = auto_config(root, [*TINY, 'data.train_classes=["c00", "c01", "c02", "c03", "c04"]']).config
     assert len(given.train.length_folds) == 3
     assert set(sum(given.train.length_folds, [])) == {"c00", "c01", "c02", "c03", "c04"}
     many = auto_config(folder(tmp_path / "many", n_classes=60, per_class=3, size=8), TINY)
     assert many.config.train.length_folds == [] and isinstance(many.config.data.val_classes, float)
+    assert many.config.train.ema == 0.0
 
 
 def test_bad_folds_get_one_line(tmp_path):

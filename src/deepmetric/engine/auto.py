@@ -83,6 +83,9 @@ DEFAULTS: Dict[str, Any] = {
     #: below FEW_CLASSES training classes: the length is chosen on this many folds of them
     #: (train.length_folds, see fold_classes; 0 = train the whole budget and keep the last step)
     "length_folds": 3,
+    #: ... and with the folds, a moving average of the weights (train.ema) is what they score and the
+    #: run keeps: it steadies their noisy curves (0 = off)
+    "folds_ema": 0.99,
 }
 #: the largest cross-batch memory the automatic recipe sizes to the training set
 MEMORY_MAX = 16384
@@ -268,6 +271,11 @@ def auto_config(source: str | os.PathLike, overrides: Sequence[str] = (), name: 
                        f"{len(folds)} folds of {len(folds[0])} training classes: each trains without its classes "
                        f"and validates on them; the best step of their mean validation MAP@R is the run's length "
                        f"(the budget covers the folds)")
+    ema = 0.0
+    if folds and DEFAULTS.get("folds_ema"):
+        ema = choose("train.ema", DEFAULTS["folds_ema"],
+                     "a moving average of the weights (about the last 100 steps) is what the folds score and the run "
+                     "keeps: it steadies the few classes' noisy validation curves (chosen on the suite's few-class folds)")
 
     # -- model and input -----------------------------------------------------------------------------
     pretrained = _override_value(overrides, "model.pretrained")
@@ -363,7 +371,7 @@ def auto_config(source: str | os.PathLike, overrides: Sequence[str] = (), name: 
         "losses": [loss],
         "optimizer": optimizer,
         "scheduler": scheduler,
-        "train": {"time_budget": budget, "eval_every": 0, "log_every": 25, "length_folds": folds},
+        "train": {"time_budget": budget, "eval_every": 0, "log_every": 25, "length_folds": folds, "ema": ema},
         "eval": {"protocol": "retrieval", "metric": "map@r", "ks": [1, 2, 4, 8], "distance": "cosine"},
     }
     if steps is not ... and budget is None:
