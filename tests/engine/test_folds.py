@@ -111,3 +111,7 @@ def test_bad_folds_get_one_line(tmp_path):
                                           r"evaluation \(the untrained .*\); give at least \d+s, or train.length_folds=\[\]$"):
         Trainer(short, tmp_path / "short").fit()
     assert not (tmp_path / "short").exists()
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(8))
+    with pytest.raises(ConfigError, match=r"train.length_folds builds its folds from the recipe, and this run's "
+                                          r"model is a Python object"):
+        Trainer(cfg, tmp_path / "objects", model=net).fit()

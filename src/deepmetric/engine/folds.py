@@ -118,6 +118,10 @@ def run_folds(trainer: Any) -> FoldLength:
     from .schedule import LRSchedule
 
     cfg = trainer.cfg
+    given = [part for part, source in trainer.sources.items() if source == "python"]
+    if given:  # the folds are built from the recipe: they would train something else
+        raise ConfigError(f"train.length_folds builds its folds from the recipe, and this run's {given[0]} is a "
+                          f"Python object; set train.length_folds=[] (and train.max_steps)")
     folds = [list(f) for f in cfg.train.length_folds]
     known = set(np.unique(trainer.splits.train.labels).tolist())
     n_train = len(known)
