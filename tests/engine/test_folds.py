@@ -92,6 +92,11 @@ def test_the_recipe_asks_for_folds_only_where_the_classes_are_few(tmp_path):
     given = auto_config(root, [*TINY, 'data.train_classes=["c00", "c01", "c02", "c03", "c04"]']).config
     assert len(given.train.length_folds) == 3
     assert set(sum(given.train.length_folds, [])) == {"c00", "c01", "c02", "c03", "c04"}
+    tested = auto_config(root, [*TINY, 'data.test_classes=["c00", "c01"]']).config.train.length_folds
+    assert len(tested) == 3 and not {"c00", "c01"} & set(sum(tested, []))
+    # test classes given by id (integers): their names are not known here, so no folds (they could
+    # hold a test class); the run keeps its last step as before
+    assert auto_config(root, [*TINY, "data.test_classes=[0, 1]"]).config.train.length_folds == []
     many = auto_config(folder(tmp_path / "many", n_classes=60, per_class=3, size=8), TINY)
     assert many.config.train.length_folds == [] and isinstance(many.config.data.val_classes, float)
     assert many.config.train.ema == 0.0

@@ -244,21 +244,17 @@ def auto_config(source: str | os.PathLike, overrides: Sequence[str] = (), name: 
         if single:
             notes.append(f"{len(single)} class{'es' if len(single) > 1 else ''} with one image: kept as "
                          f"distractors in the test gallery")
-        n_train = len(train_keys)
-    else:
-        n_train = len(train_keys) + len(test_keys) if given_train is ... else (
-            len(given_train) if isinstance(given_train, list) else int(round(given_train * len(profile.class_keys))))
-        if given_test is not ... and given_train is ...:
-            n_train = len(profile.class_keys) - len(given_test or [])
-    val, val_reason = validation_rule(n_train)
-    if given_train is ... and given_test is ...:
-        train_list: Optional[List[Any]] = list(train_keys)
+        n_train, train_list = len(train_keys), list(train_keys)
     elif isinstance(given_train, list):
-        train_list = list(given_train)
-    elif given_train is ... and isinstance(given_test, list):
-        train_list = [k for k in profile.class_keys if k not in set(given_test)]
-    else:  # a fraction of the sorted classes: not known here
-        train_list = None
+        n_train, train_list = len(given_train), list(given_train)
+    elif given_train is ...:  # every class the test list leaves
+        n_train = len(profile.class_keys) - len(given_test or [])
+        # the training classes by name, where the test list names them (integers are class ids)
+        named = isinstance(given_test, list) and set(given_test) <= set(profile.class_keys)
+        train_list = [k for k in profile.class_keys if k not in set(given_test)] if named else None
+    else:  # a fraction of the sorted classes: not known by name here
+        n_train, train_list = int(round(given_train * len(profile.class_keys))), None
+    val, val_reason = validation_rule(n_train)
     folds = fold_classes(train_list, DEFAULTS.get("length_folds", 0)) if val is None and train_list else []
     if folds:
         val_reason = (f"only {n_train} training classes: a validation split of {len(folds[0])} would select by "
