@@ -485,7 +485,7 @@ def cmd_curves(args) -> int:
     each, :func:`selection_fold`), for the whole run, evaluated every ``--every`` steps; then each fold
     scored at the length the other folds' mean curve chooses (:mod:`deepmetric.engine.folds`, cross-
     validated) against its last step and its untrained network."""
-    from deepmetric.engine.folds import choose_length, mean_curve
+    from deepmetric.engine.folds import choose_length, mean_curve, validation_curve
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -504,9 +504,7 @@ def cmd_curves(args) -> int:
                                                          f"train.eval_every={args.every[name]}", *args.set])
                 trainer = Trainer(cfg, work / key.replace("/", "-"))
                 trainer.fit()
-                curve = [(0, trainer.untrained["val"]["map@r"])] + sorted(
-                    (r["step"], r["eval"]["map@r"]) for r in trainer.history if r.get("split") == "val" and r["step"])
-                out[key] = curve
+                out[key] = validation_curve(trainer, "map@r")
                 if args.json:
                     atomic_write(args.json, json.dumps(out))
         curves = [dict(map(tuple, out[f"{name}/{f}"])) for f in range(args.folds)]

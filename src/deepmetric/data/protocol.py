@@ -251,7 +251,7 @@ def apply(splits: DataSplits, data: Any, *, layout: str = "retrieval", eval_tran
         min_train = max(2, data.classes_per_batch) if data.sampler == "pk" else 2  # a P x K batch needs P classes
         splits = carve_validation(splits, data.val_classes, layout=layout, seed=data.val_seed,
                                   transform=eval_transform, min_train_classes=min_train,
-                                  per_class=getattr(data, "val_per_class", None))
+                                  per_class=data.val_per_class)
     return check_training_set(splits, data)
 
 

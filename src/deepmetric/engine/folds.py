@@ -55,13 +55,18 @@ class FoldLength:
     def untrained(self) -> float:
         return self.mean[0][1]
 
+    @property
+    def chosen(self) -> float:
+        """The folds' mean validation value at the chosen step."""
+        return dict(self.mean)[self.steps]
+
     def summary(self) -> Dict[str, Any]:
         """What a run's summary records (``length_folds``)."""
         return {"folds": len(self.curves), "metric": self.metric, "steps": self.steps,
-                "schedule_steps": self.schedule_steps, "val": dict(self.mean)[self.steps], "untrained": self.untrained}
+                "schedule_steps": self.schedule_steps, "val": self.chosen, "untrained": self.untrained}
 
     def describe(self) -> str:
-        best = dict(self.mean)[self.steps]
+        best = self.chosen
         text = (f"length chosen on {len(self.curves)} folds of the training classes: {self.steps} of "
                 f"{self.schedule_steps} steps (mean validation {self.metric} {best:.4f}; untrained "
                 f"{self.untrained:.4f}, after {self.schedule_steps} steps {self.mean[-1][1]:.4f})")
@@ -105,7 +110,9 @@ def _fold_config(cfg: Config, fold: List[Any], n_train: int, i: int) -> Config:
                                   "eval": cfg.eval.model_copy(update={"untrained": True})})
 
 
-def _curve(trainer: Any, metric: str) -> List[Tuple[int, float]]:
+def validation_curve(trainer: Any, metric: str) -> List[Tuple[int, float]]:
+    """``[(step, value)]`` of a finished run's validation ``metric``: step 0 (its untrained
+    evaluation), then every evaluation it recorded."""
     rows = [(int(r["step"]), float(r["eval"][metric])) for r in trainer.history
             if r.get("split") == "val" and "eval" in r and r["step"] > 0]
     return [(0, float(trainer.untrained["val"][metric]))] + sorted(dict(rows).items())
@@ -123,8 +130,7 @@ def run_folds(trainer: Any) -> FoldLength:
         raise ConfigError(f"train.length_folds builds its folds from the recipe, and this run's {given[0]} is a "
                           f"Python object; set train.length_folds=[] (and train.max_steps)")
     folds = [list(f) for f in cfg.train.length_folds]
-    known = set(np.unique(trainer.splits.train.labels).tolist())
-    n_train = len(known)
+    n_train = trainer.splits.num_classes
     share = 1.0 / (len(folds) + 1)
     budget = budget_seconds(cfg)
     metric = cfg.eval.metric
@@ -161,7 +167,7 @@ def run_folds(trainer: Any) -> FoldLength:
         if i == 0:
             plan = {"max_steps": fold_trainer.cfg.train.max_steps, "eval_every": fold_trainer.cfg.train.eval_every,
                     "warmup_steps": fold_trainer.cfg.scheduler.warmup_steps}
-        curves.append(_curve(fold_trainer, metric))
+        curves.append(validation_curve(fold_trainer, metric))
         del fold_trainer
         gc.collect()
     mean = mean_curve(curves)
@@ -180,4 +186,5 @@ def run_folds(trainer: Any) -> FoldLength:
     return result
 
 
-__all__ = ["FOLD_EVALUATIONS", "FOLD_VAL_PER_CLASS", "FoldLength", "choose_length", "mean_curve", "run_folds"]
+__all__ = ["FOLD_EVALUATIONS", "FOLD_VAL_PER_CLASS", "FoldLength", "choose_length", "mean_curve", "run_folds",
+           "validation_curve"]
