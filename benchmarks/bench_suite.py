@@ -480,6 +480,29 @@ def cmd_calibrate(args) -> int:
 
 # -- the few-class rule's validation curves ---------------------------------------------------------------
 
+def curve_tasks(args):
+    """``(dataset, task name, data overrides, fold -> validation overrides)`` of each curve task. A
+    few-class data set is one task, its folds :func:`selection_fold`. With ``--classes K``, a
+    many-class data set gives ``--tasks`` few-class tasks: K of its training classes each (consecutive
+    slices of their hash order), folded as the automatic recipe folds them
+    (:func:`deepmetric.engine.auto.fold_classes`), and two other training classes as a token test split."""
+    from deepmetric.engine.auto import fold_classes
+
+    for name in args.datasets:
+        root = Path(args.root) / DATASETS[name].folder
+        if not args.classes or few_classes(name, root):
+            yield name, name, [], lambda f, name=name, root=root: selection_fold(name, root, f)
+            continue
+        train = hash_order(json.loads(split_overrides(name, root)[0].split("=", 1)[1]))
+        k = args.classes
+        for t in range(args.tasks):
+            subset = train[t * k:(t + 1) * k]
+            test = train[(t + 1) * k:(t + 1) * k + 2]
+            folds = fold_classes(subset, args.folds)
+            data = [f"data.train_classes={json.dumps(sorted(subset))}", f"data.test_classes={json.dumps(test)}"]
+            yield name, f"{name}@{k}.{t}", data, lambda f, folds=folds: [f"data.val_classes={json.dumps(folds[f])}"]
+
+
 def cmd_curves(args) -> int:
     """Validation curves of the default on a few-class data set's folds (two held-out training classes
     each, :func:`selection_fold`), for the whole run, evaluated every ``--every`` steps; then each fold
@@ -494,12 +517,12 @@ def cmd_curves(args) -> int:
     logging.getLogger("deepmetric").setLevel(logging.WARNING)
     out = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else {}
     work = Path(tempfile.mkdtemp(prefix="bench_suite_curves_"))
-    for name in args.datasets:
+    for name, task, data, fold_of in curve_tasks(args):
         root = Path(args.root) / DATASETS[name].folder
         for f in range(args.folds):
-            key = f"{name}/{f}"
+            key = f"{task}/{f}"
             if key not in out:
-                cfg = auto_recipe(root, name, 0, "2m", [*selection_fold(name, root, f), "train.time_budget=null",
+                cfg = auto_recipe(root, name, 0, "2m", [*fold_of(f), *data, "train.time_budget=null",
                                                          f"train.max_steps={args.steps[name]}",
                                                          f"train.eval_every={args.every[name]}", *args.set])
                 trainer = Trainer(cfg, work / key.replace("/", "-"))
@@ -507,7 +530,8 @@ def cmd_curves(args) -> int:
                 out[key] = validation_curve(trainer, "map@r")
                 if args.json:
                     atomic_write(args.json, json.dumps(out))
-        curves = [dict(map(tuple, out[f"{name}/{f}"])) for f in range(args.folds)]
+        curves = [dict(map(tuple, out[f"{task}/{f}"])) for f in range(args.folds)]
+        name = task
         rows = []
         for j, c in enumerate(curves):
             step = choose_length(mean_curve([list(o.items()) for i, o in enumerate(curves) if i != j]))
@@ -516,6 +540,56 @@ def cmd_curves(args) -> int:
                   f"(step {step}) {c[step]:.4f}")
         u, last, chosen = (statistics.fmean(col) for col in zip(*rows))
         print(f"{name}: untrained {u:.4f}, last step {last:.4f}, length chosen by the other folds {chosen:.4f}")
+    return 0
+
+
+def cmd_choose(args) -> int:
+    """``train.fold_candidates``, cross-validated on ``curves`` files: for every task that each
+    candidate's files hold, each held-out fold is scored at the candidate and step that the other
+    folds' mean curves choose (the best candidate's best step; the first candidate of equals), every
+    curve first cut to ``--share`` of its length (the share of the budget the folds get with more
+    candidates). Also each candidate alone, cross-validated the same way."""
+    from deepmetric.engine.folds import choose_length, mean_curve
+
+    files: Dict[str, Dict[str, Any]] = {}
+    for item in args.candidates:
+        name, _, paths = item.partition("=")
+        files[name] = {}
+        for path in paths.split(","):
+            files[name].update(json.loads(Path(path).read_text()))
+    names = list(files)
+    tasks = sorted({k.rsplit("/", 1)[0] for k in files[names[0]]})
+    for task in tasks:
+        curves = {}
+        for name in names:
+            folds = sorted(int(k.rsplit("/", 1)[1]) for k in files[name] if k.rsplit("/", 1)[0] == task)
+            if not folds:
+                break
+            cut = []
+            for f in folds:
+                c = [tuple(p) for p in files[name][f"{task}/{f}"]]
+                last = c[-1][0] * args.share
+                cut.append([p for p in c if p[0] <= last + 1e-9])
+            curves[name] = cut
+        if len(curves) < len(names):
+            continue
+        k = len(curves[names[0]])
+        alone = {n: [] for n in names}
+        chosen, picks = [], []
+        for h in range(k):
+            best = None
+            for n in names:
+                mean = mean_curve([c for i, c in enumerate(curves[n]) if i != h])
+                step = choose_length(mean)
+                alone[n].append(dict(curves[n][h])[step])
+                if best is None or dict(mean)[step] > best[0]:
+                    best = (dict(mean)[step], n, step)
+            chosen.append(dict(curves[best[1]][h])[best[2]])
+            picks.append(f"{best[1]}@{best[2]}")
+        untrained = statistics.fmean(c[0][1] for c in curves[names[0]])
+        cells = "  ".join(f"{n} {statistics.fmean(v):.4f}" for n, v in alone.items())
+        print(f"{task}: untrained {untrained:.4f}  {cells}  the folds choose {statistics.fmean(chosen):.4f} "
+              f"({', '.join(picks)})")
     return 0
 
 
@@ -643,15 +717,22 @@ def main(argv: Optional[List[str]] = None) -> int:
                    default="digits=100,fashion=100", help="NAME=STEPS,...: evaluate every STEPS steps")
     v.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="a candidate: overrides of the default")
     v.add_argument("--folds", type=int, default=3)
+    v.add_argument("--classes", type=int, default=0,
+                   help="few-class tasks of this many training classes from the many-class data sets")
+    v.add_argument("--tasks", type=int, default=3, help="with --classes: this many tasks per data set")
     v.add_argument("--threads", type=int, default=1)
     v.add_argument("--json")
+    h = sub.add_parser("choose", help="the folds' choice between candidates, cross-validated, from curves files")
+    h.add_argument("candidates", nargs="+", metavar="NAME=FILE[,FILE...]", help="each candidate's curves files")
+    h.add_argument("--share", type=float, default=1.0, help="cut every curve to this fraction of its length")
     t = sub.add_parser("table", help="leave-one-data-set-out table of --json files")
     t.add_argument("files", nargs="+")
     args = ap.parse_args(argv)
     if args.command == "prepare":
         prepare(Path(args.out))
         return 0
-    return {"run": cmd_run, "calibrate": cmd_calibrate, "curves": cmd_curves, "table": cmd_table}[args.command](args)
+    return {"run": cmd_run, "calibrate": cmd_calibrate, "curves": cmd_curves, "choose": cmd_choose,
+            "table": cmd_table}[args.command](args)
 
 
 if __name__ == "__main__":

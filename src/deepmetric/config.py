@@ -8,6 +8,7 @@ thing they configure is built, with the same kind of message.
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union
 
@@ -138,6 +139,12 @@ class LossTerm(_Section):
     weight: float = 1.0
     input: Literal["embedding", "features", "neck"] = "embedding"
     params: Dict[str, Any] = Field(default_factory=dict)
+    #: ``class``: the term compares the batch's images by class. ``instance``: each image is a class of
+    #: its own, seen twice (as the batch gives it and under a small random affine drawn from the seed
+    #: and the step, :func:`deepmetric.engine.step.second_view`): a self-supervised term that keeps
+    #: features the training classes alone do not ask for. A pair loss without memory; each image costs
+    #: a second forward and backward pass. Not a default: see docs/benchmarks.md ("instance term").
+    labels: Literal["class", "instance"] = "class"
     memory: Optional[MemoryConfig] = None
     #: this term's parameters' lr (in the main optimizer, or in its own); with ``optimizer: sgd`` and
     #: no ``lr``, :data:`OWN_OPTIMIZER_LR`
@@ -252,6 +259,11 @@ class TrainConfig(_Section):
     #: with ``train.time_budget`` or ``train.max_steps``, each fold and the run get a
     #: ``1/(folds + 1)`` share. See :mod:`deepmetric.engine.folds`. Empty: off.
     length_folds: List[List[Union[int, str]]] = Field(default_factory=list)
+    #: with ``length_folds``: recipes the folds compare, each a mapping of dotted keys to values
+    #: (``{}``: the recipe as it is; ``{"optimizer.lr": 0.0003}``; ``{"losses": [...]}``). Every
+    #: candidate trains on every fold; the candidate and step with the best mean validation are the
+    #: run's (``config.yaml`` then holds that candidate's values). Empty: the recipe alone.
+    fold_candidates: List[Dict[str, Any]] = Field(default_factory=list)
 
     @field_validator("length_folds")
     @classmethod
@@ -458,7 +470,26 @@ def validate(raw: Any, source: str = "config") -> Config:
     if cfg.train.length_folds and cfg.data.val_classes is not None:
         raise ConfigError(f"{source}: train.length_folds chooses the length where there is no validation split; "
                           f"give data.val_classes=null, or train.length_folds=[]")
+    if cfg.train.fold_candidates:
+        if not cfg.train.length_folds:
+            raise ConfigError(f"{source}: train.fold_candidates are compared on the folds of train.length_folds, "
+                              f"which is empty; give both, or train.fold_candidates=[]")
+        for j in range(len(cfg.train.fold_candidates)):
+            with_candidate(cfg, j, source)  # each candidate is a valid recipe
     return cfg
+
+
+def with_candidate(cfg: Config, j: int, source: str = "config") -> Config:
+    """``cfg`` with the values of its ``train.fold_candidates[j]`` (and no candidates)."""
+    candidate = cfg.train.fold_candidates[j]
+    key = f"train.fold_candidates.{j}"
+    raw = cfg.to_dict()
+    raw["train"]["fold_candidates"] = []
+    try:
+        raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in candidate.items()])
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {key}: {e}") from None
+    return validate(raw, f"{source}: {key}")
 
 
 #: the packaged recipes (``configs/`` at the top of a checkout is a link to it)

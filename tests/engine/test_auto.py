@@ -199,8 +199,9 @@ def test_train_dir_from_the_command_line_and_python(tmp_path, capsys, caplog):
     cfg = load_config(tmp_path / "run")
     assert cfg.name == "my_images" and cfg.data.root == str(root) and cfg.train.max_steps == 1
     assert cfg.scheduler.total_steps == 1 and cfg.train.length_folds == []
-    summary = dm.Trainer(dm.auto_config(root, [*TINY, "train.max_steps=8"]).config, tmp_path / "py").fit()
-    assert summary["length_folds"]["schedule_steps"] == 2 and summary["max_steps"] in (1, 2)  # 8 // (3 + 1)
+    summary = dm.Trainer(dm.auto_config(root, [*TINY, "train.max_steps=14"]).config, tmp_path / "py").fit()
+    # 3 folds x 2 candidates (the recipe, and it with an instance term) and the run: 14 // 7 steps each
+    assert summary["length_folds"]["schedule_steps"] == 2 and summary["max_steps"] in (1, 2)
     trainer = dm.Trainer(str(root), tmp_path / "py2")  # a path: the automatic recipe, defaults and all
     assert trainer.cfg.data.format == "image_folder" and trainer.cfg.train.time_budget == "5m"
 

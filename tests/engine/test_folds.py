@@ -38,7 +38,7 @@ def test_the_schedule_can_be_longer_than_the_run():
 
 def test_folds_choose_the_length_and_the_config_repeats_it(tmp_path):
     root = folder(tmp_path / "imgs", n_classes=8, per_class=6, size=8, grey=True)
-    cfg = auto_config(root, [*TINY, "train.max_steps=40", "train.log_every=5"]).config
+    cfg = auto_config(root, [*TINY, "train.max_steps=40", "train.log_every=5", "train.fold_candidates=[]"]).config
     assert len(cfg.train.length_folds) == 3 and cfg.data.val_classes is None
     trainer = Trainer(cfg, tmp_path / "a")
     summary = trainer.fit()
@@ -66,15 +66,44 @@ def test_folds_choose_the_length_and_the_config_repeats_it(tmp_path):
 
 def test_a_time_budget_is_shared_with_the_folds(tmp_path):
     root = folder(tmp_path / "imgs", n_classes=7, per_class=6, size=8, grey=True)
-    cfg = auto_config(root, [*TINY, "train.time_budget=8s"]).config
+    cfg = auto_config(root, [*TINY, "train.time_budget=12s"]).config
     assert len(cfg.train.length_folds) == 3  # 5 training classes: three folds of two
+    assert len(cfg.train.fold_candidates) == 2  # the recipe, and the recipe with an instance term
     summary = Trainer(cfg, tmp_path / "a").fit()
-    plans = [load_config(tmp_path / "a" / "folds" / str(i + 1) / "config.yaml").train
-             for i in range(len(cfg.train.length_folds))]
-    assert plans[0].time_budget is None and all(p.max_steps == plans[0].max_steps for p in plans)
-    assert any(n.startswith(f"train.time_budget={8 / (len(plans) + 1):g}s came to") for n in
-               json.loads((tmp_path / "a" / "folds" / "1" / "metrics.json").read_text())["notes"])
-    assert summary["max_steps"] <= plans[0].max_steps == summary["length_folds"]["schedule_steps"]
+    plans = [load_config(tmp_path / "a" / "folds" / str(i + 1) / "config.yaml").train for i in range(6)]
+    for first in (0, 3):  # each candidate plans its first fold's steps for its share; its other folds repeat them
+        assert plans[first].time_budget is None and all(p.max_steps == plans[first].max_steps
+                                                        for p in plans[first:first + 3])
+        assert any(n.startswith(f"train.time_budget={12 / 7:g}s came to") for n in json.loads(
+            (tmp_path / "a" / "folds" / str(first + 1) / "metrics.json").read_text())["notes"])
+    chosen = 3 * summary["length_folds"]["candidate"]
+    assert summary["max_steps"] <= plans[chosen].max_steps == summary["length_folds"]["schedule_steps"]
+
+
+def test_the_folds_choose_a_candidate_and_the_config_repeats_it(tmp_path):
+    root = folder(tmp_path / "imgs", n_classes=8, per_class=6, size=8, grey=True)
+    instance = "{name: ntxent, labels: instance, params: {temperature: 0.2}}"
+    candidates = f'[{{"optimizer.lr": 0.01}}, {{"optimizer.lr": 0.002, losses: [{{name: multi_similarity}}, {instance}]}}]'
+    cfg = auto_config(root, [*TINY, "train.max_steps=35", f"train.fold_candidates={candidates}"]).config
+    summary = Trainer(cfg, tmp_path / "a").fit()
+    record = json.loads((tmp_path / "a" / "folds.json").read_text())
+    vals = [c["val"] for c in record["by_candidate"]]
+    best = record["candidate"]
+    assert len(vals) == 2 and best == max(range(2), key=lambda j: (vals[j], -j)) == summary["length_folds"]["candidate"]
+    assert all(len(c["curves"]) == 3 for c in record["by_candidate"]) and record["curves"] == record["by_candidate"][best]["curves"]
+    lrs = [load_config(tmp_path / "a" / "folds" / str(i + 1) / "config.yaml").optimizer.lr for i in range(6)]
+    assert lrs == [0.01] * 3 + [0.002] * 3  # 35 // 7 = 5 steps each
+    assert all(load_config(tmp_path / "a" / "folds" / str(i + 1) / "config.yaml").train.max_steps == 5 for i in range(6))
+    written = load_config(tmp_path / "a" / "config.yaml")  # the chosen candidate's recipe, its length, no folds
+    assert written.optimizer.lr == [0.01, 0.002][best] and len(written.losses) == 1 + best
+    assert written.train.fold_candidates == [] and written.train.length_folds == []
+    assert written.train.max_steps == record["steps"] == summary["step"]
+    assert f"the folds chose {best + 1}: optimizer.lr=" in " ".join(summary["notes"])
+    assert f"candidate {best + 1} of the 2 train.fold_candidates" in format_summary(summary)
+    again = Trainer(written, tmp_path / "b").fit()  # built afresh from config.yaml: the same run
+    assert again["metrics"] == summary["metrics"]
+    a = (tmp_path / "a" / "checkpoints" / "last" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "checkpoints" / "last" / "model.safetensors").read_bytes()
 
 
 def test_the_recipe_asks_for_folds_only_where_the_classes_are_few(tmp_path):
@@ -106,13 +135,18 @@ def test_bad_folds_get_one_line(tmp_path):
     root = folder(tmp_path / "imgs", n_classes=8, per_class=5, size=8)
     with pytest.raises(ConfigError, match="train.length_folds chooses the length where there is no validation"):
         auto_config(root, [*TINY, "train.length_folds=[[c00]]", "data.val_classes=0.3"])
+    with pytest.raises(ConfigError, match=r"train.fold_candidates.1: unknown config key 'optimizer.lrr'; did you mean 'lr'"):
+        auto_config(root, [*TINY, 'train.fold_candidates=[{}, {"optimizer.lrr": 0.1}]'])
+    with pytest.raises(ConfigError, match=r"train.fold_candidates are compared on the folds of train.length_folds, "
+                                          r"which is empty"):
+        load_config("quickstart", ['train.fold_candidates=[{"optimizer.lr": 0.1}]'])
     cfg = auto_config(root, [*TINY, "train.max_steps=8", 'train.length_folds=[["c00", "c01", "c02", "c03", "c04"]]']).config
     with pytest.raises(ConfigError, match=r"fold 1 \(.*\) leaves 1 training class; a fold must leave at least 2"):
         Trainer(cfg, tmp_path / "run").fit()
     assert not (tmp_path / "run").exists()
     short = auto_config(root, [*TINY, "train.time_budget=0.05s"]).config
     with pytest.raises(ConfigError, match=r"^train.time_budget=0.05s: too short for the folds that choose the length "
-                                          r"\(train.length_folds\): each of the 3 gets 1/4 of it, too little for one "
+                                          r"\(train.length_folds\): each of the 6 gets 1/7 of it, too little for one "
                                           r"evaluation \(the untrained .*\); give at least \d+s, or train.length_folds=\[\]$"):
         Trainer(short, tmp_path / "short").fit()
     assert not (tmp_path / "short").exists()

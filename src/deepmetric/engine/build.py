@@ -292,6 +292,9 @@ def build_losses(cfg: Config, num_classes: int, embedding_dim: int) -> nn.Module
             loss = build_loss(term.name, **params)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{key}.params: {e}") from None
+        if term.labels == "instance" and (loss.kind != "pair" or term.memory is not None):
+            why = "drop its memory" if loss.kind == "pair" else f"'{term.name}' is a classification loss"
+            raise ConfigError(f"{key}.labels: instance labels need a pair loss without memory ({why})")
         if term.memory is not None:
             if loss.kind != "pair":
                 raise ConfigError(f"{key}.memory: cross-batch memory needs a pair loss, '{term.name}' is a classification loss")

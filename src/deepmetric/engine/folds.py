@@ -16,6 +16,14 @@ that plan; with ``train.max_steps`` each fold trains ``max_steps // (folds + 1)`
 about ten times. Each fold is an ordinary run under ``RUN/folds/N/``; ``RUN/folds.json`` holds the
 curves and the choice, and ``RUN/config.yaml`` the length chosen (``train.length_folds`` then
 empty), so it repeats the run without the folds.
+
+``train.fold_candidates`` makes the folds choose a recipe too: each candidate (a mapping of dotted
+keys to values, ``{}`` for the recipe as it is) trains on every fold, and the candidate whose mean
+curve has the best value (at its own best step) is the run's, with that length. Each of the
+``folds x candidates`` fold runs then gets a ``1/(folds x candidates + 1)`` share, and each candidate
+plans its own steps for it (their steps can cost differently). The run is built again for the chosen
+candidate (:meth:`~deepmetric.engine.trainer.Trainer.rebuild`) unless it is the recipe itself, and its
+``config.yaml`` holds the candidate's values.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -50,6 +58,11 @@ class FoldLength:
     schedule_steps: int
     curves: List[List[Tuple[int, float]]]
     mean: List[Tuple[int, float]] = field(default_factory=list)
+    warmup_steps: int = 0
+    #: which of ``train.fold_candidates`` (0 without any), and each candidate's mean validation value
+    #: at its own chosen step
+    candidate: int = 0
+    candidates: List[float] = field(default_factory=list)
 
     @property
     def untrained(self) -> float:
@@ -63,13 +76,19 @@ class FoldLength:
     def summary(self) -> Dict[str, Any]:
         """What a run's summary records (``length_folds``)."""
         return {"folds": len(self.curves), "metric": self.metric, "steps": self.steps,
-                "schedule_steps": self.schedule_steps, "val": self.chosen, "untrained": self.untrained}
+                "schedule_steps": self.schedule_steps, "val": self.chosen, "untrained": self.untrained,
+                "candidate": self.candidate, "candidates": self.candidates}
 
-    def describe(self) -> str:
+    def describe(self, values: Optional[Dict[str, Any]] = None) -> str:
+        """The run's note; ``values``: the chosen candidate's (``train.fold_candidates``)."""
         best = self.chosen
         text = (f"length chosen on {len(self.curves)} folds of the training classes: {self.steps} of "
                 f"{self.schedule_steps} steps (mean validation {self.metric} {best:.4f}; untrained "
                 f"{self.untrained:.4f}, after {self.schedule_steps} steps {self.mean[-1][1]:.4f})")
+        if len(self.candidates) > 1:
+            what = ", ".join(f"{k}={json.dumps(v)}" for k, v in (values or {}).items()) or "the recipe as it is"
+            text += (f"; of {len(self.candidates)} candidates (train.fold_candidates: "
+                     f"{', '.join(f'{v:.4f}' for v in self.candidates)}) the folds chose {self.candidate + 1}: {what}")
         if self.untrained > best:
             text += ("; no length beat the untrained network on the held-out classes: train on more classes, "
                      "or start from pretrained weights (model.pretrained=PATH)")
@@ -118,9 +137,60 @@ def validation_curve(trainer: Any, metric: str) -> List[Tuple[int, float]]:
     return [(0, float(trainer.untrained["val"][metric]))] + sorted(dict(rows).items())
 
 
+def _candidate_folds(trainer: Any, cfg: Config, folds: List[List[Any]], first: int, runs: int,
+                     budget: float) -> FoldLength:
+    """Train ``cfg`` (a candidate) on each fold, as runs ``first + 1 ...`` of ``runs`` under
+    ``RUN/folds/``; its :class:`FoldLength`."""
+    n_train = trainer.splits.num_classes
+    share = 1.0 / (runs + 1)
+    metric = cfg.eval.metric
+    curves: List[List[Tuple[int, float]]] = []
+    plan: Dict[str, Any] = {}
+    for i, fold in enumerate(folds):
+        n = first + i + 1
+        fcfg = _fold_config(cfg, fold, n_train, i)
+        if i == 0 and budget:  # each candidate plans its own steps: their steps cost differently
+            fcfg = fcfg.model_copy(update={"train": fcfg.train.model_copy(update={"time_budget": f"{budget * share:g}s"})})
+        else:
+            steps = plan.get("max_steps") or max(1, cfg.train.max_steps // (runs + 1))
+            every = plan.get("eval_every") or max(1, steps // FOLD_EVALUATIONS)
+            update = {"train": fcfg.train.model_copy(update={"time_budget": None, "max_steps": steps,
+                                                             "eval_every": every})}
+            if "warmup_steps" in plan:
+                update["scheduler"] = fcfg.scheduler.model_copy(update={"warmup_steps": plan["warmup_steps"]})
+            fcfg = fcfg.model_copy(update=update)
+        log.info("train.length_folds: fold run %d of %d, validating on %s", n, runs, fold)
+        fold_trainer = type(trainer)(fcfg, trainer.run_dir / "folds" / str(n))  # a run of the same kind
+        try:
+            fold_trainer.fit()
+        except ConfigError as e:
+            need = re.search(r"too short for one evaluation: (.*); give at least (\d+)s", str(e))
+            if i == 0 and budget and need:
+                raise ConfigError(f"train.time_budget={trainer.cfg.train.time_budget}: too short for the folds that "
+                                  f"choose the length (train.length_folds): each of the {runs} gets 1/{runs + 1} "
+                                  f"of it, too little for one evaluation ({need.group(1)}); give at least "
+                                  f"{int(need.group(2)) * (runs + 1)}s, or train.length_folds=[]") from None
+            raise
+        except KeyboardInterrupt:
+            log.warning("interrupted in fold run %d of %d: the folds do not resume; `deepmetric train` runs them "
+                        "again from the start", n, runs)
+            raise
+        if i == 0:
+            plan = {"max_steps": fold_trainer.cfg.train.max_steps, "eval_every": fold_trainer.cfg.train.eval_every,
+                    "warmup_steps": fold_trainer.cfg.scheduler.warmup_steps}
+        curves.append(validation_curve(fold_trainer, metric))
+        del fold_trainer
+        gc.collect()
+    mean = mean_curve(curves)
+    return FoldLength(metric, choose_length(mean), plan["max_steps"], curves, mean, warmup_steps=plan["warmup_steps"])
+
+
 def run_folds(trainer: Any) -> FoldLength:
-    """Train ``trainer``'s folds (``train.length_folds``), choose the length, and set the trainer's
-    config (``train.max_steps``, ``scheduler.total_steps``, no budget, no folds) and schedule to it."""
+    """Train ``trainer``'s folds (``train.length_folds``; every candidate of ``train.fold_candidates``
+    on each), choose the candidate and the length, and set the trainer to them: its config
+    (the candidate's values, ``train.max_steps``, ``scheduler.total_steps``, no budget, no folds),
+    its schedule, and its parts where the candidate is not the recipe itself."""
+    from ..config import with_candidate
     from .budget import budget_seconds
     from .schedule import LRSchedule
 
@@ -130,59 +200,32 @@ def run_folds(trainer: Any) -> FoldLength:
         raise ConfigError(f"train.length_folds builds its folds from the recipe, and this run's {given[0]} is a "
                           f"Python object; set train.length_folds=[] (and train.max_steps)")
     folds = [list(f) for f in cfg.train.length_folds]
-    n_train = trainer.splits.num_classes
-    share = 1.0 / (len(folds) + 1)
+    candidates = cfg.train.fold_candidates
+    configs = [with_candidate(cfg, j) for j in range(len(candidates))] if candidates else [cfg]
+    runs = len(folds) * len(configs)
     budget = budget_seconds(cfg)
-    metric = cfg.eval.metric
-    curves: List[List[Tuple[int, float]]] = []
-    plan: Dict[str, Any] = {}
-    for i, fold in enumerate(folds):
-        fcfg = _fold_config(cfg, fold, n_train, i)
-        if i == 0 and budget:
-            fcfg = fcfg.model_copy(update={"train": fcfg.train.model_copy(update={"time_budget": f"{budget * share:g}s"})})
-        else:
-            steps = plan.get("max_steps") or max(1, cfg.train.max_steps // (len(folds) + 1))
-            every = plan.get("eval_every") or max(1, steps // FOLD_EVALUATIONS)
-            update = {"train": fcfg.train.model_copy(update={"time_budget": None, "max_steps": steps,
-                                                             "eval_every": every})}
-            if "warmup_steps" in plan:
-                update["scheduler"] = fcfg.scheduler.model_copy(update={"warmup_steps": plan["warmup_steps"]})
-            fcfg = fcfg.model_copy(update=update)
-        log.info("train.length_folds: fold %d of %d, validating on %s", i + 1, len(folds), fold)
-        fold_trainer = type(trainer)(fcfg, trainer.run_dir / "folds" / str(i + 1))  # a run of the same kind
-        try:
-            fold_trainer.fit()
-        except ConfigError as e:
-            need = re.search(r"too short for one evaluation: (.*); give at least (\d+)s", str(e))
-            if i == 0 and budget and need:
-                raise ConfigError(f"train.time_budget={cfg.train.time_budget}: too short for the folds that choose "
-                                  f"the length (train.length_folds): each of the {len(folds)} gets 1/{len(folds) + 1} "
-                                  f"of it, too little for one evaluation ({need.group(1)}); give at least "
-                                  f"{int(need.group(2)) * (len(folds) + 1)}s, or train.length_folds=[]") from None
-            raise
-        except KeyboardInterrupt:
-            log.warning("interrupted in fold %d of %d: the folds do not resume; `deepmetric train` runs them again "
-                        "from the start", i + 1, len(folds))
-            raise
-        if i == 0:
-            plan = {"max_steps": fold_trainer.cfg.train.max_steps, "eval_every": fold_trainer.cfg.train.eval_every,
-                    "warmup_steps": fold_trainer.cfg.scheduler.warmup_steps}
-        curves.append(validation_curve(fold_trainer, metric))
-        del fold_trainer
-        gc.collect()
-    mean = mean_curve(curves)
-    result = FoldLength(metric, choose_length(mean), plan["max_steps"], curves, mean)
+    results = [_candidate_folds(trainer, c, folds, j * len(folds), runs, budget) for j, c in enumerate(configs)]
+    best = max(range(len(results)), key=lambda j: (results[j].chosen, -j))  # the first of equals
+    result = results[best]
+    result.candidate, result.candidates = best, [r.chosen for r in results]
     atomic_write(trainer.run_dir / "folds.json", json.dumps(
-        {"folds": folds, "metric": metric, "steps": result.steps, "schedule_steps": result.schedule_steps,
-         "curves": curves, "mean": mean}, indent=1))
-    trainer.notes.append(result.describe())
+        {"folds": folds, "metric": result.metric, "candidates": candidates, "candidate": best,
+         "steps": result.steps, "schedule_steps": result.schedule_steps, "curves": result.curves, "mean": result.mean,
+         "by_candidate": [{"steps": r.steps, "val": r.chosen, "curves": r.curves, "mean": r.mean} for r in results]},
+        indent=1))
+    trainer.notes.append(result.describe(candidates[best] if candidates else None))
     log.info("%s", trainer.notes[-1])
-    scheduler = cfg.scheduler.model_copy(update={"total_steps": result.schedule_steps,
-                                                 "warmup_steps": plan["warmup_steps"]})
-    train = cfg.train.model_copy(update={"max_steps": result.steps, "time_budget": None, "length_folds": [],
-                                         "eval_every": 0})
-    trainer.cfg = cfg.model_copy(update={"train": train, "scheduler": scheduler})
-    trainer.schedule = LRSchedule(scheduler, [trainer.optimizers["main"]], result.steps)
+    chosen = configs[best]
+    scheduler = chosen.scheduler.model_copy(update={"total_steps": result.schedule_steps,
+                                                    "warmup_steps": result.warmup_steps})
+    train = chosen.train.model_copy(update={"max_steps": result.steps, "time_budget": None, "length_folds": [],
+                                            "fold_candidates": [], "eval_every": 0})
+    final = chosen.model_copy(update={"train": train, "scheduler": scheduler})
+    if candidates and candidates[best]:  # another recipe than the one built: build its parts as a new run would
+        trainer.rebuild(final)
+    else:
+        trainer.cfg = final
+        trainer.schedule = LRSchedule(scheduler, [trainer.optimizers["main"]], result.steps)
     return result
 
 

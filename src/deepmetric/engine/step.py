@@ -1,7 +1,10 @@
 """One optimizer step of a run: the loss of a batch and the update, on the parts of :mod:`.parts`."""
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from ..config import Config
 from ..core.distributed import all_gather_with_grad
@@ -9,12 +12,32 @@ from .build import own_optimizer_key
 from .parts import TrainingParts
 
 
+def second_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``images`` (a normalised ``(B, C, H, W)`` batch), each under a random affine drawn from
+    ``generator`` on the CPU (rotation up to 10 degrees, shift up to 10% of the side, scale 0.9-1.1:
+    the ``tensor_augment`` preset's ranges), bilinear, the border pixels extended outwards."""
+    b = images.shape[0]
+    r = torch.rand(b, 5, generator=generator, dtype=torch.float64)
+    angle = (r[:, 0] * 2 - 1) * math.radians(10)
+    scale = 0.9 + 0.2 * r[:, 1]
+    shift = (r[:, 2:4] * 2 - 1) * 0.2  # a tenth of the side, in affine_grid's [-1, 1] units
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    x = images.float()
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    view = F.grid_sample(x, grid, padding_mode="border", align_corners=False).to(images.dtype)
+    if images.is_contiguous(memory_format=torch.channels_last) and images.ndim == 4:
+        view = view.contiguous(memory_format=torch.channels_last)
+    return view
+
+
 def batch_loss(parts: TrainingParts, cfg: Config, images: torch.Tensor, labels: torch.Tensor, *,
-               embeddings_only: bool, distributed: bool) -> torch.Tensor:
+               embeddings_only: bool, distributed: bool, step: int = 0) -> torch.Tensor:
     """The weighted sum of the recipe's loss terms on a batch, under ``train.amp``. Under DDP every
     rank computes the full loss on the global batch (all-gathered with their gradients), except for
-    terms that shard classes and gather themselves (Partial FC). ``embeddings_only``: a model of one's
-    own, which gives embeddings only."""
+    terms that shard classes and gather themselves (Partial FC) and instance terms (``labels:
+    instance``: each rank's own images and their :func:`second_view`, drawn from the seed, the rank and
+    ``step``). ``embeddings_only``: a model of one's own, which gives embeddings only."""
     with torch.autocast(images.device.type, dtype=parts.amp_dtype, enabled=parts.amp_dtype is not None):
         local = {"embedding": parts.net(images)} if embeddings_only else parts.net(images, all_outputs=True)
         out, all_labels = local, labels
@@ -22,8 +45,17 @@ def batch_loss(parts: TrainingParts, cfg: Config, images: torch.Tensor, labels: 
             all_labels = all_gather_with_grad(labels)
             out = {k: all_gather_with_grad(v) for k, v in local.items()}
         total = images.new_zeros((), dtype=torch.float32)
+        second = None
         for term, fn in zip(cfg.losses, parts.losses):
-            if getattr(fn, "gathers_inputs", False):  # Partial FC shards classes and gathers itself
+            if term.labels == "instance":  # each image its own class: the batch and a second view of it
+                if second is None:
+                    rank = torch.distributed.get_rank() if distributed else 0
+                    view = second_view(images, torch.Generator().manual_seed(
+                        (cfg.seed * 1_000_003 + step) * 1_009 + rank))
+                    second = {"embedding": parts.net(view)} if embeddings_only else parts.net(view, all_outputs=True)
+                ids = torch.arange(images.shape[0], device=labels.device).repeat(2)
+                total = total + term.weight * fn(torch.cat([local[term.input], second[term.input]]), ids)
+            elif getattr(fn, "gathers_inputs", False):  # Partial FC shards classes and gathers itself
                 total = total + term.weight * fn(local[term.input], labels)
             else:
                 total = total + term.weight * fn(out[term.input], all_labels)

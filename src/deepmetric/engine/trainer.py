@@ -27,6 +27,7 @@ rank, gathers the embeddings and computes exact metrics once.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import math
@@ -130,6 +131,22 @@ class Trainer:
             if resume:
                 self._restore()
 
+    def rebuild(self, cfg: Config) -> None:
+        """Build the run's parts, schedule, moving average and selection again for ``cfg``, as
+        ``__init__`` builds them (the same seed: the same initial weights and batches), before the first
+        step: ``train.fold_candidates`` chose another recipe than the one built."""
+        if self.step or self.resume:
+            raise RuntimeError("Trainer.rebuild: only before the first step of a new run")
+        self.cfg = mark_python_objects(resolve_paths(cfg), None, None)
+        del self.parts
+        gc.collect()
+        seed_everything(self.cfg.seed)
+        self.parts = build_training(self.cfg, self.device, self.dist)
+        self.schedule = LRSchedule(self.cfg.scheduler, [self.optimizers["main"]], self.cfg.train.max_steps)
+        self.hooks = ([MovingAverage(self.model, self.cfg.train.ema)] if self.cfg.train.ema else []) + [
+            h for h in self.hooks if not isinstance(h, MovingAverage)]
+        self.selection = selection_for(self.cfg, self.val_evaluator is not None)
+
     def __getattr__(self, name: str) -> Any:
         if name in _PARTS and "parts" in self.__dict__:
             return getattr(self.parts, name)
@@ -218,7 +235,7 @@ class Trainer:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         loss = batch_loss(self.parts, self.cfg, images, labels, embeddings_only=self.sources["model"] == "python",
-                          distributed=self.dist.is_distributed)
+                          distributed=self.dist.is_distributed, step=self.step)
         update(self.parts, self.cfg, loss, self.step)
         self.step += 1
         for hook in self.hooks:

@@ -58,8 +58,11 @@ def describe_selection(summary: Dict[str, Any]) -> str:
                 f"on that checkpoint")
     folds = summary.get("length_folds")
     if folds:
+        compared = folds.get("candidates") or []
+        which = (f"; candidate {folds['candidate'] + 1} of the {len(compared)} train.fold_candidates"
+                 if len(compared) > 1 else "")
         return (f"step {step}, a length chosen on {folds['folds']} folds of the training classes (their mean "
-                f"validation {folds['metric']} there {folds['val']:.4f}, untrained {folds['untrained']:.4f}); the "
-                f"test split was scored once, on the last step")
+                f"validation {folds['metric']} there {folds['val']:.4f}, untrained {folds['untrained']:.4f}{which}); "
+                f"the test split was scored once, on the last step")
     return (f"step {step} of {total}, the last: not selected (no validation split; set data.val_classes "
             f"to select on classes held out of training)")
