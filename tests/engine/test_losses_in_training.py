@@ -61,6 +61,8 @@ def test_instance_term_is_the_loss_on_two_views(tmp_path, tiny_overrides):
     assert torch.allclose(got, want, atol=1e-5), (got, want)
     other = batch_loss(trainer.parts, trainer.cfg, images, labels, embeddings_only=False, distributed=False, step=6)
     assert not torch.allclose(other, got), "another step draws another view"
+    with pytest.raises(ValueError, match=r"warps image batches \(B, C, H, W\); this model's inputs have shape \(4, 16\)"):
+        second_view(torch.zeros(4, 16), torch.Generator())
 
 
 def test_instance_term_trains_and_repeats(tmp_path, tiny_overrides):

@@ -16,6 +16,9 @@ def second_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     """``images`` (a normalised ``(B, C, H, W)`` batch), each under a random affine drawn from
     ``generator`` on the CPU (rotation up to 10 degrees, shift up to 10% of the side, scale 0.9-1.1:
     the ``tensor_augment`` preset's ranges), bilinear, the border pixels extended outwards."""
+    if images.ndim != 4:
+        raise ValueError(f"an instance term (losses.N.labels: instance) warps image batches (B, C, H, W); this "
+                         f"model's inputs have shape {tuple(images.shape)}")
     b = images.shape[0]
     r = torch.rand(b, 5, generator=generator, dtype=torch.float64)
     angle = (r[:, 0] * 2 - 1) * math.radians(10)
@@ -26,7 +29,7 @@ def second_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     x = images.float()
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     view = F.grid_sample(x, grid, padding_mode="border", align_corners=False).to(images.dtype)
-    if images.is_contiguous(memory_format=torch.channels_last) and images.ndim == 4:
+    if images.is_contiguous(memory_format=torch.channels_last):
         view = view.contiguous(memory_format=torch.channels_last)
     return view
 
