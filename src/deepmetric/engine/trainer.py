@@ -101,15 +101,9 @@ class Trainer:
                 raise ConfigError(f"run directory {self.run_dir} already holds checkpoints; "
                                   f"continue it with --resume or choose another --run-dir")
             self._checkpoint = read_checkpoint(self.run_dir, prefer="last") if resume else None
-            seed_everything(self.cfg.seed)
             # everything that can fail on bad input is built before the run directory is touched
-            self.parts = build_training(self.cfg, self.device, self.dist, resume=resume, splits=splits, model=model,
-                                        loss=loss, train_dataset=train_dataset)
+            self._build(resume=resume, splits=splits, model=model, loss=loss, train_dataset=train_dataset)
             self.notes += self.parts.notes
-            self.schedule = LRSchedule(self.cfg.scheduler, [self.optimizers["main"]], self.cfg.train.max_steps)
-            # train.ema: the moving average is what the run evaluates, selects and saves
-            self.hooks: List[TrainingHook] = [MovingAverage(self.model, self.cfg.train.ema)] if self.cfg.train.ema else []
-            self.selection = selection_for(self.cfg, self.val_evaluator is not None)
             self.step, self.evaluations = 0, 0
             self.untrained: Dict[str, Dict[str, Any]] = {}
             self.input_shape: Optional[list] = None
@@ -140,11 +134,19 @@ class Trainer:
         self.cfg = mark_python_objects(resolve_paths(cfg), None, None)
         del self.parts
         gc.collect()
+        self._build()
+
+    def _build(self, **objects: Any) -> None:
+        """The run's parts for ``self.cfg`` (seeded first: the same config gives the same initial
+        weights and batches; ``objects``: :func:`~.parts.build_training`'s), and what is made from
+        them: the schedule, the moving average (``train.ema``: what the run evaluates, selects and
+        saves; any other hook is kept) and the selection."""
         seed_everything(self.cfg.seed)
-        self.parts = build_training(self.cfg, self.device, self.dist)
+        self.parts = build_training(self.cfg, self.device, self.dist, **objects)
         self.schedule = LRSchedule(self.cfg.scheduler, [self.optimizers["main"]], self.cfg.train.max_steps)
-        self.hooks = ([MovingAverage(self.model, self.cfg.train.ema)] if self.cfg.train.ema else []) + [
-            h for h in self.hooks if not isinstance(h, MovingAverage)]
+        kept = [h for h in getattr(self, "hooks", []) if not isinstance(h, MovingAverage)]
+        self.hooks: List[TrainingHook] = ([MovingAverage(self.model, self.cfg.train.ema)] if self.cfg.train.ema
+                                          else []) + kept
         self.selection = selection_for(self.cfg, self.val_evaluator is not None)
 
     def __getattr__(self, name: str) -> Any:
