@@ -531,15 +531,14 @@ def cmd_curves(args) -> int:
                 if args.json:
                     atomic_write(args.json, json.dumps(out))
         curves = [dict(map(tuple, out[f"{task}/{f}"])) for f in range(args.folds)]
-        name = task
         rows = []
         for j, c in enumerate(curves):
             step = choose_length(mean_curve([list(o.items()) for i, o in enumerate(curves) if i != j]))
             rows.append((c[0], c[max(c)], c[step]))
-            print(f"{name} fold {j}: untrained {c[0]:.4f}, last step {c[max(c)]:.4f}, the other folds' length "
+            print(f"{task} fold {j}: untrained {c[0]:.4f}, last step {c[max(c)]:.4f}, the other folds' length "
                   f"(step {step}) {c[step]:.4f}")
         u, last, chosen = (statistics.fmean(col) for col in zip(*rows))
-        print(f"{name}: untrained {u:.4f}, last step {last:.4f}, length chosen by the other folds {chosen:.4f}")
+        print(f"{task}: untrained {u:.4f}, last step {last:.4f}, length chosen by the other folds {chosen:.4f}")
     return 0
 
 

@@ -383,7 +383,10 @@ def auto_config(source: str | os.PathLike, overrides: Sequence[str] = (), name: 
     source = f"{profile.source} (automatic recipe) with overrides"
     cfg = validate(apply_overrides(raw, list(overrides)), source)
     term = DEFAULTS.get("fold_instance_term")
-    if cfg.train.length_folds and term and _override_value(overrides, "train.fold_candidates") is ...:
+    given_candidates = _override_value(overrides, "train.fold_candidates")
+    if given_candidates is not ...:
+        choices.append(Choice("train.fold_candidates", given_candidates, "set by you"))
+    elif cfg.train.length_folds and term:
         with_term = [t.model_dump(mode="json") for t in cfg.losses] + [dict(term)]  # the losses as overridden
         raw = cfg.to_dict()
         raw["train"]["fold_candidates"] = [{}, {"losses": with_term}]
@@ -392,8 +395,6 @@ def auto_config(source: str | os.PathLike, overrides: Sequence[str] = (), name: 
                               "the folds compare them and keep the better: an instance term (each image against a "
                               "second view of itself) keeps features a few classes do not ask for; on the suite it "
                               "raised one few-class data set and lowered three"))
-    elif "train.fold_candidates" in [o.split("=", 1)[0].strip() for o in overrides]:
-        choices.append(Choice("train.fold_candidates", cfg.train.fold_candidates, "set by you"))
     overridden = [o.split("=", 1)[0] for o in overrides]
     return AutoRecipe(cfg, choices, notes, profile, overridden)
 
