@@ -248,6 +248,25 @@ def test_two_ranks(two_rank_results, name):
         assert results[name] == "ok", f"rank {rank}:\n{results[name]}"
 
 
+def _store_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # no torchrun agent: rank 0 hosts the store
+    got = [D.gather_to_main({"rank": rank, "n": 10 * rank}, "first", 60),
+           D.gather_to_main(f"second of {rank}", "second", 60)]
+    assert not D.is_dist_initialized()
+    with open(os.path.join(out_dir, f"store{rank}.pkl"), "wb") as f:
+        pickle.dump(got, f)
+
+
+def test_gather_to_main_through_the_store_alone(tmp_path):
+    """The embed shards' end: every rank's object on rank 0 in rank order, two gathers kept apart by
+    name, and no process group joined."""
+    mp.spawn(_store_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    main, other = (pickle.loads((tmp_path / f"store{r}.pkl").read_bytes()) for r in range(WORLD))
+    assert main == [[{"rank": 0, "n": 0}, {"rank": 1, "n": 10}], ["second of 0", "second of 1"]]
+    assert other == [None, None]
+
+
 # ----------------------------------------------------------------------------- one process
 def test_not_launched_is_rank0_of_1(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -258,10 +277,13 @@ def test_not_launched_is_rank0_of_1(monkeypatch):
     D.barrier()
 
 
-def test_single_process_helpers_are_identities():
+def test_single_process_helpers_are_identities(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
     x = torch.randn(4, 3, requires_grad=True)
     assert D.all_gather_with_grad(x) is x
     assert D.all_gather_object("a") == ["a"]
+    assert D.gather_to_main("a", "one", 1.0) == ["a"]
     assert D.broadcast_object({"k": 1}) == {"k": 1}
     idx = torch.tensor([3, 1, 2, 1])
     emb, lab = D.gather_embeddings(x, idx * 10, indices=idx)

@@ -1,4 +1,4 @@
-"""``deepmetric embed`` into Parquet chunks: two gloo processes under torchrun give bit for bit the output of
+"""``deepmetric embed`` into Parquet chunks: two processes under torchrun give bit for bit the output of
 one process, an interrupted run resumes chunk by chunk, and a folder that does not hang together (a
 chunk of another model, of another dimension or dtype, a chunk the manifest lists but that is missing)
 is one line with exit code 2."""
@@ -29,7 +29,7 @@ def chunk_metadata(path):
     return json.loads(pq.read_schema(path).metadata[META_KEY])
 
 
-def test_two_gloo_ranks_equal_one_process(checkpoint_dir, image_folder, tmp_path, capsys):
+def test_two_ranks_equal_one_process(checkpoint_dir, image_folder, tmp_path, capsys):
     """Issue 25: the union of the shards of ``torchrun --nproc-per-node 2 -m deepmetric embed`` is, in
     manifest order, bit for bit the ``.npz`` (and the Parquet folder) that one process writes."""
     assert embed(checkpoint_dir, image_folder, tmp_path / "one.npz") == 0

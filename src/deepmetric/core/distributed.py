@@ -59,6 +59,8 @@ __all__ = [
     "broadcast_object",
     "barrier",
     "any_rank",
+    "launch_info",
+    "gather_to_main",
 ]
 
 Group = Optional["dist.ProcessGroup"]
@@ -154,6 +156,48 @@ def rank_device(name: str, info: DistInfo) -> torch.device:
     if info.is_distributed and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     return device
+
+
+def launch_info() -> DistInfo:
+    """Where torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) puts this process, without
+    joining a process group (rank 0 of 1 outside torchrun)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo()
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+_LAUNCH_STORE: Optional["dist.Store"] = None
+
+
+def gather_to_main(obj: Any, name: str, timeout_s: float) -> Optional[List[Any]]:
+    """``obj`` of every process torchrun started, in rank order, on rank 0; ``None`` on the others.
+
+    It goes through the launch's key-value store alone (the ``env://`` rendezvous: torchrun's agent
+    store, or one that rank 0 hosts), with no process group. A rank that has sent its object may exit at
+    once, and rank 0 returns when every rank has sent. Work that needs nothing else from the other ranks
+    (``deepmetric embed``'s shards) uses this rather than a gloo group: tearing a gloo group down while
+    its peer still works aborted one rank (``terminate called without an active exception``) now and
+    then: once in a CI run, and once in about 85 runs on a busy 2-core machine.
+
+    ``name`` keeps two gathers of one launch apart. Rank 0 waits at most ``timeout_s`` seconds for the
+    others. Outside torchrun: ``[obj]``.
+    """
+    import pickle
+
+    info = launch_info()
+    if not info.is_distributed:
+        return [obj]
+    global _LAUNCH_STORE
+    if _LAUNCH_STORE is None:  # one per process: where rank 0 hosts it, it serves every later gather
+        _LAUNCH_STORE = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))[0]
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"deepmetric/{name}/{attempt}/", _LAUNCH_STORE)
+    store.set(str(info.rank), pickle.dumps(obj))
+    if not info.is_main:
+        return None
+    keys = [str(r) for r in range(info.world_size)]
+    store.wait(keys, timedelta(seconds=timeout_s))
+    return [pickle.loads(store.get(k)) for k in keys]
 
 
 def barrier(group: Group = None) -> None:

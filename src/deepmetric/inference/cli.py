@@ -136,14 +136,13 @@ def _embed_shards(args: argparse.Namespace) -> int:
     from .shards import chunk_spans, embed_shards, remove_stale_manifest, require_pyarrow, write_manifest
 
     require_pyarrow()
-    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1") or 1)
-    device = args.device
-    if world > 1:
-        from ..core.distributed import init_distributed, rank_device
+    from ..core.distributed import gather_to_main, launch_info, rank_device
 
-        info = init_distributed(backend="gloo", timeout_s=EMBED_WAIT_S)  # a barrier and a gather, no tensors
-        rank, world = info.rank, info.world_size
-        device = str(rank_device(args.device, info)) if args.runtime == "torch" else args.device
+    info = launch_info()  # the ranks share no tensors: one gather at the end, through torchrun's store
+    rank, world = info.rank, info.world_size
+    device = args.device
+    if world > 1 and args.runtime == "torch":
+        device = str(rank_device(args.device, info))
     folder = Path(args.output)
     check_writable(folder, "--output", folder=True)
     inputs = list_inputs(args.input)
@@ -160,17 +159,9 @@ def _embed_shards(args: argparse.Namespace) -> int:
             predictor = EmbedProgress(predictor, mine, args.chunk_size, PROGRESS_EVERY_S)
         run = embed_shards(predictor, inputs, folder, rank=rank, world_size=world, chunk_size=args.chunk_size,
                            batch_size=args.batch_size, dtype=args.dtype, num_workers=workers, progress=bar)
-        runs = [run]
-        if world > 1:
-            import torch.distributed as dist
-
-            from ..core.distributed import all_gather_object
-
-            runs = all_gather_object(run)  # every rank is done when this returns
+        runs = gather_to_main(run, "embed", EMBED_WAIT_S)  # on rank 0, every rank is done when it returns
         if rank == 0:
             manifest = write_manifest(folder, predictor, inputs, args.chunk_size, args.dtype)
-    if world > 1:
-        dist.destroy_process_group()
     if rank == 0:
         embedded, skipped = sum(len(r.embedded) for r in runs), sum(len(r.skipped) for r in runs)
         labelled = int((inputs.labels >= 0).sum())
