@@ -235,7 +235,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if "torch.distributed" in sys.modules:  # under torchrun: the ranks leave together, not one by one
+            from .core.distributed import leave_process_group
+
+            leave_process_group()
+        return code
     except UserError as e:
         if args.debug:
             raise

@@ -58,6 +58,7 @@ __all__ = [
     "all_gather_object",
     "broadcast_object",
     "barrier",
+    "leave_process_group",
     "any_rank",
     "launch_info",
     "gather_to_main",
@@ -203,6 +204,17 @@ def gather_to_main(obj: Any, name: str, timeout_s: float) -> Optional[List[Any]]
 def barrier(group: Group = None) -> None:
     if is_dist_initialized():
         dist.barrier(group=group)
+
+
+def leave_process_group() -> None:
+    """At the end of a command that joined a process group: wait for every rank, then take the group down.
+
+    A rank that exits while its group lives, or takes it down while another rank still works (rank 0
+    writing the run's files), can abort in the group's teardown; PyTorch asks every program to call
+    ``destroy_process_group`` before it exits. Nothing to do outside a group."""
+    if is_dist_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- gathers
