@@ -417,11 +417,17 @@ def _tensor(size, norm):
     return [ArrayToTensor()] + ([T.Resize(size, antialias=True)] if size else []) + [norm]
 
 
+#: the ``tensor_augment`` preset's random affine (also the instance term's second view,
+#: :func:`deepmetric.engine.step.second_view`): degrees either way, shift as a share of the side, scale
+SMALL_AFFINE = {"degrees": 10.0, "translate": 0.1, "scale": (0.9, 1.1)}
+
+
 def _tensor_augmented(size, norm):
     # small random shifts, rotations and scale changes: the invariances of handwriting, learned from
     # a handful of classes and carried over to unseen ones
+    a = SMALL_AFFINE
     return [ArrayToTensor()] + ([T.Resize(size, antialias=True)] if size else []) + [
-        T.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)), norm]
+        T.RandomAffine(degrees=a["degrees"], translate=(a["translate"],) * 2, scale=a["scale"]), norm]
 
 
 def _reid(s, norm):

@@ -8,22 +8,25 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..core.distributed import all_gather_with_grad
+from ..data.transforms import SMALL_AFFINE
 from .build import own_optimizer_key
 from .parts import TrainingParts
 
 
 def second_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """``images`` (a normalised ``(B, C, H, W)`` batch), each under a random affine drawn from
-    ``generator`` on the CPU (rotation up to 10 degrees, shift up to 10% of the side, scale 0.9-1.1:
-    the ``tensor_augment`` preset's ranges), bilinear, the border pixels extended outwards."""
+    ``generator`` on the CPU (the ``tensor_augment`` preset's ranges, :data:`~deepmetric.data.transforms.
+    SMALL_AFFINE`: rotation up to 10 degrees, shift up to 10% of the side, scale 0.9-1.1), bilinear, the
+    border pixels extended outwards."""
     if images.ndim != 4:
         raise ValueError(f"an instance term (losses.N.labels: instance) warps image batches (B, C, H, W); this "
                          f"model's inputs have shape {tuple(images.shape)}")
     b = images.shape[0]
     r = torch.rand(b, 5, generator=generator, dtype=torch.float64)
-    angle = (r[:, 0] * 2 - 1) * math.radians(10)
-    scale = 0.9 + 0.2 * r[:, 1]
-    shift = (r[:, 2:4] * 2 - 1) * 0.2  # a tenth of the side, in affine_grid's [-1, 1] units
+    low, high = SMALL_AFFINE["scale"]
+    angle = (r[:, 0] * 2 - 1) * math.radians(SMALL_AFFINE["degrees"])
+    scale = low + (high - low) * r[:, 1]
+    shift = (r[:, 2:4] * 2 - 1) * 2 * SMALL_AFFINE["translate"]  # a share of the side, in affine_grid's [-1, 1] units
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     x = images.float()
