@@ -38,6 +38,7 @@ PML loop, the untrained network and the README command.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -47,7 +48,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -315,12 +316,15 @@ def run_pml(cfg: Config, budget_s: float, plan: Optional[Dict[str, Any]] = None)
 
 
 def run_one(system: str, name: str, root: Path, seed: int, budget: str, variants: Dict[str, List[str]],
-            work: Path, selection: bool, plan: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+            work: Path, selection: bool, plan: Optional[Dict[str, Any]] = None, task: str = "",
+            data: Sequence[str] = ()) -> Dict[str, Any]:
     """One run; ``plan``: the step count and evaluation interval a calibration measured for this
-    system and data set at ``budget`` (then the run repeats it, whatever the machine is doing now)."""
+    system and data set at ``budget`` (then the run repeats it, whatever the machine is doing now);
+    ``task``, ``data``: a few-class test task's name and class split (:func:`test_tasks`)."""
     from deepmetric.config import parse_duration
 
-    fold = selection_fold(name, root, seed) if selection else []
+    fold = [*data, *(selection_fold(name, root, seed) if selection else [])]
+    tag = task or name
     fixed = [] if plan is None else ["train.time_budget=null", f"train.max_steps={plan['max_steps']}",
                                      f"train.eval_every={plan['eval_every']}"]
     if system == "pml":  # on the recipe of the candidate it is compared with (its network, input, lr, schedule)
@@ -332,13 +336,29 @@ def run_one(system: str, name: str, root: Path, seed: int, budget: str, variants
         try:
             cfg = load_config("quickstart", README_COMMAND + split_overrides(name, root)
                               + [f"data.root={root}", f"seed={seed}", "train.progress=false", *fold])
-            return run_trainer(cfg, work / f"{name}-{seed}-readme{'-sel' if selection else ''}")
+            return run_trainer(cfg, work / f"{tag}-{seed}-readme{'-sel' if selection else ''}")
         except UserError as e:
             nan = {k: float("nan") for k in SHOWN}
             return {"error": str(e), "test": nan, "val": None, "untrained": None, "step": None, "max_steps": 0}
     extra = variants.get(system, [])
     cfg = auto_recipe(root, name, seed, budget, [*extra, *fold, *fixed])
-    return run_trainer(cfg, work / f"{name}-{seed}-{system}{'-sel' if selection else ''}")
+    return run_trainer(cfg, work / f"{tag}-{seed}-{system}{'-sel' if selection else ''}")
+
+
+def test_tasks(name: str, root: Path, classes: int, tasks: int) -> List[Tuple[str, List[str]]]:
+    """``(task name, data overrides)``: the data set itself, or with ``classes`` K, ``tasks`` few-class
+    test tasks cut from it: task t trains on the t-th K of its training classes and tests on the t-th K
+    of its test classes (both in :func:`hash_order`), so the test classes stay ones no choice has seen."""
+    if not classes:
+        return [(name, [])]
+    train, test = (json.loads(o.split("=", 1)[1]) for o in split_overrides(name, root))
+    train, test = hash_order(train), hash_order(test)
+    if len(train) < classes * tasks or len(test) < classes * tasks:
+        raise SystemExit(f"bench_suite: {name} has {len(train)} training and {len(test)} test classes, too few for "
+                         f"{tasks} tasks of {classes}")
+    return [(f"{name}@{classes}.{t}",
+             [f"data.train_classes={json.dumps(sorted(train[t * classes:(t + 1) * classes]))}",
+              f"data.test_classes={json.dumps(sorted(test[t * classes:(t + 1) * classes]))}"]) for t in range(tasks)]
 
 
 def budget_clock():
@@ -400,33 +420,35 @@ def cmd_run(args) -> int:
         if not root.is_dir():
             raise SystemExit(f"bench_suite: {root} not found (see the module docstring: prepare / make_*_benchmark)")
         kinds = ["report"] + (["select"] if args.selection and few_classes(name, root) else [])
-        for seed in args.seeds:
-            for kind in kinds:
-                for system in systems:
-                    if kind == "select" and system in ("readme",):
-                        continue
-                    if (name, seed, system, kind) in done:
-                        continue
-                    t0 = time.perf_counter()
-                    plan = None
-                    if plans is not None and system != "readme":
-                        key = f"{name}/{system}/{kind}"
-                        if key not in plans["plans"]:
-                            raise SystemExit(f"bench_suite: {args.plans} has no plan for {key}; calibrate it")
-                        plan = plans["plans"][key]
-                    r = run_one(system, name, root, seed, args.budget, variants, work, kind == "select", plan)
-                    r.update(dataset=name, seed=seed, system=system, kind=kind, load=os.getloadavg(), screen=SCREEN,
-                             pml_like=PML_LIKE if system == "pml" else None)
-                    report["runs"].append(r)
-                    val = (r.get("val") or {}).get("map@r")
-                    if r.get("error"):
-                        print(f"[{name} seed {seed} {kind}] {system:<16} error: {r['error']}", flush=True)
-                    print(f"[{name} seed {seed} {kind}] {system:<16} test map@r {r['test']['map@r']:.4f} "
-                          f"R@1 {r['test']['recall@1']:.4f}  val {'-' if val is None else f'{val:.4f}'}  "
-                          f"steps {r['max_steps']} (selected {r['step']})  {time.perf_counter() - t0:.0f} s",
-                          flush=True)
-                    if args.json:
-                        atomic_write(args.json, json.dumps(report, indent=1, default=float))
+        if args.classes and (args.plans or args.selection or "readme" in systems):
+            raise SystemExit("bench_suite run --classes: the auto and pml systems, without --plans or --selection")
+        for (task, data), seed, kind, system in itertools.product(test_tasks(name, root, args.classes, args.tasks),
+                                                                   args.seeds, kinds, systems):
+            if kind == "select" and system in ("readme",):
+                continue
+            if (task, seed, system, kind) in done:
+                continue
+            t0 = time.perf_counter()
+            plan = None
+            if plans is not None and system != "readme":
+                key = f"{name}/{system}/{kind}"
+                if key not in plans["plans"]:
+                    raise SystemExit(f"bench_suite: {args.plans} has no plan for {key}; calibrate it")
+                plan = plans["plans"][key]
+            r = run_one(system, name, root, seed, args.budget, variants, work, kind == "select", plan,
+                        task if args.classes else "", data)
+            r.update(dataset=task, seed=seed, system=system, kind=kind, load=os.getloadavg(), screen=SCREEN,
+                     pml_like=PML_LIKE if system == "pml" else None)
+            report["runs"].append(r)
+            val = (r.get("val") or {}).get("map@r")
+            if r.get("error"):
+                print(f"[{task} seed {seed} {kind}] {system:<16} error: {r['error']}", flush=True)
+            print(f"[{task} seed {seed} {kind}] {system:<16} test map@r {r['test']['map@r']:.4f} "
+                  f"R@1 {r['test']['recall@1']:.4f}  val {'-' if val is None else f'{val:.4f}'}  "
+                  f"steps {r['max_steps']} (selected {r['step']})  {time.perf_counter() - t0:.0f} s",
+                  flush=True)
+            if args.json:
+                atomic_write(args.json, json.dumps(report, indent=1, default=float))
     return 0
 
 
@@ -694,6 +716,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="without --plans: measure the budget in the process's CPU time (one thread), as calibrate")
     r.add_argument("--screen", action="store_true",
                    help=f"score only {SCREEN_TEST_CLASSES} test classes (candidates compared on validation)")
+    r.add_argument("--classes", type=int, default=0,
+                   help="few-class test tasks of this many training and test classes each (test_tasks)")
+    r.add_argument("--tasks", type=int, default=3, help="with --classes: this many tasks per data set")
     c = sub.add_parser("calibrate", help="measure what the budget comes to, per data set and system")
     c.add_argument("--root", default="/tmp/suite")
     c.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))

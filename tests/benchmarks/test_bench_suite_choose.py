@@ -1,6 +1,8 @@
 """benchmarks/bench_suite.py choose: the folds' choice between candidates, cross-validated, by hand."""
 import json
 
+import pytest
+
 from benchmark_scripts import load
 
 suite = load("bench_suite")
@@ -24,3 +26,20 @@ def test_choose_scores_each_fold_at_the_other_folds_choice(tmp_path, capsys):
     assert suite.main(["choose", f"a={tmp_path / 'a.json'}", f"b={tmp_path / 'b.json'}", "--share", "0.5"]) == 0
     assert capsys.readouterr().out.strip() == ("t: untrained 0.5000  a 0.6333  b 0.5333  the folds choose 0.6333 "
                                                "(a@10, a@10, a@10)")
+
+
+def test_few_class_test_tasks_keep_the_data_sets_zero_shot_split(tmp_path):
+    """``run --classes K``: task t trains on the t-th K of the data set's training classes and tests on the
+    t-th K of its test classes, so no task tests on a class any data set's training half holds."""
+    for c in range(24):
+        (tmp_path / f"sym{c:02d}").mkdir()
+    assert suite.test_tasks("math", tmp_path, 0, 3) == [("math", [])]
+    train, test = (set(json.loads(o.split("=", 1)[1])) for o in suite.split_overrides("math", tmp_path))
+    tasks = suite.test_tasks("math", tmp_path, 3, 4)
+    assert [t for t, _ in tasks] == ["math@3.0", "math@3.1", "math@3.2", "math@3.3"]
+    splits = [[json.loads(o.split("=", 1)[1]) for o in data] for _, data in tasks]
+    assert all(len(a) == len(b) == 3 and set(a) <= train and set(b) <= test for a, b in splits)
+    assert len({c for a, _ in splits for c in a}) == 12 and len({c for _, b in splits for c in b}) == 12
+    assert splits[0][0] == sorted(suite.hash_order(sorted(train))[:3])
+    with pytest.raises(SystemExit, match="12 training and 12 test classes, too few for 5 tasks of 3"):
+        suite.test_tasks("math", tmp_path, 3, 5)
