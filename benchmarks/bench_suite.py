@@ -34,6 +34,10 @@ needs a validation score on every data set, so a data set with few training clas
 validate. ``table`` then does leave-one-data-set-out: for each data set, the candidate with the best
 mean rank of validation MAP@R on the *other* data sets, scored on this one's test split beside the
 PML loop, the untrained network and the README command.
+
+``run --classes K --tasks N`` judges the few-class rule at test on a many-class data set: task t trains
+on K of its training classes and tests on K of its test classes (:func:`test_tasks`), so the automatic
+recipe sees K training classes (below 30: folds), and the test classes are ones no choice has seen.
 """
 from __future__ import annotations
 
