@@ -110,6 +110,14 @@ def dist_info() -> DistInfo:
     return DistInfo(get_rank(), get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def launch_info() -> DistInfo:
+    """Where torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) puts this process, without
+    joining a process group (rank 0 of 1 outside torchrun)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo()
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group that ``torchrun`` describes in the environment.
 
@@ -121,11 +129,9 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -
     """
     if is_dist_initialized():
         return dist_info()
+    info = launch_info()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistInfo()
-    rank = int(os.environ["RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return info
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         raise RuntimeError(
             "RANK and WORLD_SIZE are set but MASTER_ADDR/MASTER_PORT are not; launch with "
@@ -134,15 +140,15 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(info.local_rank)
     dist.init_process_group(
         backend=backend,
         init_method="env://",
-        rank=rank,
-        world_size=world_size,
+        rank=info.rank,
+        world_size=info.world_size,
         timeout=timedelta(seconds=timeout_s),
     )
-    return DistInfo(rank, world_size, local_rank)
+    return info
 
 
 def rank_device(name: str, info: DistInfo) -> torch.device:
@@ -157,14 +163,6 @@ def rank_device(name: str, info: DistInfo) -> torch.device:
     if info.is_distributed and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     return device
-
-
-def launch_info() -> DistInfo:
-    """Where torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) puts this process, without
-    joining a process group (rank 0 of 1 outside torchrun)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistInfo()
-    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 _LAUNCH_STORE: Optional["dist.Store"] = None
