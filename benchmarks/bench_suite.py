@@ -324,7 +324,8 @@ def run_one(system: str, name: str, root: Path, seed: int, budget: str, variants
             data: Sequence[str] = ()) -> Dict[str, Any]:
     """One run; ``plan``: the step count and evaluation interval a calibration measured for this
     system and data set at ``budget`` (then the run repeats it, whatever the machine is doing now);
-    ``task``, ``data``: a few-class test task's name and class split (:func:`test_tasks`)."""
+    ``task``, ``data``: the name and class split of a :func:`test_tasks` task (the data set's own: its
+    name and no overrides)."""
     from deepmetric.config import parse_duration
 
     fold = [*data, *(selection_fold(name, root, seed) if selection else [])]
@@ -439,8 +440,7 @@ def cmd_run(args) -> int:
                 if key not in plans["plans"]:
                     raise SystemExit(f"bench_suite: {args.plans} has no plan for {key}; calibrate it")
                 plan = plans["plans"][key]
-            r = run_one(system, name, root, seed, args.budget, variants, work, kind == "select", plan,
-                        task if args.classes else "", data)
+            r = run_one(system, name, root, seed, args.budget, variants, work, kind == "select", plan, task, data)
             r.update(dataset=task, seed=seed, system=system, kind=kind, load=os.getloadavg(), screen=SCREEN,
                      pml_like=PML_LIKE if system == "pml" else None)
             report["runs"].append(r)
