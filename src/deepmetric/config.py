@@ -264,6 +264,14 @@ class TrainConfig(_Section):
     #: candidate trains on every fold; the candidate and step with the best mean validation are the
     #: run's (``config.yaml`` then holds that candidate's values). Empty: the recipe alone.
     fold_candidates: List[Dict[str, Any]] = Field(default_factory=list)
+    #: with ``length_folds``: the share of the budget (``time_budget`` or ``max_steps``) that the fold
+    #: runs take together, split evenly between them; null: each fold run and the run itself get
+    #: ``1/(runs + 1)``
+    fold_share: Optional[float] = Field(None, gt=0, lt=1)
+    #: with ``length_folds``: when the folds' mean validation curve is at its best at its last step
+    #: (nothing they measured says a longer run would do worse), the run trains for what is left of
+    #: the budget, its schedule over that length, instead of stopping at the folds' length
+    fold_extend: bool = False
 
     @field_validator("length_folds")
     @classmethod

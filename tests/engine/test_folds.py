@@ -154,3 +154,33 @@ def test_bad_folds_get_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"train.length_folds builds its folds from the recipe, and this run's "
                                           r"model is a Python object"):
         Trainer(cfg, tmp_path / "objects", model=net).fit()
+
+
+@pytest.mark.parametrize("rising", [True, False])
+def test_fold_share_and_the_extension_to_the_rest_of_the_budget(tmp_path, monkeypatch, rising):
+    """``train.fold_share``: the fold runs' part of ``max_steps``; ``train.fold_extend``: a mean curve
+    still at its best at its last step sends the run on for the rest, on a schedule of that length;
+    one that turned down keeps the folds' length. The curves are set, so that both ways are taken."""
+    import deepmetric.engine.folds as folds
+
+    def curve(trainer, metric):  # the fold really trained; only its scores are replaced
+        last = trainer.cfg.train.max_steps
+        return [(0, 0.5), (last // 2, 0.6), (last, 0.7 if rising else 0.55)]
+
+    monkeypatch.setattr(folds, "validation_curve", curve)
+    root = folder(tmp_path / "imgs", n_classes=8, per_class=6, size=8, grey=True)
+    cfg = auto_config(root, [*TINY, "train.max_steps=40", "train.fold_candidates=[]", "train.fold_share=0.6",
+                             "train.fold_extend=true"]).config
+    summary = Trainer(cfg, tmp_path / "a").fit()
+    record = json.loads((tmp_path / "a" / "folds.json").read_text())
+    assert all(load_config(tmp_path / "a" / "folds" / str(i + 1) / "config.yaml").train.max_steps == 8
+               for i in range(3))  # 0.6 of 40 steps, shared by 3 fold runs
+    written = load_config(tmp_path / "a" / "config.yaml")
+    if rising:  # 40 - 3 x 8 steps, and the schedule ends with them
+        assert record["extended"] == 16 == summary["step"] == written.train.max_steps == written.scheduler.total_steps
+        assert "the run trains for the rest of the budget instead: 16 steps (train.fold_extend)" in " ".join(summary["notes"])
+    else:  # the best step, on the folds' schedule
+        assert record["extended"] == 0 and summary["step"] == 4 == written.train.max_steps
+        assert written.scheduler.total_steps == 8
+    again = Trainer(written, tmp_path / "b").fit()  # config.yaml repeats it without the folds
+    assert again["metrics"] == summary["metrics"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -38,6 +39,7 @@ import numpy as np
 
 from ..config import Config, ConfigError
 from ..core.files import atomic_write
+from .budget import SAFETY
 
 log = logging.getLogger("deepmetric")
 
@@ -63,6 +65,10 @@ class FoldLength:
     #: at its own chosen step
     candidate: int = 0
     candidates: List[float] = field(default_factory=list)
+    #: seconds a training step of the first fold took (a time budget's plan; 0 without one)
+    step_s: float = 0.0
+    #: ``train.fold_extend``: what the run trains instead of ``steps`` (0: not extended)
+    extended: int = 0
 
     @property
     def untrained(self) -> float:
@@ -77,7 +83,7 @@ class FoldLength:
         """What a run's summary records (``length_folds``)."""
         return {"folds": len(self.curves), "metric": self.metric, "steps": self.steps,
                 "schedule_steps": self.schedule_steps, "val": self.chosen, "untrained": self.untrained,
-                "candidate": self.candidate, "candidates": self.candidates}
+                "candidate": self.candidate, "candidates": self.candidates, "extended": self.extended}
 
     def describe(self, values: Optional[Dict[str, Any]] = None) -> str:
         """The run's note; ``values``: the chosen candidate's (``train.fold_candidates``)."""
@@ -89,6 +95,9 @@ class FoldLength:
             what = ", ".join(f"{k}={json.dumps(v)}" for k, v in (values or {}).items()) or "the recipe as it is"
             text += (f"; of {len(self.candidates)} candidates (train.fold_candidates: "
                      f"{', '.join(f'{v:.4f}' for v in self.candidates)}) the folds chose {self.candidate + 1}: {what}")
+        if self.extended:
+            text += (f"; the folds' curve was still at its best at their last step, so the run trains for the rest "
+                     f"of the budget instead: {self.extended} steps (train.fold_extend)")
         if self.untrained > best:
             text += ("; no length beat the untrained network on the held-out classes: train on more classes, "
                      "or start from pretrained weights (model.pretrained=PATH)")
@@ -137,12 +146,32 @@ def validation_curve(trainer: Any, metric: str) -> List[Tuple[int, float]]:
     return [(0, float(trainer.untrained["val"][metric]))] + sorted(dict(rows).items())
 
 
+def fold_run_share(cfg: Config, runs: int) -> float:
+    """The share of the budget each of ``runs`` fold runs gets: ``train.fold_share / runs``, or
+    ``1 / (runs + 1)`` without one.
+
+    >>> fold_run_share(Config(), 6), fold_run_share(Config(train={"fold_share": 0.5}), 5)
+    (0.14285714285714285, 0.1)
+    """
+    share = cfg.train.fold_share
+    return share / runs if share else 1.0 / (runs + 1)
+
+
+def fold_steps(cfg: Config, runs: int) -> int:
+    """Each fold run's steps when the length is a step count: its share of ``train.max_steps``.
+
+    >>> fold_steps(Config(train={"max_steps": 40, "fold_share": 0.6}), 3)
+    8
+    """
+    return max(1, int(cfg.train.max_steps * fold_run_share(cfg, runs) + 1e-9))
+
+
 def _candidate_folds(trainer: Any, cfg: Config, folds: List[List[Any]], first: int, runs: int,
                      budget: float) -> FoldLength:
     """Train ``cfg`` (a candidate) on each fold, as runs ``first + 1 ...`` of ``runs`` under
     ``RUN/folds/``; its :class:`FoldLength`."""
     n_train = trainer.splits.num_classes
-    share = 1.0 / (runs + 1)
+    share = fold_run_share(cfg, runs)
     metric = cfg.eval.metric
     curves: List[List[Tuple[int, float]]] = []
     plan: Dict[str, Any] = {}
@@ -152,7 +181,7 @@ def _candidate_folds(trainer: Any, cfg: Config, folds: List[List[Any]], first: i
         if i == 0 and budget:  # each candidate plans its own steps: their steps cost differently
             fcfg = fcfg.model_copy(update={"train": fcfg.train.model_copy(update={"time_budget": f"{budget * share:g}s"})})
         else:
-            steps = plan.get("max_steps") or max(1, cfg.train.max_steps // (runs + 1))
+            steps = plan.get("max_steps") or fold_steps(cfg, runs)
             every = plan.get("eval_every") or max(1, steps // FOLD_EVALUATIONS)
             update = {"train": fcfg.train.model_copy(update={"time_budget": None, "max_steps": steps,
                                                              "eval_every": every})}
@@ -166,10 +195,11 @@ def _candidate_folds(trainer: Any, cfg: Config, folds: List[List[Any]], first: i
         except ConfigError as e:
             need = re.search(r"too short for one evaluation: (.*); give at least (\d+)s", str(e))
             if i == 0 and budget and need:
+                part = f"{share:.3g}" if cfg.train.fold_share else f"1/{runs + 1}"
                 raise ConfigError(f"train.time_budget={trainer.cfg.train.time_budget}: too short for the folds that "
-                                  f"choose the length (train.length_folds): each of the {runs} gets 1/{runs + 1} "
+                                  f"choose the length (train.length_folds): each of the {runs} gets {part} "
                                   f"of it, too little for one evaluation ({need.group(1)}); give at least "
-                                  f"{int(need.group(2)) * (runs + 1)}s, or train.length_folds=[]") from None
+                                  f"{math.ceil(int(need.group(2)) / share)}s, or train.length_folds=[]") from None
             raise
         except KeyboardInterrupt:
             log.warning("interrupted in fold run %d of %d: the folds do not resume; `deepmetric train` runs them "
@@ -178,11 +208,36 @@ def _candidate_folds(trainer: Any, cfg: Config, folds: List[List[Any]], first: i
         if i == 0:
             plan = {"max_steps": fold_trainer.cfg.train.max_steps, "eval_every": fold_trainer.cfg.train.eval_every,
                     "warmup_steps": fold_trainer.cfg.scheduler.warmup_steps}
+            step_s = fold_trainer.budget_plan.step_s if fold_trainer.budget_plan else 0.0
         curves.append(validation_curve(fold_trainer, metric))
         del fold_trainer
         gc.collect()
     mean = mean_curve(curves)
-    return FoldLength(metric, choose_length(mean), plan["max_steps"], curves, mean, warmup_steps=plan["warmup_steps"])
+    return FoldLength(metric, choose_length(mean), plan["max_steps"], curves, mean, warmup_steps=plan["warmup_steps"],
+                      step_s=step_s if budget else 0.0)
+
+
+def extended_steps(cfg: Config, result: FoldLength, runs: int, budget: Optional[float], spent: float) -> int:
+    """``train.fold_extend``: the steps the run trains when the folds' mean curve is at its best at
+    its last step, for what is left of the budget (``spent`` seconds gone on the folds, at the chosen
+    candidate's seconds a step; or ``train.max_steps`` less the fold runs' steps); 0 when the curve
+    turned down, or nothing longer is left.
+
+    >>> r = FoldLength("map@r", 20, 20, [], [(0, 0.5), (10, 0.6), (20, 0.7)], step_s=0.5)
+    >>> extended_steps(Config(train={"fold_extend": True}), r, 3, 100.0, 40.0)
+    110
+    >>> extended_steps(Config(train={"fold_extend": True, "max_steps": 400, "fold_share": 0.5}), r, 4, None, 0.0)
+    200
+    """
+    if not cfg.train.fold_extend or not result.mean or result.steps != result.mean[-1][0]:
+        return 0
+    if budget:
+        if result.step_s <= 0:
+            return 0
+        steps = int((budget * (1.0 - SAFETY) - spent) / result.step_s)
+    else:
+        steps = cfg.train.max_steps - runs * fold_steps(cfg, runs)
+    return steps if steps > result.steps else 0
 
 
 def run_folds(trainer: Any) -> FoldLength:
@@ -191,9 +246,10 @@ def run_folds(trainer: Any) -> FoldLength:
     (the candidate's values, ``train.max_steps``, ``scheduler.total_steps``, no budget, no folds),
     its schedule, and its parts where the candidate is not the recipe itself."""
     from ..config import with_candidate
-    from .budget import budget_seconds
+    from .budget import CLOCK, budget_seconds
     from .schedule import LRSchedule
 
+    started = CLOCK()
     cfg = trainer.cfg
     given = [part for part, source in trainer.sources.items() if source == "python"]
     if given:  # the folds are built from the recipe: they would train something else
@@ -208,26 +264,30 @@ def run_folds(trainer: Any) -> FoldLength:
     best = max(range(len(results)), key=lambda j: (results[j].chosen, -j))  # the first of equals
     result = results[best]
     result.candidate, result.candidates = best, [r.chosen for r in results]
+    result.extended = extended_steps(cfg, result, runs, budget, CLOCK() - started)
     atomic_write(trainer.run_dir / "folds.json", json.dumps(
         {"folds": folds, "metric": result.metric, "candidates": candidates, "candidate": best,
-         "steps": result.steps, "schedule_steps": result.schedule_steps, "curves": result.curves, "mean": result.mean,
+         "steps": result.steps, "schedule_steps": result.schedule_steps, "extended": result.extended, "curves": result.curves, "mean": result.mean,
          "by_candidate": [{"steps": r.steps, "val": r.chosen, "curves": r.curves, "mean": r.mean} for r in results]},
         indent=1))
     trainer.notes.append(result.describe(candidates[best] if candidates else None))
     log.info("%s", trainer.notes[-1])
     chosen = configs[best]
-    scheduler = chosen.scheduler.model_copy(update={"total_steps": result.schedule_steps,
-                                                    "warmup_steps": result.warmup_steps})
-    train = chosen.train.model_copy(update={"max_steps": result.steps, "time_budget": None, "length_folds": [],
+    steps, total, warmup = result.steps, result.schedule_steps, result.warmup_steps
+    if result.extended:  # the rest of the budget, on a schedule of that length (warm-up as fit_to_budget sets it)
+        steps = total = result.extended
+        warmup = chosen.scheduler.warmup_steps if chosen.scheduler.warmup_steps <= steps // 5 else steps // 10
+    scheduler = chosen.scheduler.model_copy(update={"total_steps": total, "warmup_steps": warmup})
+    train = chosen.train.model_copy(update={"max_steps": steps, "time_budget": None, "length_folds": [],
                                             "fold_candidates": [], "eval_every": 0})
     final = chosen.model_copy(update={"train": train, "scheduler": scheduler})
     if candidates and candidates[best]:  # another recipe than the one built: build its parts as a new run would
         trainer.rebuild(final)
     else:
         trainer.cfg = final
-        trainer.schedule = LRSchedule(scheduler, [trainer.optimizers["main"]], result.steps)
+        trainer.schedule = LRSchedule(scheduler, [trainer.optimizers["main"]], steps)
     return result
 
 
-__all__ = ["FOLD_EVALUATIONS", "FOLD_VAL_PER_CLASS", "FoldLength", "choose_length", "mean_curve", "run_folds",
-           "validation_curve"]
+__all__ = ["FOLD_EVALUATIONS", "FOLD_VAL_PER_CLASS", "FoldLength", "choose_length", "extended_steps", "fold_run_share",
+           "fold_steps", "mean_curve", "run_folds", "validation_curve"]
