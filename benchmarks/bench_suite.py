@@ -38,6 +38,9 @@ PML loop, the untrained network and the README command.
 ``run --classes K --tasks N`` judges the few-class rule at test on a many-class data set: task t trains
 on K of its training classes and tests on K of its test classes (:func:`test_tasks`), so the automatic
 recipe sees K training classes (below 30: folds), and the test classes are ones no choice has seen.
+``run --rotations N`` judges a data set on N rotated zero-shot splits of its classes instead of its
+fixed one (:func:`rotated_tasks`; Fashion-MNIST's fixed split trains on garments and tests on shoes and
+bags, which says more about that split than about a recipe).
 """
 from __future__ import annotations
 
@@ -366,6 +369,24 @@ def test_tasks(name: str, root: Path, classes: int, tasks: int) -> List[Tuple[st
               f"data.test_classes={json.dumps(sorted(test[t * classes:(t + 1) * classes]))}"]) for t in range(tasks)]
 
 
+def rotated_tasks(name: str, root: Path, rotations: int) -> List[Tuple[str, List[str]]]:
+    """``(task name, data overrides)`` of ``rotations`` rotated zero-shot splits of data set ``name``: its
+    classes in :func:`hash_order`, and task r tests on as many of them as its own split does, from
+    position ``r x (classes // rotations)`` on (wrapping round), and trains on the others. For a data
+    set whose fixed split tests one kind of thing against another (Fashion-MNIST: garments train,
+    shoes and bags are tested), so that the judgement is not one split's."""
+    train, test = (json.loads(o.split("=", 1)[1]) for o in split_overrides(name, root))
+    order = hash_order(sorted(train + test))
+    n, n_test = len(order), len(test)
+    step = max(1, n // rotations)
+    tasks = []
+    for r in range(rotations):
+        tested = sorted(order[(r * step + j) % n] for j in range(n_test))
+        tasks.append((f"{name}~{r}", [f"data.train_classes={json.dumps(sorted(set(order) - set(tested)))}",
+                                      f"data.test_classes={json.dumps(tested)}"]))
+    return tasks
+
+
 def budget_clock():
     from deepmetric.engine import budget
 
@@ -427,8 +448,12 @@ def cmd_run(args) -> int:
         kinds = ["report"] + (["select"] if args.selection and few_classes(name, root) else [])
         if args.classes and (args.plans or args.selection or "readme" in systems):
             raise SystemExit("bench_suite run --classes: the auto and pml systems, without --plans or --selection")
-        for (task, data), seed, kind, system in itertools.product(test_tasks(name, root, args.classes, args.tasks),
-                                                                   args.seeds, kinds, systems):
+        if args.rotations and (args.classes or args.plans or args.selection or "readme" in systems):
+            raise SystemExit("bench_suite run --rotations: the auto and pml systems, without --classes, --plans or "
+                             "--selection")
+        tasks = rotated_tasks(name, root, args.rotations) if args.rotations else test_tasks(name, root, args.classes,
+                                                                                             args.tasks)
+        for (task, data), seed, kind, system in itertools.product(tasks, args.seeds, kinds, systems):
             if kind == "select" and system in ("readme",):
                 continue
             if (task, seed, system, kind) in done:
@@ -723,6 +748,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("--classes", type=int, default=0,
                    help="few-class test tasks of this many training and test classes each (test_tasks)")
     r.add_argument("--tasks", type=int, default=3, help="with --classes: this many tasks per data set")
+    r.add_argument("--rotations", type=int, default=0,
+                   help="judge each data set on this many rotated zero-shot splits of its classes (rotated_tasks)")
     c = sub.add_parser("calibrate", help="measure what the budget comes to, per data set and system")
     c.add_argument("--root", default="/tmp/suite")
     c.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))

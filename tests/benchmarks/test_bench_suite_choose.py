@@ -43,3 +43,18 @@ def test_few_class_test_tasks_keep_the_data_sets_zero_shot_split(tmp_path):
     assert splits[0][0] == sorted(suite.hash_order(sorted(train))[:3])
     with pytest.raises(SystemExit, match="12 training and 12 test classes, too few for 5 tasks of 3"):
         suite.test_tasks("math", tmp_path, 3, 5)
+
+
+def test_rotated_tasks_cover_every_class_and_keep_each_split_zero_shot(tmp_path):
+    """``run --rotations N``: task r tests on a window of the classes in hash order, as many as the
+    data set's own split tests, and trains on the rest; the windows move round all the classes."""
+    for name in suite.FASHION_NAMES:
+        (tmp_path / name).mkdir()
+    tasks = suite.rotated_tasks("fashion", tmp_path, 5)
+    assert [t for t, _ in tasks] == [f"fashion~{r}" for r in range(5)]
+    splits = [[json.loads(o.split("=", 1)[1]) for o in data] for _, data in tasks]
+    everything = set(suite.FASHION_NAMES)
+    assert all(len(test) == 5 and set(train) == everything - set(test) for train, test in splits)
+    assert len({tuple(test) for _, test in splits}) == 5 and set().union(*(t for _, t in splits)) == everything
+    order = suite.hash_order(sorted(everything))
+    assert splits[1][1] == sorted(order[2:7]) and splits[4][1] == sorted(order[8:] + order[:3])  # wrapping round
