@@ -50,6 +50,10 @@ def test_folds_choose_the_length_and_the_config_repeats_it(tmp_path):
         fold_run = load_config(tmp_path / "a" / "folds" / str(i + 1) / "config.yaml")
         assert fold_run.data.val_classes == fold and fold_run.train.max_steps == 10
         assert fold_run.data.val_per_class == FOLD_VAL_PER_CLASS
+        scored = json.loads((tmp_path / "a" / "folds" / str(i + 1) / "metrics.json").read_text())
+        # a fold run's test rows score its held-out classes, never the data set's test classes
+        assert scored["untrained"]["test"] == scored["untrained"]["val"]
+        assert scored["num_queries"] == scored["untrained"]["val"]["num_queries"] == 2 * 6
     assert record["steps"] == choose_length([tuple(x) for x in record["mean"]])
     assert 1 <= summary["max_steps"] == record["steps"] == summary["step"] <= 10
     assert summary["length_folds"]["folds"] == 3 and summary["length_folds"]["schedule_steps"] == 10
