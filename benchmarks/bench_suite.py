@@ -120,8 +120,8 @@ SCREEN = False
 PML_LIKE = "auto"
 
 
-def split_overrides(name: str, root: Path) -> List[str]:
-    """``data.train_classes`` / ``data.test_classes`` of data set ``name`` in folder ``root``."""
+def split_classes(name: str, root: Path) -> Tuple[List[str], List[str]]:
+    """``(training classes, test classes)`` of data set ``name`` in folder ``root``."""
     d = DATASETS[name]
     names = class_folders(root)
     if d.split == "explicit":
@@ -134,13 +134,19 @@ def split_overrides(name: str, root: Path) -> List[str]:
         train = sorted(set(names) - set(test))
     if SCREEN:
         test = test[:SCREEN_TEST_CLASSES]
+    return train, test
+
+
+def split_overrides(name: str, root: Path) -> List[str]:
+    """``data.train_classes`` / ``data.test_classes`` of data set ``name`` in folder ``root``."""
+    train, test = split_classes(name, root)
     return [f"data.train_classes={json.dumps(train)}", f"data.test_classes={json.dumps(test)}"]
 
 
 def selection_fold(name: str, root: Path, seed: int) -> List[str]:
     """A rotating validation fold of two training classes, for data sets whose training classes are
     too few for the automatic recipe to validate on (their candidates still need a validation score)."""
-    train = json.loads(split_overrides(name, root)[0].split("=", 1)[1])
+    train = split_classes(name, root)[0]
     fold = [train[(2 * seed + j) % len(train)] for j in range(2)]
     return [f"data.val_classes={json.dumps(fold)}"]
 
@@ -327,8 +333,8 @@ def run_one(system: str, name: str, root: Path, seed: int, budget: str, variants
             data: Sequence[str] = ()) -> Dict[str, Any]:
     """One run; ``plan``: the step count and evaluation interval a calibration measured for this
     system and data set at ``budget`` (then the run repeats it, whatever the machine is doing now);
-    ``task``, ``data``: the name and class split of a :func:`test_tasks` task (the data set's own: its
-    name and no overrides)."""
+    ``task``, ``data``: the name and class split of a :func:`test_tasks` or :func:`rotated_tasks` task
+    (the data set's own: its name and no overrides)."""
     from deepmetric.config import parse_duration
 
     fold = [*data, *(selection_fold(name, root, seed) if selection else [])]
@@ -359,8 +365,7 @@ def test_tasks(name: str, root: Path, classes: int, tasks: int) -> List[Tuple[st
     of its test classes (both in :func:`hash_order`), so the test classes stay ones no choice has seen."""
     if not classes:
         return [(name, [])]
-    train, test = (json.loads(o.split("=", 1)[1]) for o in split_overrides(name, root))
-    train, test = hash_order(train), hash_order(test)
+    train, test = (hash_order(c) for c in split_classes(name, root))
     if len(train) < classes * tasks or len(test) < classes * tasks:
         raise SystemExit(f"bench_suite: {name} has {len(train)} training and {len(test)} test classes, too few for "
                          f"{tasks} tasks of {classes}")
@@ -375,7 +380,7 @@ def rotated_tasks(name: str, root: Path, rotations: int) -> List[Tuple[str, List
     position ``r x (classes // rotations)`` on (wrapping round), and trains on the others. For a data
     set whose fixed split tests one kind of thing against another (Fashion-MNIST: garments train,
     shoes and bags are tested), so that the judgement is not one split's."""
-    train, test = (json.loads(o.split("=", 1)[1]) for o in split_overrides(name, root))
+    train, test = split_classes(name, root)
     order = hash_order(sorted(train + test))
     n, n_test = len(order), len(test)
     step = max(1, n // rotations)
@@ -412,7 +417,7 @@ def calibrate_one(system: str, name: str, root: Path, budget: str, variants: Dic
 def few_classes(name: str, root: Path) -> bool:
     from deepmetric.engine.auto import validation_rule
 
-    n = len(json.loads(split_overrides(name, root)[0].split("=", 1)[1]))
+    n = len(split_classes(name, root)[0])
     return validation_rule(n)[0] is None
 
 
@@ -440,17 +445,17 @@ def cmd_run(args) -> int:
             raise SystemExit(f"bench_suite: {args.plans} was calibrated at {plans['budget']}, not {args.budget}")
         report["plans"] = args.plans
     done = {(r["dataset"], r["seed"], r["system"], r["kind"]) for r in report["runs"]}
+    if args.classes and (args.plans or args.selection or "readme" in systems):
+        raise SystemExit("bench_suite run --classes: the auto and pml systems, without --plans or --selection")
+    if args.rotations and (args.classes or args.plans or args.selection or "readme" in systems):
+        raise SystemExit("bench_suite run --rotations: the auto and pml systems, without --classes, --plans or "
+                         "--selection")
     work = Path(tempfile.mkdtemp(prefix="bench_suite_"))
     for name in args.datasets:
         root = Path(args.root) / DATASETS[name].folder
         if not root.is_dir():
             raise SystemExit(f"bench_suite: {root} not found (see the module docstring: prepare / make_*_benchmark)")
         kinds = ["report"] + (["select"] if args.selection and few_classes(name, root) else [])
-        if args.classes and (args.plans or args.selection or "readme" in systems):
-            raise SystemExit("bench_suite run --classes: the auto and pml systems, without --plans or --selection")
-        if args.rotations and (args.classes or args.plans or args.selection or "readme" in systems):
-            raise SystemExit("bench_suite run --rotations: the auto and pml systems, without --classes, --plans or "
-                             "--selection")
         tasks = rotated_tasks(name, root, args.rotations) if args.rotations else test_tasks(name, root, args.classes,
                                                                                              args.tasks)
         for (task, data), seed, kind, system in itertools.product(tasks, args.seeds, kinds, systems):
@@ -544,7 +549,7 @@ def curve_tasks(args):
         if not args.classes or few_classes(name, root):
             yield name, name, [], lambda f, name=name, root=root: selection_fold(name, root, f)
             continue
-        train = hash_order(json.loads(split_overrides(name, root)[0].split("=", 1)[1]))
+        train = hash_order(split_classes(name, root)[0])
         k = args.classes
         for t in range(args.tasks):
             subset = train[t * k:(t + 1) * k]
