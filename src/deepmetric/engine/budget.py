@@ -208,6 +208,16 @@ def _time_steps(trainer: Any, steps: int = 8, warmup: int = 2, stats: Any = None
     return float(np.median(times)), float(np.median(warm)), seconds / n if n else 0.0
 
 
+def short_run_warmup(warmup: int, steps: int) -> int:
+    """The warm-up a run of ``steps`` keeps: ``warmup``, or a tenth of the run when ``warmup`` is more
+    than a fifth of it.
+
+    >>> short_run_warmup(20, 500), short_run_warmup(20, 60)
+    (20, 6)
+    """
+    return warmup if warmup <= steps // 5 else steps // 10
+
+
 def fit_to_budget(trainer: Any, started: Optional[float] = None) -> Dict[str, Any]:
     """Set a trainer's ``train.max_steps`` and ``train.eval_every`` to what fits its
     ``train.time_budget`` (:func:`measure_budget`), its config to record them (and the budget as
@@ -221,10 +231,11 @@ def fit_to_budget(trainer: Any, started: Optional[float] = None) -> Dict[str, An
     update = {"train": trainer.cfg.train.model_copy(update={
         "max_steps": plan.max_steps, "eval_every": plan.eval_every, "time_budget": None})}
     warmup = trainer.cfg.scheduler.warmup_steps
-    if warmup > plan.max_steps // 5:  # a warm-up longer than a fifth of a short run: a tenth of it
-        update["scheduler"] = trainer.cfg.scheduler.model_copy(update={"warmup_steps": plan.max_steps // 10})
+    kept = short_run_warmup(warmup, plan.max_steps)
+    if kept != warmup:
+        update["scheduler"] = trainer.cfg.scheduler.model_copy(update={"warmup_steps": kept})
         trainer.notes.append(f"scheduler.warmup_steps={warmup} is more than a fifth of the {plan.max_steps} "
-                             f"steps: {plan.max_steps // 10} instead")
+                             f"steps: {kept} instead")
     trainer.cfg = trainer.cfg.model_copy(update=update)
     trainer.schedule = LRSchedule(trainer.cfg.scheduler, [trainer.optimizers["main"]], plan.max_steps)
     return done

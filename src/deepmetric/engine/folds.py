@@ -39,7 +39,7 @@ import numpy as np
 
 from ..config import Config, ConfigError
 from ..core.files import atomic_write
-from .budget import SAFETY
+from .budget import SAFETY, short_run_warmup
 
 log = logging.getLogger("deepmetric")
 
@@ -212,14 +212,14 @@ def _candidate_folds(trainer: Any, cfg: Config, folds: List[List[Any]], first: i
             raise
         if i == 0:
             plan = {"max_steps": fold_trainer.cfg.train.max_steps, "eval_every": fold_trainer.cfg.train.eval_every,
-                    "warmup_steps": fold_trainer.cfg.scheduler.warmup_steps}
-            step_s = fold_trainer.budget_plan.step_s if fold_trainer.budget_plan else 0.0
+                    "warmup_steps": fold_trainer.cfg.scheduler.warmup_steps,
+                    "step_s": fold_trainer.budget_plan.step_s if fold_trainer.budget_plan else 0.0}
         curves.append(validation_curve(fold_trainer, metric))
         del fold_trainer
         gc.collect()
     mean = mean_curve(curves)
     return FoldLength(metric, choose_length(mean), plan["max_steps"], curves, mean, warmup_steps=plan["warmup_steps"],
-                      step_s=step_s if budget else 0.0)
+                      step_s=plan["step_s"])
 
 
 def extended_steps(cfg: Config, result: FoldLength, runs: int, budget: Optional[float], spent: float) -> int:
@@ -272,7 +272,8 @@ def run_folds(trainer: Any) -> FoldLength:
     result.extended = extended_steps(cfg, result, runs, budget, CLOCK() - started)
     atomic_write(trainer.run_dir / "folds.json", json.dumps(
         {"folds": folds, "metric": result.metric, "candidates": candidates, "candidate": best,
-         "steps": result.steps, "schedule_steps": result.schedule_steps, "extended": result.extended, "curves": result.curves, "mean": result.mean,
+         "steps": result.steps, "schedule_steps": result.schedule_steps, "extended": result.extended,
+         "curves": result.curves, "mean": result.mean,
          "by_candidate": [{"steps": r.steps, "val": r.chosen, "curves": r.curves, "mean": r.mean} for r in results]},
         indent=1))
     trainer.notes.append(result.describe(candidates[best] if candidates else None))
@@ -281,7 +282,7 @@ def run_folds(trainer: Any) -> FoldLength:
     steps, total, warmup = result.steps, result.schedule_steps, result.warmup_steps
     if result.extended:  # the rest of the budget, on a schedule of that length (warm-up as fit_to_budget sets it)
         steps = total = result.extended
-        warmup = chosen.scheduler.warmup_steps if chosen.scheduler.warmup_steps <= steps // 5 else steps // 10
+        warmup = short_run_warmup(chosen.scheduler.warmup_steps, steps)
     scheduler = chosen.scheduler.model_copy(update={"total_steps": total, "warmup_steps": warmup})
     train = chosen.train.model_copy(update={"max_steps": steps, "time_budget": None, "length_folds": [],
                                             "fold_candidates": [], "eval_every": 0})
