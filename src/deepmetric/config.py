@@ -122,6 +122,10 @@ class ModelConfig(_Section):
     freeze_bn: bool = False
     #: with ``freeze_bn``, also freeze the BatchNorm weight and bias (False: they keep training)
     freeze_bn_affine: bool = True
+    #: an ensemble of this many networks of this recipe, each of its own initial weights and its own
+    #: loss, trained on the same batches; its embedding is theirs side by side (``members x`` the
+    #: dimension), L2-normalised: the mean of their cosine similarities. ``train.fold_members`` sets it
+    members: int = Field(1, ge=1)
 
 
 class MemoryConfig(_Section):
@@ -272,6 +276,10 @@ class TrainConfig(_Section):
     #: (nothing they measured says a longer run would do worse), the run trains for what is left of
     #: the budget, its schedule over that length, instead of stopping at the folds' length
     fold_extend: bool = False
+    #: with ``length_folds``: at most this many networks (``model.members``), each trained for the
+    #: folds' length, as many as the run's share of the budget holds (its steps over that length):
+    #: an early stop leaves that share to more members instead of unspent; 1: one network
+    fold_members: int = Field(1, ge=1)
 
     @field_validator("length_folds")
     @classmethod

@@ -188,3 +188,40 @@ def test_fold_share_and_the_extension_to_the_rest_of_the_budget(tmp_path, monkey
         assert written.scheduler.total_steps == 8
     again = Trainer(written, tmp_path / "b").fit()  # config.yaml repeats it without the folds
     assert again["metrics"] == summary["metrics"]
+
+
+@pytest.mark.parametrize("allowed", [4, 1])
+def test_an_early_length_leaves_the_share_to_more_members(tmp_path, monkeypatch, allowed):
+    """``train.fold_members``: the folds' curves peak at 2 of their 10 steps, so the run's share (10
+    steps) holds 5 networks of that length: it trains ``min(5, fold_members)`` of them as one ensemble
+    (``model.members``), each for 2 steps; ``config.yaml`` repeats it, and ``deepmetric eval`` scores
+    the checkpoint as the run did. With ``fold_members=1`` it stays one network."""
+    import deepmetric.engine.folds as folds
+    from deepmetric.cli import main as cli
+
+    def curve(trainer, metric):  # the fold really trained; only its scores are replaced
+        return [(0, 0.5), (2, 0.8), (trainer.cfg.train.max_steps, 0.6)]
+
+    monkeypatch.setattr(folds, "validation_curve", curve)
+    root = folder(tmp_path / "imgs", n_classes=8, per_class=6, size=8, grey=True)
+    cfg = auto_config(root, [*TINY, "train.max_steps=40", "train.fold_candidates=[]",
+                             f"train.fold_members={allowed}"]).config
+    summary = Trainer(cfg, tmp_path / "a").fit()
+    record = json.loads((tmp_path / "a" / "folds.json").read_text())
+    written = load_config(tmp_path / "a" / "config.yaml")
+    members = 4 if allowed == 4 else 1
+    assert record["steps"] == 2 == summary["step"] == written.train.max_steps and record["members"] == members
+    assert written.model.members == members and summary["length_folds"]["members"] == members
+    assert summary["metrics"]["num_queries"] > 0
+    notes = " ".join(summary["notes"])
+    assert ("trains an ensemble of 4 (train.fold_members, model.members)" in notes) == (members == 4)
+    weights = (tmp_path / "a" / "checkpoints" / "last" / "model.safetensors")
+    from safetensors.torch import load_file
+
+    keys = load_file(str(weights))
+    assert any(k.startswith("members.3.") for k in keys) == (members == 4)
+    again = Trainer(written, tmp_path / "b").fit()  # config.yaml repeats it without the folds
+    assert again["metrics"] == summary["metrics"]
+    assert cli(["eval", str(tmp_path / "a"), "--output", str(tmp_path / "ev")]) == 0
+    scored = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert scored.get("metrics", scored)["map@r"] == pytest.approx(summary["metrics"]["map@r"], abs=1e-6)

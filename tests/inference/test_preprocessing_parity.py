@@ -108,13 +108,13 @@ def test_training_decodes_the_pixels_evaluation_decodes(formats, channels):
         assert np.array_equal(slow[None] if slow.ndim == 2 else slow.transpose(2, 0, 1), ref), name
 
 
-def _run_dir(root, tmp_path, preset, size, channels):
+def _run_dir(root, tmp_path, preset, size, channels, members=1):
     cfg = load_config(None, ["data.format=image_folder", f"data.root={root}", f"data.transform={preset}",
                              f"data.image_size=[{size[0]}, {size[1]}]", f"model.in_chans={channels}",
                              "model.backbone=small_cnn", "model.backbone_options={width: 8, grid: 2}",
-                             "model.embedding_dim=8", "eval.metric=map@r"])
+                             "model.embedding_dim=8", "eval.metric=map@r", f"model.members={members}"])
     torch.manual_seed(0)
-    run = tmp_path / f"run-{preset}-{channels}"
+    run = tmp_path / f"run-{preset}-{channels}-{members}"
     run.mkdir()
     save_config(cfg, run / "config.yaml")
     save_checkpoint(run / "checkpoints" / "best", cfg=cfg, model=build_model(cfg), losses=torch.nn.ModuleList(),
@@ -122,11 +122,12 @@ def _run_dir(root, tmp_path, preset, size, channels):
     return run
 
 
-@pytest.mark.parametrize("preset,size,channels", [("imagenet", (24, 24), 3), ("tensor", (16, 20), 1),
-                                                  ("reid", (24, 12), 3)])
-def test_eval_embed_predictor_and_onnx_give_the_same_vectors(formats, tmp_path, preset, size, channels):
+@pytest.mark.parametrize("preset,size,channels,members", [("imagenet", (24, 24), 3, 1), ("tensor", (16, 20), 1, 1),
+                                                          ("reid", (24, 12), 3, 1), ("tensor", (16, 20), 1, 3)])
+def test_eval_embed_predictor_and_onnx_give_the_same_vectors(formats, tmp_path, preset, size, channels, members):
+    """... for one network, and for an ensemble of three (``model.members``: 3 x 8 dimensions)."""
     root = formats["png_rgb"].parent.parent
-    run = _run_dir(root, tmp_path, preset, size, channels)
+    run = _run_dir(root, tmp_path, preset, size, channels, members)
     ev = evaluate(str(run), output=str(tmp_path / f"eval-{preset}"))
     q = ev.result.query
     by_path = {p: v for p, v in zip(q.paths, q.vectors.numpy())}
@@ -134,6 +135,7 @@ def test_eval_embed_predictor_and_onnx_give_the_same_vectors(formats, tmp_path, 
     names = list(formats)
     paths = [str(formats[n]) for n in names]
     ref = np.stack([by_path[p] for p in paths])
+    assert ref.shape[1] == 8 * members
 
     assert main(["-q", "embed", "--checkpoint", str(run), "--input", str(root), "--output",
                  str(tmp_path / "f.npz")]) == 0

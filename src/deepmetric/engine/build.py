@@ -27,7 +27,7 @@ from ..data.formats import DATASETS
 from ..data.loading import normalisation_on_device
 from ..data.protocol import ClassSplitError
 from ..data.protocol import apply as apply_protocol
-from ..models import BACKBONES, Embedder, build_embedder, load_pretrained, load_weights, read_state_dict
+from ..models import BACKBONES, Embedder, Ensemble, build_embedder, load_pretrained, load_weights, read_state_dict
 from .checkpoint import CONFIG, load_model_weights, read_checkpoint, resolve_checkpoint
 
 log = logging.getLogger("deepmetric")
@@ -163,7 +163,7 @@ def python_model_error(cfg: Config, ckpt: Optional[Path] = None) -> Optional[Con
         f"deepmetric.Evaluator(cfg, deepmetric.build_data(cfg, validation=False)).run(model)")
 
 
-def model_from_checkpoint(cfg: Config, ckpt: Path) -> Embedder:
+def model_from_checkpoint(cfg: Config, ckpt: Path) -> "Embedder | Ensemble":
     """The model of recipe ``cfg`` with the weights of checkpoint folder ``ckpt`` (not yet on a
     device, in train mode): what ``deepmetric eval`` and :func:`load_for_inference` load. A model
     given in Python is refused (:func:`python_model_error`)."""
@@ -172,8 +172,10 @@ def model_from_checkpoint(cfg: Config, ckpt: Path) -> Embedder:
     return model
 
 
-def build_model(cfg: Config, load_weights: bool = True, ckpt: Optional[Path] = None) -> Embedder:
-    """The recipe's model (with ``load_weights``, its ``model.pretrained`` and ``model.init_from``); a
+def build_model(cfg: Config, load_weights: bool = True, ckpt: Optional[Path] = None) -> "Embedder | Ensemble":
+    """The recipe's model (with ``load_weights``, its ``model.pretrained`` and ``model.init_from``): an
+    :class:`~deepmetric.models.Embedder`, or with ``model.members`` above 1 an
+    :class:`~deepmetric.models.Ensemble` of that many (each member's initial weights drawn in turn); a
     model given in Python is refused (:func:`python_model_error`, naming ``ckpt`` when loading one)."""
     m = cfg.model
     error = python_model_error(cfg, ckpt)
@@ -181,16 +183,21 @@ def build_model(cfg: Config, load_weights: bool = True, ckpt: Optional[Path] = N
         raise error
     _check_backbone_options(m.backbone, m.backbone_options)
     try:
-        model = build_embedder(m.backbone, m.embedding_dim, m.pooling, m.bnneck, m.normalize,
-                               in_chans=m.in_chans, backbone_options=m.backbone_options)
+        members = [build_embedder(m.backbone, m.embedding_dim, m.pooling, m.bnneck, m.normalize,
+                                  in_chans=m.in_chans, backbone_options=m.backbone_options) for _ in range(m.members)]
     except ParameterError as e:
         options = {key: f"model.backbone_options.{key}" for key in m.backbone_options}
         raise ConfigError(e.naming({**KEYS, "name": "model.backbone", **options})) from None
     except TypeError as e:  # a timm model's own keyword arguments, which only timm knows
         raise ConfigError(f"model.backbone_options: {e}") from None
     if load_weights and m.pretrained:
-        load_pretrained(model, m.pretrained, m.backbone)
+        for member in members:
+            load_pretrained(member, m.pretrained, m.backbone)
+    model = members[0] if m.members == 1 else Ensemble(members)
     if load_weights and m.init_from:
+        if m.members > 1:
+            raise ConfigError("model.init_from starts one network from a run's weights; with model.members "
+                              f"{m.members} every member would start alike: set model.members=1")
         init_from_run(model, m.init_from)
     if m.freeze_bn and not model.freeze_batchnorm(affine=m.freeze_bn_affine):
         raise ConfigError(f"model.freeze_bn: backbone '{m.backbone}' has no BatchNorm layer to freeze; "

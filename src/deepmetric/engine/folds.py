@@ -24,6 +24,12 @@ curve has the best value (at its own best step) is the run's, with that length. 
 plans its own steps for it (their steps can cost differently). The run is built again for the chosen
 candidate (:meth:`~deepmetric.engine.trainer.Trainer.rebuild`) unless it is the recipe itself, and its
 ``config.yaml`` holds the candidate's values.
+
+``train.fold_members`` spends what an early stop leaves of the run's share: when that share holds
+several runs of the chosen length (:func:`member_count`), the run trains that many networks
+(``model.members``, at most ``fold_members``), each for that length on its own initial weights and
+its own loss, and their embeddings side by side are its embedding. Two seeds of a few-class run
+differ by as much as training gains; their ensemble averages that away.
 """
 from __future__ import annotations
 
@@ -69,6 +75,8 @@ class FoldLength:
     step_s: float = 0.0
     #: ``train.fold_extend``: what the run trains instead of ``steps`` (0: not extended)
     extended: int = 0
+    #: ``train.fold_members``: the networks the run trains for ``steps`` each (``model.members``)
+    members: int = 1
 
     @property
     def untrained(self) -> float:
@@ -83,7 +91,8 @@ class FoldLength:
         """What a run's summary records (``length_folds``)."""
         return {"folds": len(self.curves), "metric": self.metric, "steps": self.steps,
                 "schedule_steps": self.schedule_steps, "val": self.chosen, "untrained": self.untrained,
-                "candidate": self.candidate, "candidates": self.candidates, "extended": self.extended}
+                "candidate": self.candidate, "candidates": self.candidates, "extended": self.extended,
+                "members": self.members}
 
     def describe(self, values: Optional[Dict[str, Any]] = None) -> str:
         """The run's note; ``values``: the chosen candidate's (``train.fold_candidates``)."""
@@ -98,6 +107,10 @@ class FoldLength:
         if self.extended:
             text += (f"; the folds' curve was still at its best at their last step, so the run trains for the rest "
                      f"of the budget instead: {self.extended} steps (train.fold_extend)")
+        if self.members > 1:
+            text += (f"; the run's share of the budget holds {self.members} networks of {self.steps} steps, so it "
+                     f"trains an ensemble of {self.members} (train.fold_members, model.members): their embeddings "
+                     f"side by side, {self.members} times the dimension")
         if self.untrained > best:
             text += ("; no length beat the untrained network on the held-out classes: train on more classes, "
                      "or start from pretrained weights (model.pretrained=PATH)")
@@ -245,6 +258,25 @@ def extended_steps(cfg: Config, result: FoldLength, runs: int, budget: Optional[
     return steps if steps > result.steps else 0
 
 
+def member_count(cfg: Config, result: FoldLength, runs: int) -> int:
+    """``train.fold_members``: how many networks of the chosen length the run's share of the budget
+    holds (its steps: a fold run's ``schedule_steps`` scaled from a fold run's share to what the fold
+    runs leave), at most ``train.fold_members``; 1 when the run is extended (the rest of the budget is
+    its length) or ``model.members`` is set.
+
+    >>> r = FoldLength("map@r", 120, 400, [], [])
+    >>> member_count(Config(train={"fold_members": 4}), r, 6), member_count(Config(train={"fold_members": 2}), r, 6)
+    (3, 2)
+    >>> member_count(Config(train={"fold_members": 4, "fold_share": 0.5}), r, 5)
+    4
+    """
+    if cfg.train.fold_members < 2 or result.extended or cfg.model.members > 1 or result.steps <= 0:
+        return 1
+    share = fold_run_share(cfg, runs)
+    room = result.schedule_steps * (1.0 - runs * share) / share
+    return max(1, min(cfg.train.fold_members, int(room / result.steps + 1e-9)))
+
+
 def run_folds(trainer: Any) -> FoldLength:
     """Train ``trainer``'s folds (``train.length_folds``; every candidate of ``train.fold_candidates``
     on each), choose the candidate and the length, and set the trainer to them: its config
@@ -270,9 +302,11 @@ def run_folds(trainer: Any) -> FoldLength:
     result = results[best]
     result.candidate, result.candidates = best, [r.chosen for r in results]
     result.extended = extended_steps(cfg, result, runs, budget, CLOCK() - started)
+    result.members = member_count(cfg, result, runs)
     atomic_write(trainer.run_dir / "folds.json", json.dumps(
         {"folds": folds, "metric": result.metric, "candidates": candidates, "candidate": best,
          "steps": result.steps, "schedule_steps": result.schedule_steps, "extended": result.extended,
+         "members": result.members,
          "curves": result.curves, "mean": result.mean,
          "by_candidate": [{"steps": r.steps, "val": r.chosen, "curves": r.curves, "mean": r.mean} for r in results]},
         indent=1))
@@ -287,7 +321,9 @@ def run_folds(trainer: Any) -> FoldLength:
     train = chosen.train.model_copy(update={"max_steps": steps, "time_budget": None, "length_folds": [],
                                             "fold_candidates": [], "eval_every": 0})
     final = chosen.model_copy(update={"train": train, "scheduler": scheduler})
-    if candidates and candidates[best]:  # another recipe than the one built: build its parts as a new run would
+    if result.members > 1:
+        final = final.model_copy(update={"model": final.model.model_copy(update={"members": result.members})})
+    if (candidates and candidates[best]) or result.members > 1:  # another model or recipe: build its parts anew
         trainer.rebuild(final)
     else:
         trainer.cfg = final
@@ -296,4 +332,4 @@ def run_folds(trainer: Any) -> FoldLength:
 
 
 __all__ = ["FOLD_EVALUATIONS", "FOLD_VAL_PER_CLASS", "FoldLength", "choose_length", "extended_steps", "fold_run_share",
-           "fold_steps", "mean_curve", "run_folds", "validation_curve"]
+           "fold_steps", "mean_curve", "member_count", "run_folds", "validation_curve"]

@@ -107,6 +107,17 @@ class TrainingParts:
     cache: Optional[InputCache] = None
 
 
+def check_member_losses(cfg: Config, losses: torch.nn.ModuleList) -> None:
+    """``model.members``: every member takes each loss term on its own outputs, so a term that keeps
+    state of its own (learned class weights or proxies, a cross-batch memory) would mix the members'
+    embeddings in one state; such a term is refused, naming it."""
+    for i, (term, fn) in enumerate(zip(cfg.losses, losses)):
+        if term.memory is not None or any(True for _ in fn.parameters()) or any(True for _ in fn.buffers()):
+            what = "a cross-batch memory" if term.memory is not None else "weights of its own"
+            raise ConfigError(f"losses.{i} ({term.name}) keeps {what}, which the {cfg.model.members} members of "
+                              f"model.members would share; use a pair loss without a memory, or model.members=1")
+
+
 def build_training(cfg: Config, device: torch.device, dist: DistInfo, *, resume: bool = False,
                    splits: Optional[DataSplits] = None, model: Optional[torch.nn.Module] = None,
                    loss: Optional[torch.nn.Module] = None, train_dataset=None) -> TrainingParts:
@@ -122,8 +133,11 @@ def build_training(cfg: Config, device: torch.device, dist: DistInfo, *, resume:
             notes.append(f"model.init_from: the model started from {resolve_checkpoint(cfg.model.init_from)}")
     else:
         model = model.to(device)
-    dim = embedding_dim(model, splits, device)
+    members = getattr(model, "members", None) if cfg.model.members > 1 else None
+    dim = members[0].embedding_dim if members else embedding_dim(model, splits, device)
     losses = (build_losses(cfg, splits.num_classes, dim) if loss is None else torch.nn.ModuleList([loss])).to(device)
+    if members:
+        check_member_losses(cfg, losses)
     check_pairs(cfg, losses)
     optimizers = build_optimizers(cfg, model, losses)
     cache = input_cache(cfg, device, dist)

@@ -60,7 +60,7 @@ def mark_python_objects(cfg: Config, model: Optional[torch.nn.Module], loss: Opt
                           f"(Trainer(cfg, run_dir, loss=..., resume=True))")
     if model is not None:
         for key, bad in (("model.pretrained", m.pretrained), ("model.init_from", m.init_from),
-                         ("model.freeze_bn", m.freeze_bn),
+                         ("model.freeze_bn", m.freeze_bn), ("model.members", m.members > 1),
                          ("train.freeze_backbone_steps", cfg.train.freeze_backbone_steps and not hasattr(model, "backbone"))):
             if bad:
                 raise ConfigError(f"{key}: applies to the recipe's model, not to {type(model).__name__} given in "

@@ -43,28 +43,41 @@ def batch_loss(parts: TrainingParts, cfg: Config, images: torch.Tensor, labels: 
     rank computes the full loss on the global batch (all-gathered with their gradients), except for
     terms that shard classes and gather themselves (Partial FC) and instance terms (``labels:
     instance``: each rank's own images and their :func:`second_view`, drawn from the seed, the rank and
-    ``step``). ``embeddings_only``: a model of one's own, which gives embeddings only."""
+    ``step``). ``embeddings_only``: a model of one's own, which gives embeddings only. An
+    :class:`~deepmetric.models.Ensemble` (``model.members``) gives each member's outputs: every term
+    is taken on each member's own and summed over them, so each member trains as it would alone."""
     with torch.autocast(images.device.type, dtype=parts.amp_dtype, enabled=parts.amp_dtype is not None):
         local = {"embedding": parts.net(images)} if embeddings_only else parts.net(images, all_outputs=True)
-        out, all_labels = local, labels
-        if distributed:
-            all_labels = all_gather_with_grad(labels)
-            out = {k: all_gather_with_grad(v) for k, v in local.items()}
+        members = local.get("members")
+        views = None
+        if any(term.labels == "instance" for term in cfg.losses):  # each image its own class: a second view
+            rank = torch.distributed.get_rank() if distributed else 0
+            view = second_view(images, torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + rank))
+            second = {"embedding": parts.net(view)} if embeddings_only else parts.net(view, all_outputs=True)
+            views = second.get("members") or [second]
         total = images.new_zeros((), dtype=torch.float32)
-        second = None
-        for term, fn in zip(cfg.losses, parts.losses):
-            if term.labels == "instance":  # each image its own class: the batch and a second view of it
-                if second is None:
-                    rank = torch.distributed.get_rank() if distributed else 0
-                    view = second_view(images, torch.Generator().manual_seed(
-                        (cfg.seed * 1_000_003 + step) * 1_009 + rank))
-                    second = {"embedding": parts.net(view)} if embeddings_only else parts.net(view, all_outputs=True)
-                ids = torch.arange(images.shape[0], device=labels.device).repeat(2)
-                total = total + term.weight * fn(torch.cat([local[term.input], second[term.input]]), ids)
-            elif getattr(fn, "gathers_inputs", False):  # Partial FC shards classes and gathers itself
-                total = total + term.weight * fn(local[term.input], labels)
-            else:
-                total = total + term.weight * fn(out[term.input], all_labels)
+        for m, own in enumerate(members or [local]):
+            total = total + _terms(parts, cfg, own, labels, None if views is None else views[m], distributed)
+    return total
+
+
+def _terms(parts: TrainingParts, cfg: Config, local, labels: torch.Tensor, second, distributed: bool) -> torch.Tensor:
+    """The weighted loss terms on one network's outputs ``local`` (and ``second``: those of the batch's
+    second view, for instance terms)."""
+    out, all_labels = local, labels
+    if distributed:
+        all_labels = all_gather_with_grad(labels)
+        out = {k: all_gather_with_grad(v) for k, v in local.items()}
+    total = labels.new_zeros((), dtype=torch.float32)
+    for term, fn in zip(cfg.losses, parts.losses):
+        if term.labels == "instance":
+            n = local[term.input].shape[0]
+            ids = torch.arange(n, device=labels.device).repeat(2)
+            total = total + term.weight * fn(torch.cat([local[term.input], second[term.input]]), ids)
+        elif getattr(fn, "gathers_inputs", False):  # Partial FC shards classes and gathers itself
+            total = total + term.weight * fn(local[term.input], labels)
+        else:
+            total = total + term.weight * fn(out[term.input], all_labels)
     return total
 
 
@@ -77,7 +90,8 @@ def update(parts: TrainingParts, cfg: Config, loss: torch.Tensor, step: int) -> 
     train, scaler = cfg.train, parts.scaler
     scaler.scale(loss).backward()
     if step < train.freeze_backbone_steps:
-        for p in parts.model.backbone.parameters():
+        model = parts.model  # an Ensemble's members' backbones; a model given in Python says its .backbone
+        for p in (model.backbone_parameters() if hasattr(model, "backbone_parameters") else model.backbone.parameters()):
             p.grad = None
     for i, term in enumerate(cfg.losses):  # a term's own optimizer sees the unweighted gradient
         opt = parts.optimizers.get(own_optimizer_key(i))  # (Centroids-ReID)

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from .embedder import Embedder
 
 _EXPORTS = {
-    "Embedder": "embedder", "LoadReport": "embedder", "WeightsError": "embedder",
-    "first_nonfinite": "embedder", "load_pretrained": "embedder", "load_weights": "embedder",
+    "Embedder": "embedder", "Ensemble": "embedder", "LoadReport": "embedder", "WeightsError": "embedder",
+    "first_nonfinite": "embedder", "join_embeddings": "embedder", "load_pretrained": "embedder", "load_weights": "embedder",
     "read_state_dict": "embedder", "weight_mismatches": "embedder",
     "EmbeddingHead": "heads", "GeM": "heads",
 }

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import UserError
@@ -40,6 +41,9 @@ class Embedder(nn.Module):
     def backbone_batchnorms(self) -> List[nn.Module]:
         return [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
+    def backbone_parameters(self) -> List[nn.Parameter]:
+        return list(self.backbone.parameters())
+
     def freeze_batchnorm(self, affine: bool = True) -> int:
         """Keep every BatchNorm of the backbone in eval mode from now on: its running mean and
         variance stay as loaded (pretrained statistics), also across ``train()`` calls. With
@@ -67,6 +71,49 @@ class Embedder(nn.Module):
     def forward(self, x: torch.Tensor, all_outputs: bool = False):
         out = self.forward_train(x)
         return out if all_outputs else out["embedding"]
+
+
+class Ensemble(nn.Module):
+    """``model.members`` embedders side by side: images in, the members' L2-normalised embeddings
+    concatenated and divided by ``sqrt(members)`` out (a unit vector whose cosine similarity with
+    another is the mean of the members' cosine similarities). Each member is an :class:`Embedder` of
+    its own initial weights; ``forward(x, all_outputs=True)`` gives the joined ``embedding`` and each
+    member's head dict under ``members``, so that every member's loss is its own
+    (:func:`deepmetric.engine.step.batch_loss`): training them together on the same batches is
+    training each alone, and the ensemble averages what their seeds make them disagree on."""
+
+    def __init__(self, members: List[Embedder]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("an Ensemble needs at least 2 members")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def embedding_dim(self) -> int:
+        return sum(m.embedding_dim for m in self.members)
+
+    def backbone_batchnorms(self) -> List[nn.Module]:
+        return [bn for m in self.members for bn in m.backbone_batchnorms()]
+
+    def freeze_batchnorm(self, affine: bool = True) -> int:
+        return sum(m.freeze_batchnorm(affine) for m in self.members)
+
+    def backbone_parameters(self) -> List[nn.Parameter]:
+        return [p for m in self.members for p in m.backbone.parameters()]
+
+    def forward_train(self, x: torch.Tensor) -> Dict[str, object]:
+        outs = [m.forward_train(x) for m in self.members]
+        return {"embedding": join_embeddings([o["embedding"] for o in outs]), "members": outs}
+
+    def forward(self, x: torch.Tensor, all_outputs: bool = False):
+        if all_outputs:
+            return self.forward_train(x)
+        return join_embeddings([m(x) for m in self.members])
+
+
+def join_embeddings(embeddings: List[torch.Tensor]) -> torch.Tensor:
+    """Each ``(B, D_i)`` L2-normalised, side by side, divided by ``sqrt(len(embeddings))``: a unit vector."""
+    return torch.cat([F.normalize(e, dim=1) for e in embeddings], dim=1) / len(embeddings) ** 0.5
 
 
 @dataclass
