@@ -219,6 +219,7 @@ def _summary_record(trainer: Trainer, summary: Dict[str, Any], wall: float) -> D
     logs = [r for r in trainer.history if "images_per_s" in r]
     return {"test": summary["metrics"], "val": summary.get("val"), "untrained": summary.get("untrained"),
             "step": summary["step"], "max_steps": summary["max_steps"], "budget": summary.get("budget"),
+            "members": trainer.cfg.model.members,
             "images_per_s": statistics.fmean(r["images_per_s"] for r in logs) if logs else None, "wall_s": wall}
 
 
@@ -559,6 +560,19 @@ def curve_tasks(args):
             yield name, f"{name}@{k}.{t}", data, lambda f, folds=folds: [f"data.val_classes={json.dumps(folds[f])}"]
 
 
+def fold_session(args, prefix: str) -> Tuple[Dict[str, Any], Path]:
+    """What a command over :func:`curve_tasks` starts from: ``--threads`` threads, the library's
+    warnings and info lines off, the results so far (``--json``, resumed where it exists) and a
+    fresh work folder named ``prefix...``."""
+    import logging
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    logging.getLogger("deepmetric").setLevel(logging.WARNING)
+    out = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else {}
+    return out, Path(tempfile.mkdtemp(prefix=prefix))
+
+
 def cmd_curves(args) -> int:
     """Validation curves of the default on a few-class data set's folds (two held-out training classes
     each, :func:`selection_fold`), for the whole run, evaluated every ``--every`` steps; then each fold
@@ -566,13 +580,7 @@ def cmd_curves(args) -> int:
     validated) against its last step and its untrained network."""
     from deepmetric.engine.folds import choose_length, mean_curve, validation_curve
 
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    import logging
-
-    logging.getLogger("deepmetric").setLevel(logging.WARNING)
-    out = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else {}
-    work = Path(tempfile.mkdtemp(prefix="bench_suite_curves_"))
+    out, work = fold_session(args, "bench_suite_curves_")
     for name, task, data, fold_of in curve_tasks(args):
         root = Path(args.root) / DATASETS[name].folder
         for f in range(args.folds):
