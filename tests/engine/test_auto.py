@@ -199,9 +199,11 @@ def test_train_dir_from_the_command_line_and_python(tmp_path, capsys, caplog):
     cfg = load_config(tmp_path / "run")
     assert cfg.name == "my_images" and cfg.data.root == str(root) and cfg.train.max_steps == 1
     assert cfg.scheduler.total_steps == 1 and cfg.train.length_folds == []
-    summary = dm.Trainer(dm.auto_config(root, [*TINY, "train.max_steps=14"]).config, tmp_path / "py").fit()
-    # 3 folds x 2 candidates (the recipe, and it with an instance term) and the run: 14 // 7 steps each
+    summary = dm.Trainer(dm.auto_config(root, [*TINY, "train.max_steps=20"]).config, tmp_path / "py").fit()
+    # 3 folds x 2 candidates (the recipe, and it with an instance term) take 0.6 of the 20 steps (2
+    # each), and the run's 8 hold 4 networks of the length they choose (train.fold_members)
     assert summary["length_folds"]["schedule_steps"] == 2 and summary["max_steps"] in (1, 2)
+    assert summary["length_folds"]["members"] == 4 == load_config(tmp_path / "py").model.members
     trainer = dm.Trainer(str(root), tmp_path / "py2")  # a path: the automatic recipe, defaults and all
     assert trainer.cfg.data.format == "image_folder" and trainer.cfg.train.time_budget == "5m"
 
@@ -215,6 +217,8 @@ def test_pretrained_weights_given_or_cached_choose_the_backbone(tmp_path, monkey
     given = auto_config(root, [f"model.pretrained={weights}"]).config
     assert given.model.backbone == "resnet18" and list(given.data.image_size) == [224, 224]
     assert given.model.pretrained == str(weights) and given.model.in_chans == 3
+    # few classes, but no ensemble on pretrained weights: the members would start alike
+    assert given.train.length_folds and given.train.fold_members == 1 and given.train.fold_share is None
     cache = tmp_path / "torch_home" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     (cache / weights.name).write_bytes(weights.read_bytes())
@@ -223,7 +227,7 @@ def test_pretrained_weights_given_or_cached_choose_the_backbone(tmp_path, monkey
     assert found.config.model.backbone == "resnet18"
     assert "pretrained weights found in the download cache" in found.describe()
     off = auto_config(root, ["model.pretrained=null"]).config
-    assert off.model.backbone == "small_cnn"
+    assert off.model.backbone == "small_cnn" and off.train.fold_members == 4 and off.train.fold_share == 0.6
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(Exception, match="junk.pth"):
         auto_config(root, [f"model.pretrained={tmp_path / 'junk.pth'}"])

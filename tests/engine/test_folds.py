@@ -38,8 +38,9 @@ def test_the_schedule_can_be_longer_than_the_run():
 
 def test_folds_choose_the_length_and_the_config_repeats_it(tmp_path):
     root = folder(tmp_path / "imgs", n_classes=8, per_class=6, size=8, grey=True)
-    cfg = auto_config(root, [*TINY, "train.max_steps=40", "train.log_every=5", "train.fold_candidates=[]"]).config
-    assert len(cfg.train.length_folds) == 3 and cfg.data.val_classes is None
+    cfg = auto_config(root, [*TINY, "train.max_steps=40", "train.log_every=5", "train.fold_candidates=[]",
+                             "train.fold_members=1"]).config  # one network: each fold and the run get a quarter
+    assert len(cfg.train.length_folds) == 3 and cfg.data.val_classes is None and cfg.train.fold_share is None
     trainer = Trainer(cfg, tmp_path / "a")
     summary = trainer.fit()
     record = json.loads((tmp_path / "a" / "folds.json").read_text())
@@ -78,7 +79,8 @@ def test_a_time_budget_is_shared_with_the_folds(tmp_path):
     for first in (0, 3):  # each candidate plans its first fold's steps for its share; its other folds repeat them
         assert plans[first].time_budget is None and all(p.max_steps == plans[first].max_steps
                                                         for p in plans[first:first + 3])
-        assert any(n.startswith(f"train.time_budget={12 / 7:g}s came to") for n in json.loads(
+        # the folds take 0.6 of it (train.fold_share, set with train.fold_members): a tenth each
+        assert any(n.startswith(f"train.time_budget={12 * 0.6 / 6:g}s came to") for n in json.loads(
             (tmp_path / "a" / "folds" / str(first + 1) / "metrics.json").read_text())["notes"])
     chosen = 3 * summary["length_folds"]["candidate"]
     assert summary["max_steps"] <= plans[chosen].max_steps == summary["length_folds"]["schedule_steps"]
@@ -88,7 +90,8 @@ def test_the_folds_choose_a_candidate_and_the_config_repeats_it(tmp_path):
     root = folder(tmp_path / "imgs", n_classes=8, per_class=6, size=8, grey=True)
     instance = "{name: ntxent, labels: instance, params: {temperature: 0.2}}"
     candidates = f'[{{"optimizer.lr": 0.01}}, {{"optimizer.lr": 0.002, losses: [{{name: multi_similarity}}, {instance}]}}]'
-    cfg = auto_config(root, [*TINY, "train.max_steps=35", f"train.fold_candidates={candidates}"]).config
+    cfg = auto_config(root, [*TINY, "train.max_steps=35", f"train.fold_candidates={candidates}",
+                             "train.fold_members=1"]).config  # one network: the six fold runs and the run share 35
     summary = Trainer(cfg, tmp_path / "a").fit()
     record = json.loads((tmp_path / "a" / "folds.json").read_text())
     vals = [c["val"] for c in record["by_candidate"]]
@@ -150,7 +153,7 @@ def test_bad_folds_get_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
     short = auto_config(root, [*TINY, "train.time_budget=0.05s"]).config
     with pytest.raises(ConfigError, match=r"^train.time_budget=0.05s: too short for the folds that choose the length "
-                                          r"\(train.length_folds\): each of the 6 gets 1/7 of it, too little for one "
+                                          r"\(train.length_folds\): each of the 6 gets 0.1 of it, too little for one "
                                           r"evaluation \(the untrained .*\); give at least \d+s, or train.length_folds=\[\]$"):
         Trainer(short, tmp_path / "short").fit()
     assert not (tmp_path / "short").exists()
@@ -192,10 +195,11 @@ def test_fold_share_and_the_extension_to_the_rest_of_the_budget(tmp_path, monkey
 
 @pytest.mark.parametrize("allowed", [4, 1])
 def test_an_early_length_leaves_the_share_to_more_members(tmp_path, monkeypatch, allowed):
-    """``train.fold_members``: the folds' curves peak at 2 of their 10 steps, so the run's share (10
-    steps) holds 5 networks of that length: it trains ``min(5, fold_members)`` of them as one ensemble
-    (``model.members``), each for 2 steps; ``config.yaml`` repeats it, and ``deepmetric eval`` scores
-    the checkpoint as the run did. With ``fold_members=1`` it stays one network."""
+    """``train.fold_members``: the folds' curves peak at step 2. With ``fold_members=4`` the automatic
+    recipe gives the folds 0.6 of the 40 steps (``train.fold_share``: 8 steps each), so the run's 16
+    hold 8 networks of that length: it trains 4 of them as one ensemble (``model.members``), each
+    for 2 steps; ``config.yaml`` repeats it, and ``deepmetric eval`` scores the checkpoint as the run
+    did. With ``fold_members=1`` it stays one network (and each fold run gets a quarter)."""
     import deepmetric.engine.folds as folds
     from deepmetric.cli import main as cli
 
@@ -210,6 +214,8 @@ def test_an_early_length_leaves_the_share_to_more_members(tmp_path, monkeypatch,
     record = json.loads((tmp_path / "a" / "folds.json").read_text())
     written = load_config(tmp_path / "a" / "config.yaml")
     members = 4 if allowed == 4 else 1
+    assert written.scheduler.total_steps == (8 if allowed == 4 else 10) and cfg.train.fold_share == (
+        0.6 if allowed == 4 else None)
     assert record["steps"] == 2 == summary["step"] == written.train.max_steps and record["members"] == members
     assert written.model.members == members and summary["length_folds"]["members"] == members
     assert summary["metrics"]["num_queries"] > 0

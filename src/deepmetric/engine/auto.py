@@ -17,7 +17,9 @@ What is chosen from the data, and how:
   one image are kept as distractors in the test gallery. A validation split of the training classes
   selects the checkpoint (:data:`VAL_SHARE`, at least :data:`MIN_VAL_CLASSES`), unless the training
   classes are few (:data:`FEW_CLASSES`): then see :func:`validation_rule`, and folds of them choose
-  the length, and whether an instance term joins the loss (``train.fold_candidates``).
+  the length, whether an instance term joins the loss (``train.fold_candidates``), and, where they
+  stop early and no pretrained weights are given, how many networks of that length the run's share
+  of the budget trains as one ensemble (``train.fold_members``).
 - **input**: the median image side, at most :data:`MAX_SIDE` (a pretrained backbone: its own input
   size); one channel when the images are grey; resized without cropping.
 - **batch**: :data:`BATCH` images, ``K`` per class where ``K`` is at most the median class's image count.
@@ -92,6 +94,14 @@ DEFAULTS: Dict[str, Any] = {
     #: alone). Chosen on the suite: the term raised one few-class data set's folds and lowered three,
     #: and where it lowers them the folds keep the recipe (docs/benchmarks.md, "the instance term")
     "fold_instance_term": {"name": "ntxent", "labels": "instance", "params": {"temperature": 0.1}},
+    #: ... and the run's share of the budget trains up to this many networks of the folds' length
+    #: (train.fold_members: an ensemble, model.members) where it holds more than one; not with
+    #: pretrained weights (the members would start alike, and each costs a large network's inference)
+    "fold_members": 4,
+    #: ... and then the folds take this share of the budget (train.fold_share), so that the run's
+    #: share holds fold_members networks of any length the folds can choose: with six fold runs, each
+    #: a tenth, and the run four tenths (without members each of the seven gets a seventh)
+    "fold_members_share": 0.6,
 }
 #: the largest cross-batch memory the automatic recipe sizes to the training set
 MEMORY_MAX = 16384
@@ -352,6 +362,18 @@ def auto_config(source: str | os.PathLike, overrides: Sequence[str] = (), name: 
     choices.append(Choice("optimizer", optimizer, "chosen on the suite"))
     scheduler = DEFAULTS["scheduler"]
     choices.append(Choice("scheduler", scheduler, "cosine decay to zero after a short warm-up"))
+    members, fold_share = 1, None
+    if folds and DEFAULTS.get("fold_members", 1) > 1 and known is None:
+        members = choose("train.fold_members", DEFAULTS["fold_members"],
+                         "the run's share of the budget trains up to that many networks of the folds' length "
+                         "instead of one, and their embeddings side by side are the model's: "
+                         "two seeds of a few-class run differ by as much as training gains, and the ensemble "
+                         "averages that away (chosen on the suite's few-class folds)")
+        if members and members > 1 and DEFAULTS.get("fold_members_share"):
+            fold_share = choose("train.fold_share", DEFAULTS["fold_members_share"],
+                                f"the folds take {DEFAULTS['fold_members_share']:.0%} of the budget, so that what is "
+                                f"left holds {members} networks of any length they can choose (folds that short chose "
+                                f"as well on the suite's few-class validation folds)")
     steps = _override_value(overrides, "train.max_steps")
     budget = _override_value(overrides, "train.time_budget")
     if steps is not ... and budget is ...:
@@ -373,7 +395,8 @@ def auto_config(source: str | os.PathLike, overrides: Sequence[str] = (), name: 
         "losses": [loss],
         "optimizer": optimizer,
         "scheduler": scheduler,
-        "train": {"time_budget": budget, "eval_every": 0, "log_every": 25, "length_folds": folds, "ema": ema},
+        "train": {"time_budget": budget, "eval_every": 0, "log_every": 25, "length_folds": folds, "ema": ema,
+                  "fold_members": members, "fold_share": fold_share},
         "eval": {"protocol": "retrieval", "metric": "map@r", "ks": [1, 2, 4, 8], "distance": "cosine"},
     }
     if steps is not ... and budget is None:
