@@ -128,7 +128,8 @@ class Trainer:
     def rebuild(self, cfg: Config) -> None:
         """Build the run's parts, schedule, moving average and selection again for ``cfg``, as
         ``__init__`` builds them (the same seed: the same initial weights and batches), before the first
-        step: ``train.fold_candidates`` chose another recipe than the one built."""
+        step: ``train.fold_candidates`` chose another recipe than the one built, or ``train.fold_members``
+        an ensemble (``model.members``)."""
         if self.step or self.resume:
             raise RuntimeError("Trainer.rebuild: only before the first step of a new run")
         self.cfg = mark_python_objects(resolve_paths(cfg), None, None)
