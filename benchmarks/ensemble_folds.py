@@ -44,21 +44,18 @@ from deepmetric.config import load_config  # noqa: E402
 from deepmetric.core.files import atomic_write  # noqa: E402
 from deepmetric.engine.build import build_data, model_from_checkpoint  # noqa: E402
 from deepmetric.engine.checkpoint import read_checkpoint  # noqa: E402
+from deepmetric.engine.extract import extract  # noqa: E402
 from deepmetric.engine.folds import validation_curve  # noqa: E402
 from deepmetric.engine.trainer import Trainer  # noqa: E402
 from deepmetric.evaluation.retrieval import retrieval_metrics  # noqa: E402
 from deepmetric.models import join_embeddings  # noqa: E402
 
 
-@torch.no_grad()
-def embed(model, dataset, batch_size: int = 256):
+def embed(model, dataset):
     """``(vectors, labels)``: the model's L2-normalised embeddings of ``dataset`` (one network's, or an
-    ensemble's side by side)."""
-    vectors, labels = [], []
-    for images, y, *_ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        vectors.append(F.normalize(model(images).float(), dim=1))
-        labels.append(torch.as_tensor(y))
-    return torch.cat(vectors), torch.cat(labels)
+    ensemble's side by side), extracted as ``deepmetric eval`` extracts them."""
+    found = extract(model, dataset)
+    return F.normalize(found.vectors, dim=1), torch.as_tensor(found.labels)
 
 
 def validation_vectors(run: Path):

@@ -99,7 +99,7 @@ class Ensemble(nn.Module):
         return sum(m.freeze_batchnorm(affine) for m in self.members)
 
     def backbone_parameters(self) -> List[nn.Parameter]:
-        return [p for m in self.members for p in m.backbone.parameters()]
+        return [p for m in self.members for p in m.backbone_parameters()]
 
     def forward_train(self, x: torch.Tensor) -> Dict[str, object]:
         outs = [m.forward_train(x) for m in self.members]
