@@ -107,6 +107,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--steps", type=lambda t: dict(item.split("=") for item in t.split(",")),
                     default="digits=100,fashion=200", help="NAME=STEPS,...: each member's length")
     ap.add_argument("--members", type=int, default=4)
+    ap.add_argument("--long", type=int, default=None,
+                    help="the long run's length in members' lengths (default: --members; 0: no long run)")
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--classes", type=int, default=0)
     ap.add_argument("--tasks", type=int, default=3)
@@ -127,11 +129,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for seed in range(args.members):
                     run = work / f"{key.replace('/', '-')}-s{seed}"
                     runs.append(train(root, name, seed, steps, overrides, run))
-                long_run = train(root, name, 0, steps * args.members, overrides, work / f"{key.replace('/', '-')}-long")
+                long = args.members if args.long is None else args.long
                 singles = [map_at_r(r) for r in runs]
                 out[key] = {"singles": singles,
                             "ensembles": {m: map_at_r(ensemble(runs[:m])) for m in range(2, args.members + 1)},
-                            "long": map_at_r(long_run), "steps": steps}
+                            "steps": steps}
+                if long:
+                    long_run = train(root, name, 0, steps * long, overrides, work / f"{key.replace('/', '-')}-long")
+                    out[key].update({"long": map_at_r(long_run), "long_factor": long})
                 if args.json:
                     atomic_write(args.json, json.dumps(out, indent=1))
             if args.joint and "joint" not in out[key]:  # the product's way: one run of model.members
@@ -143,8 +148,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             r = out[key]
             ens = " ".join(f"{m}: {v:.4f}" for m, v in r["ensembles"].items())
             joint = f", model.members={args.members} {r['joint']:.4f}" if "joint" in r else ""
+            long = f", one run of {r.get('long_factor', args.members)}x the steps {r['long']:.4f}" if "long" in r else ""
             print(f"{key}: single {statistics.fmean(r['singles']):.4f} (seed 0 {r['singles'][0]:.4f}), "
-                  f"ensembles {ens}, one run of {args.members}x the steps {r['long']:.4f}{joint}", flush=True)
+                  f"ensembles {ens}{long}{joint}", flush=True)
     return 0
 
 
