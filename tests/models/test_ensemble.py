@@ -39,7 +39,8 @@ def test_the_ensemble_embedding_is_the_members_side_by_side():
     assert not torch.equal(model.members[0].head.proj.weight, model.members[1].head.proj.weight)  # own weights
     with pytest.raises(ValueError, match="at least 2"):
         Ensemble([model.members[0]])
-    assert torch.equal(join_embeddings([alone[0]]), alone[0])
+    # one unit vector joined is itself (to rounding: normalising a unit vector again may move its last bit)
+    torch.testing.assert_close(join_embeddings([alone[0]]), alone[0])
 
 
 def test_the_first_member_starts_as_the_single_network_would():
