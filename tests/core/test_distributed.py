@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from deepmetric.core import distributed as D
+from tests.spawned import report, spawn_and_collect
 
 WORLD = 2
 
@@ -224,9 +225,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             results[name] = "ok"
         except Exception:  # report per check; the other checks still run
             results[name] = traceback.format_exc()
-    dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(results, f)
+    report(out_dir, rank, results)  # before leaving the group: see tests.spawned
+    D.leave_process_group()  # barrier first: a rank that takes the group down while the other works can abort
 
 
 def _free_port() -> int:
@@ -238,8 +238,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(WORLD)]
+    return spawn_and_collect(_worker, (_free_port(), str(out)), out, WORLD)
 
 
 @pytest.mark.parametrize("name", list(CHECKS))

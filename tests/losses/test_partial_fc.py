@@ -7,21 +7,19 @@ would use them; the reference is one process training on the concatenated batch.
 from __future__ import annotations
 
 import math
-import os
-import pickle
 import traceback
 from typing import Callable, Dict
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from deepmetric.core.distributed import all_gather_object
+from deepmetric.core.distributed import all_gather_object, leave_process_group
 from deepmetric.losses.partial_fc import PartialFC, shard_classes
 from deepmetric.losses import LOSSES
+from tests.spawned import report, spawn_and_collect
 
 WORLD = 2
 
@@ -251,16 +249,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             results[name] = "ok"
         except Exception:
             results[name] = traceback.format_exc()
-    dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(results, f)
+    report(out_dir, rank, results)  # before leaving the group: see tests.spawned
+    leave_process_group()  # barrier first: a rank that takes the group down while the other works can abort
 
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("pfc")
-    mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
-    return [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(WORLD)]
+    return spawn_and_collect(_worker, (str(out / "init"), str(out)), out, WORLD)
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
