@@ -9,13 +9,13 @@ from typing import Any, Callable, Dict, List
 
 import torch.multiprocessing as mp
 
+from deepmetric.core.files import atomic_write
+
 
 def report(out_dir: str, rank: int, results: Dict[str, Any]) -> None:
-    """A rank's results, written whole (a temporary file renamed) before the rank leaves its group."""
-    path = os.path.join(out_dir, f"rank{rank}.pkl")
-    with open(path + ".tmp", "wb") as f:
-        pickle.dump(results, f)
-    os.replace(path + ".tmp", path)
+    """A rank's results, written whole (:func:`~deepmetric.core.files.atomic_write`) before the rank
+    leaves its group."""
+    atomic_write(os.path.join(out_dir, f"rank{rank}.pkl"), pickle.dumps(results))
 
 
 def spawn_and_collect(worker: Callable, args: tuple, out: Path, world: int) -> List[Dict[str, Any]]:
