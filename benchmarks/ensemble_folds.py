@@ -118,6 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     out, work = fold_session(args, "bench_ensemble_")
+    long_factor = args.members if args.long is None else args.long
     for name, task, data, fold_of in curve_tasks(args):
         root = Path(args.root) / DATASETS[name].folder
         steps = int(args.steps[name])
@@ -129,14 +130,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for seed in range(args.members):
                     run = work / f"{key.replace('/', '-')}-s{seed}"
                     runs.append(train(root, name, seed, steps, overrides, run))
-                long = args.members if args.long is None else args.long
                 singles = [map_at_r(r) for r in runs]
                 out[key] = {"singles": singles,
                             "ensembles": {m: map_at_r(ensemble(runs[:m])) for m in range(2, args.members + 1)},
                             "steps": steps}
-                if long:
-                    long_run = train(root, name, 0, steps * long, overrides, work / f"{key.replace('/', '-')}-long")
-                    out[key].update({"long": map_at_r(long_run), "long_factor": long})
+                if long_factor:
+                    long_run = train(root, name, 0, steps * long_factor, overrides,
+                                     work / f"{key.replace('/', '-')}-long")
+                    out[key].update({"long": map_at_r(long_run), "long_factor": long_factor})
                 if args.json:
                     atomic_write(args.json, json.dumps(out, indent=1))
             if args.joint and "joint" not in out[key]:  # the product's way: one run of model.members
@@ -148,9 +149,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             r = out[key]
             ens = " ".join(f"{m}: {v:.4f}" for m, v in r["ensembles"].items())
             joint = f", model.members={args.members} {r['joint']:.4f}" if "joint" in r else ""
-            long = f", one run of {r.get('long_factor', args.members)}x the steps {r['long']:.4f}" if "long" in r else ""
+            longer = f", one run of {r.get('long_factor', args.members)}x the steps {r['long']:.4f}" if "long" in r else ""
             print(f"{key}: single {statistics.fmean(r['singles']):.4f} (seed 0 {r['singles'][0]:.4f}), "
-                  f"ensembles {ens}{long}{joint}", flush=True)
+                  f"ensembles {ens}{longer}{joint}", flush=True)
     return 0
 
 
