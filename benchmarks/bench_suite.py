@@ -611,8 +611,9 @@ def cmd_choose(args) -> int:
     candidate's files hold, each held-out fold is scored at the candidate and step that the other
     folds' mean curves choose (the best candidate's best step; the first candidate of equals), every
     curve first cut to ``--share`` of its length (the share of the budget the folds get with more
-    candidates). Also each candidate alone, cross-validated the same way."""
-    from deepmetric.engine.folds import choose_length, mean_curve
+    candidates; ``--margin-se``: ``train.fold_margin_se``). Also each candidate alone, cross-validated
+    the same way."""
+    from deepmetric.engine.folds import choose_candidate, choose_length, mean_curve
 
     files: Dict[str, Dict[str, Any]] = {}
     for item in args.candidates:
@@ -640,15 +641,16 @@ def cmd_choose(args) -> int:
         alone = {n: [] for n in names}
         chosen, picks = [], []
         for h in range(k):
-            best = None
+            steps, inner = [], []
             for n in names:
-                mean = mean_curve([c for i, c in enumerate(curves[n]) if i != h])
-                step = choose_length(mean)
+                others = [c for i, c in enumerate(curves[n]) if i != h]
+                step = choose_length(mean_curve(others))
                 alone[n].append(dict(curves[n][h])[step])
-                if best is None or dict(mean)[step] > best[0]:
-                    best = (dict(mean)[step], n, step)
-            chosen.append(dict(curves[best[1]][h])[best[2]])
-            picks.append(f"{best[1]}@{best[2]}")
+                steps.append(step)
+                inner.append([dict(c)[step] for c in others])
+            j = choose_candidate(inner, args.margin_se)[0]
+            chosen.append(dict(curves[names[j]][h])[steps[j]])
+            picks.append(f"{names[j]}@{steps[j]}")
         untrained = statistics.fmean(c[0][1] for c in curves[names[0]])
         cells = "  ".join(f"{n} {statistics.fmean(v):.4f}" for n, v in alone.items())
         print(f"{task}: untrained {untrained:.4f}  {cells}  the folds choose {statistics.fmean(chosen):.4f} "
@@ -793,6 +795,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     h = sub.add_parser("choose", help="the folds' choice between candidates, cross-validated, from curves files")
     h.add_argument("candidates", nargs="+", metavar="NAME=FILE[,FILE...]", help="each candidate's curves files")
     h.add_argument("--share", type=float, default=1.0, help="cut every curve to this fraction of its length")
+    h.add_argument("--margin-se", type=float, default=0.0,
+                   help="a later candidate must beat the first by this many standard errors (train.fold_margin_se)")
     t = sub.add_parser("table", help="leave-one-data-set-out table of --json files")
     t.add_argument("files", nargs="+")
     args = ap.parse_args(argv)

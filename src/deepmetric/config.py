@@ -268,6 +268,11 @@ class TrainConfig(_Section):
     #: candidate trains on every fold; the candidate and step with the best mean validation are the
     #: run's (``config.yaml`` then holds that candidate's values). Empty: the recipe alone.
     fold_candidates: List[Dict[str, Any]] = Field(default_factory=list)
+    #: with ``fold_candidates``: a later candidate replaces the first (the incumbent) only where its
+    #: mean validation value beats the first's by more than this many standard errors of their
+    #: fold-by-fold differences (each fold's value at each candidate's own chosen step); 1 is the
+    #: one-standard-error rule. 0: the best mean wins
+    fold_margin_se: float = Field(0.0, ge=0)
     #: with ``length_folds``: the share of the budget (``time_budget`` or ``max_steps``) that the fold
     #: runs take together, split evenly between them; null: each fold run and the run itself get
     #: ``1/(runs + 1)``

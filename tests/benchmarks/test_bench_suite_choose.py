@@ -26,6 +26,10 @@ def test_choose_scores_each_fold_at_the_other_folds_choice(tmp_path, capsys):
     assert suite.main(["choose", f"a={tmp_path / 'a.json'}", f"b={tmp_path / 'b.json'}", "--share", "0.5"]) == 0
     assert capsys.readouterr().out.strip() == ("t: untrained 0.5000  a 0.6333  b 0.5333  the folds choose 0.6333 "
                                                "(a@10, a@10, a@10)")
+    # --margin-se 2: b must lead a by two standard errors of the two other folds' differences; it
+    # leads by 0.01 (0.02, 0.0), 0.145 (0.29, 0.0) and 0.155 (0.29, 0.02: s.e. 0.135), never by that
+    assert suite.main(["choose", f"a={tmp_path / 'a.json'}", f"b={tmp_path / 'b.json'}", "--margin-se", "2"]) == 0
+    assert capsys.readouterr().out.strip().endswith("the folds choose 0.6333 (a@10, a@10, a@10)")
 
 
 def test_few_class_test_tasks_keep_the_data_sets_zero_shot_split(tmp_path):

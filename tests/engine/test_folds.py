@@ -96,7 +96,11 @@ def test_the_folds_choose_a_candidate_and_the_config_repeats_it(tmp_path):
     record = json.loads((tmp_path / "a" / "folds.json").read_text())
     vals = [c["val"] for c in record["by_candidate"]]
     best = record["candidate"]
+    assert record["margin_se"] == 0.0  # given candidates: the best mean wins
     assert len(vals) == 2 and best == max(range(2), key=lambda j: (vals[j], -j)) == summary["length_folds"]["candidate"]
+    for c in record["by_candidate"]:  # each fold's value at the candidate's length, whose mean is its value
+        assert c["folds"] == [dict(map(tuple, curve))[c["steps"]] for curve in c["curves"]]
+        assert c["val"] == pytest.approx(sum(c["folds"]) / 3)
     assert all(len(c["curves"]) == 3 for c in record["by_candidate"]) and record["curves"] == record["by_candidate"][best]["curves"]
     lrs = [load_config(tmp_path / "a" / "folds" / str(i + 1) / "config.yaml").optimizer.lr for i in range(6)]
     assert lrs == [0.01] * 3 + [0.002] * 3  # 35 // 7 = 5 steps each
@@ -111,6 +115,28 @@ def test_the_folds_choose_a_candidate_and_the_config_repeats_it(tmp_path):
     assert again["metrics"] == summary["metrics"]
     a = (tmp_path / "a" / "checkpoints" / "last" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "b" / "checkpoints" / "last" / "model.safetensors").read_bytes()
+
+
+def test_a_later_candidate_must_win_by_the_margin(tmp_path):
+    """``train.fold_margin_se``: a candidate ahead of the first by less than that many standard errors
+    of the fold-by-fold differences leaves the first in place, and the note says by how much it was ahead."""
+    root = folder(tmp_path / "imgs", n_classes=8, per_class=6, size=8, grey=True)
+    candidates = '[{"model.embedding_dim": 2}, {}]'  # two dimensions tell 8 classes apart worse
+    base = [*TINY, "train.max_steps=35", f"train.fold_candidates={candidates}", "train.fold_members=1"]
+    free = Trainer(auto_config(root, base).config, tmp_path / "a").fit()
+    assert free["length_folds"]["candidate"] == 1
+    record = json.loads((tmp_path / "a" / "folds.json").read_text())
+    se = record["by_candidate"][1]["se"]
+    gap = record["by_candidate"][1]["val"] - record["by_candidate"][0]["val"]
+    assert se > 0 and gap > 0
+    held = Trainer(auto_config(root, [*base, f"train.fold_margin_se={1.01 * gap / se}"]).config, tmp_path / "b").fit()
+    assert held["length_folds"]["candidate"] == 0
+    assert load_config(tmp_path / "b" / "config.yaml").model.embedding_dim == 2
+    note = next(n for n in held["notes"] if n.startswith("length chosen on 3 folds"))
+    assert f"candidate 2 was ahead by {gap:.4f}, within" in note and "train.fold_margin_se" in note
+    # the automatic recipe's own candidates (the instance term) must win by one standard error
+    assert auto_config(root, TINY).config.train.fold_margin_se == 1.0
+    assert auto_config(root, [*TINY, "train.fold_margin_se=0"]).config.train.fold_margin_se == 0.0
 
 
 def test_the_recipe_asks_for_folds_only_where_the_classes_are_few(tmp_path):

@@ -94,6 +94,10 @@ DEFAULTS: Dict[str, Any] = {
     #: alone). Chosen on the suite: the term raised one few-class data set's folds and lowered three,
     #: and where it lowers them the folds keep the recipe (docs/benchmarks.md, "the instance term")
     "fold_instance_term": {"name": "ntxent", "labels": "instance", "params": {"temperature": 0.1}},
+    #: ... and the term must win the folds by more than this many standard errors of the fold-by-fold
+    #: differences (train.fold_margin_se; 1: the one-standard-error rule): it lowers most data sets
+    #: where it is not needed, and near the ceiling of a few-class fold a win by a hair is noise
+    "fold_margin_se": 1.0,
     #: ... and the run's share of the budget trains up to this many networks of the folds' length
     #: (train.fold_members: an ensemble, model.members) where it holds more than one; not with
     #: pretrained weights (the members would start alike, and each costs a large network's inference)
@@ -413,11 +417,19 @@ def auto_config(source: str | os.PathLike, overrides: Sequence[str] = (), name: 
         with_term = [t.model_dump(mode="json") for t in cfg.losses] + [dict(term)]  # the losses as overridden
         raw = cfg.to_dict()
         raw["train"]["fold_candidates"] = [{}, {"losses": with_term}]
+        margin = _override_value(overrides, "train.fold_margin_se")
+        if margin is ...:
+            raw["train"]["fold_margin_se"] = DEFAULTS.get("fold_margin_se", 0.0)
         cfg = validate(raw, source)
         choices.append(Choice("train.fold_candidates", "the recipe, and the recipe with an instance term",
                               "the folds compare them and keep the better: an instance term (each image against a "
                               "second view of itself) keeps features a few classes do not ask for; on the suite it "
                               "raised one few-class data set and lowered three"))
+        if margin is ...:
+            choices.append(Choice("train.fold_margin_se", cfg.train.fold_margin_se,
+                                  "the term must win by more than one standard error of the folds' differences (the "
+                                  "one-standard-error rule): where it is not needed it lowers the embedding, and "
+                                  "near the top of a few-class fold a win by a hair is noise"))
     overridden = [o.split("=", 1)[0] for o in overrides]
     return AutoRecipe(cfg, choices, notes, profile, overridden)
 

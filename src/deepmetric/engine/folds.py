@@ -23,7 +23,9 @@ curve has the best value (at its own best step) is the run's, with that length. 
 ``folds x candidates`` fold runs then gets a ``1/(folds x candidates + 1)`` share, and each candidate
 plans its own steps for it (their steps can cost differently). The run is built again for the chosen
 candidate (:meth:`~deepmetric.engine.trainer.Trainer.rebuild`) unless it is the recipe itself, and its
-``config.yaml`` holds the candidate's values.
+``config.yaml`` holds the candidate's values. ``train.fold_margin_se`` makes the first candidate the
+incumbent: another replaces it only by a lead of more than that many standard errors of their
+fold-by-fold differences (:func:`choose_candidate`).
 
 ``train.fold_members`` spends what an early stop leaves of the run's share: when that share holds
 several runs of the chosen length (:func:`member_count`), the run trains that many networks
@@ -77,6 +79,9 @@ class FoldLength:
     extended: int = 0
     #: ``train.fold_members``: the networks the run trains for ``steps`` each (``model.members``)
     members: int = 1
+    #: ``train.fold_margin_se``, and each candidate's standard error against the first
+    margin_se: float = 0.0
+    errors: List[float] = field(default_factory=list)
 
     @property
     def untrained(self) -> float:
@@ -104,6 +109,13 @@ class FoldLength:
             what = ", ".join(f"{k}={json.dumps(v)}" for k, v in (values or {}).items()) or "the recipe as it is"
             text += (f"; of {len(self.candidates)} candidates (train.fold_candidates: "
                      f"{', '.join(f'{v:.4f}' for v in self.candidates)}) the folds chose {self.candidate + 1}: {what}")
+            if self.margin_se and self.candidate == 0:
+                passed = [j for j in range(1, len(self.candidates)) if self.candidates[j] > self.candidates[0]]
+                if passed:
+                    j = max(passed, key=lambda i: self.candidates[i])
+                    text += (f" (candidate {j + 1} was ahead by {self.candidates[j] - self.candidates[0]:.4f}, within "
+                             f"{self.margin_se:g} standard error{'s' if self.margin_se != 1 else ''} of the folds' "
+                             f"differences, {self.margin_se * self.errors[j]:.4f}: train.fold_margin_se)")
         if self.extended:
             text += (f"; the folds' curve was still at its best at their last step, so the run trains for the rest "
                      f"of the budget instead: {self.extended} steps (train.fold_extend)")
@@ -125,6 +137,32 @@ def mean_curve(curves: List[List[Tuple[int, float]]]) -> List[Tuple[int, float]]
     """
     shared = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
     return [(s, round(float(np.mean([dict(c)[s] for c in curves])), 12)) for s in shared]
+
+
+def choose_candidate(values: List[List[float]], margin_se: float = 0.0) -> Tuple[int, List[float]]:
+    """Which candidate the folds keep, and each later candidate's standard error against the first.
+
+    ``values[j]``: candidate ``j``'s value on each fold (at its own chosen step). A later candidate
+    is eligible where its mean beats the first's by more than ``margin_se`` standard errors of their
+    fold-by-fold differences (``std(d, ddof=1) / sqrt(folds)``; 0 with one fold); the eligible
+    candidate with the best mean is kept, the first of equals, and the first where none is eligible.
+    With ``margin_se=0`` that is the best mean.
+
+    >>> choose_candidate([[0.96, 0.97, 0.97], [0.99, 0.99, 0.95]])[0]
+    1
+    >>> j, se = choose_candidate([[0.96, 0.97, 0.97], [0.99, 0.99, 0.95]], margin_se=1.0)
+    >>> j, round(se[1], 4)
+    (0, 0.0153)
+    >>> choose_candidate([[0.72, 0.70, 0.75], [0.79, 0.80, 0.78]], margin_se=1.0)[0]
+    1
+    """
+    means = [float(np.mean(v)) for v in values]
+    errors = [0.0]
+    for v in values[1:]:
+        d = np.asarray(v, dtype=float) - np.asarray(values[0], dtype=float)
+        errors.append(float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0)
+    eligible = [0] + [j for j in range(1, len(values)) if means[j] - means[0] > margin_se * errors[j]]
+    return max(eligible, key=lambda j: (means[j], -j)), errors
 
 
 def choose_length(mean: List[Tuple[int, float]]) -> int:
@@ -298,9 +336,11 @@ def run_folds(trainer: Any) -> FoldLength:
     runs = len(folds) * len(configs)
     budget = budget_seconds(cfg)
     results = [_candidate_folds(trainer, c, folds, j * len(folds), runs, budget) for j, c in enumerate(configs)]
-    best = max(range(len(results)), key=lambda j: (results[j].chosen, -j))  # the first of equals
+    values = [[dict(c)[r.steps] for c in r.curves] for r in results]  # each fold at the candidate's length
+    best, errors = choose_candidate(values, cfg.train.fold_margin_se)
     result = results[best]
     result.candidate, result.candidates = best, [r.chosen for r in results]
+    result.margin_se, result.errors = cfg.train.fold_margin_se, errors
     result.extended = extended_steps(cfg, result, runs, budget, CLOCK() - started)
     result.members = member_count(cfg, result, runs)
     atomic_write(trainer.run_dir / "folds.json", json.dumps(
@@ -308,7 +348,9 @@ def run_folds(trainer: Any) -> FoldLength:
          "steps": result.steps, "schedule_steps": result.schedule_steps, "extended": result.extended,
          "members": result.members,
          "curves": result.curves, "mean": result.mean,
-         "by_candidate": [{"steps": r.steps, "val": r.chosen, "curves": r.curves, "mean": r.mean} for r in results]},
+         "margin_se": cfg.train.fold_margin_se,
+         "by_candidate": [{"steps": r.steps, "val": r.chosen, "folds": v, "se": e, "curves": r.curves, "mean": r.mean}
+                          for r, v, e in zip(results, values, errors)]},
         indent=1))
     trainer.notes.append(result.describe(candidates[best] if candidates else None))
     log.info("%s", trainer.notes[-1])
@@ -331,5 +373,5 @@ def run_folds(trainer: Any) -> FoldLength:
     return result
 
 
-__all__ = ["FOLD_EVALUATIONS", "FOLD_VAL_PER_CLASS", "FoldLength", "choose_length", "extended_steps", "fold_run_share",
+__all__ = ["FOLD_EVALUATIONS", "FOLD_VAL_PER_CLASS", "FoldLength", "choose_candidate", "choose_length", "extended_steps", "fold_run_share",
            "fold_steps", "mean_curve", "member_count", "run_folds", "validation_curve"]
