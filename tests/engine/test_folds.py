@@ -129,6 +129,9 @@ def test_a_later_candidate_must_win_by_the_margin(tmp_path):
     se = record["by_candidate"][1]["se"]
     gap = record["by_candidate"][1]["val"] - record["by_candidate"][0]["val"]
     assert se > 0 and gap > 0
+    passed = Trainer(auto_config(root, [*base, f"train.fold_margin_se={0.99 * gap / se}"]).config, tmp_path / "p").fit()
+    assert passed["length_folds"]["candidate"] == 1  # a lead just above the margin
+    assert f"(ahead of candidate 1 by {gap:.4f}, more than" in " ".join(passed["notes"])
     held = Trainer(auto_config(root, [*base, f"train.fold_margin_se={1.01 * gap / se}"]).config, tmp_path / "b").fit()
     assert held["length_folds"]["candidate"] == 0
     assert load_config(tmp_path / "b" / "config.yaml").model.embedding_dim == 2

@@ -109,6 +109,11 @@ class FoldLength:
             what = ", ".join(f"{k}={json.dumps(v)}" for k, v in (values or {}).items()) or "the recipe as it is"
             text += (f"; of {len(self.candidates)} candidates (train.fold_candidates: "
                      f"{', '.join(f'{v:.4f}' for v in self.candidates)}) the folds chose {self.candidate + 1}: {what}")
+            if self.margin_se and self.candidate > 0:
+                j = self.candidate
+                text += (f" (ahead of candidate 1 by {self.candidates[j] - self.candidates[0]:.4f}, more than "
+                         f"{self.margin_se:g} standard error{'s' if self.margin_se != 1 else ''} of the folds' "
+                         f"differences, {self.margin_se * self.errors[j]:.4f}: train.fold_margin_se)")
             if self.margin_se and self.candidate == 0:
                 passed = [j for j in range(1, len(self.candidates)) if self.candidates[j] > self.candidates[0]]
                 if passed:
