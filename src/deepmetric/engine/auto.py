@@ -426,10 +426,12 @@ def auto_config(source: str | os.PathLike, overrides: Sequence[str] = (), name: 
                               "second view of itself) keeps features a few classes do not ask for; on the suite it "
                               "raised one few-class data set and lowered three"))
         if margin is ...:
-            choices.append(Choice("train.fold_margin_se", cfg.train.fold_margin_se,
-                                  "the term must win by more than one standard error of the folds' differences (the "
-                                  "one-standard-error rule): where it is not needed it lowers the embedding, and "
-                                  "near the top of a few-class fold a win by a hair is noise"))
+            se = cfg.train.fold_margin_se
+            choices.append(Choice("train.fold_margin_se", se,
+                                  f"the term must win by more than {'one' if se == 1 else f'{se:g}'} standard "
+                                  f"error{'' if se == 1 else 's'} of the folds' differences (the one-standard-error "
+                                  "rule): where it is not needed it lowers the embedding, and near the top of a "
+                                  "few-class fold a win by a hair is noise"))
     overridden = [o.split("=", 1)[0] for o in overrides]
     return AutoRecipe(cfg, choices, notes, profile, overridden)
 

@@ -109,18 +109,8 @@ class FoldLength:
             what = ", ".join(f"{k}={json.dumps(v)}" for k, v in (values or {}).items()) or "the recipe as it is"
             text += (f"; of {len(self.candidates)} candidates (train.fold_candidates: "
                      f"{', '.join(f'{v:.4f}' for v in self.candidates)}) the folds chose {self.candidate + 1}: {what}")
-            if self.margin_se and self.candidate > 0:
-                j = self.candidate
-                text += (f" (ahead of candidate 1 by {self.candidates[j] - self.candidates[0]:.4f}, more than "
-                         f"{self.margin_se:g} standard error{'s' if self.margin_se != 1 else ''} of the folds' "
-                         f"differences, {self.margin_se * self.errors[j]:.4f}: train.fold_margin_se)")
-            if self.margin_se and self.candidate == 0:
-                passed = [j for j in range(1, len(self.candidates)) if self.candidates[j] > self.candidates[0]]
-                if passed:
-                    j = max(passed, key=lambda i: self.candidates[i])
-                    text += (f" (candidate {j + 1} was ahead by {self.candidates[j] - self.candidates[0]:.4f}, within "
-                             f"{self.margin_se:g} standard error{'s' if self.margin_se != 1 else ''} of the folds' "
-                             f"differences, {self.margin_se * self.errors[j]:.4f}: train.fold_margin_se)")
+            if self.margin_se:
+                text += self._margin_note()
         if self.extended:
             text += (f"; the folds' curve was still at its best at their last step, so the run trains for the rest "
                      f"of the budget instead: {self.extended} steps (train.fold_extend)")
@@ -132,6 +122,20 @@ class FoldLength:
             text += ("; no length beat the untrained network on the held-out classes: train on more classes, "
                      "or start from pretrained weights (model.pretrained=PATH)")
         return text
+
+
+    def _margin_note(self) -> str:
+        """``train.fold_margin_se`` in the note: the chosen later candidate's lead and the margin it
+        passed, or, where the first was kept, the best later candidate's lead within the margin."""
+        ahead = [j for j in range(1, len(self.candidates)) if self.candidates[j] > self.candidates[0]]
+        if not self.candidate and not ahead:
+            return ""
+        j = self.candidate or max(ahead, key=lambda i: self.candidates[i])
+        lead = self.candidates[j] - self.candidates[0]
+        what = (f"ahead of candidate 1 by {lead:.4f}, more than" if self.candidate
+                else f"candidate {j + 1} was ahead by {lead:.4f}, within")
+        return (f" ({what} {self.margin_se:g} standard error{'s' if self.margin_se != 1 else ''} of the folds' "
+                f"differences, {self.margin_se * self.errors[j]:.4f}: train.fold_margin_se)")
 
 
 def mean_curve(curves: List[List[Tuple[int, float]]]) -> List[Tuple[int, float]]:
