@@ -142,6 +142,38 @@ def test_a_later_candidate_must_win_by_the_margin(tmp_path):
     assert auto_config(root, [*TINY, "train.fold_margin_se=0"]).config.train.fold_margin_se == 0.0
 
 
+def test_a_candidate_too_slow_for_its_share_is_left_out_not_fatal(tmp_path, monkeypatch):
+    """A later candidate whose fold runs' share of the budget is too short for one evaluation (here its
+    steps are made to measure 1,000 s) is not tried: the first candidate's folds, already run, choose
+    the length, and the notes, the summary and ``folds.json`` say why. (Found on a busy machine, where
+    the instance term's steps measured 20 times the recipe's and the run failed after its folds.)"""
+    import deepmetric.engine.budget as budget
+
+    real = budget._time_steps
+
+    def timed(trainer, *args, **kwargs):
+        if len(trainer.cfg.losses) > 1:  # the instance term's candidate
+            return 1000.0, 1000.0, 0.0
+        return real(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(budget, "_time_steps", timed)
+    root = folder(tmp_path / "imgs", n_classes=7, per_class=6, size=8, grey=True)
+    cfg = auto_config(root, [*TINY, "train.time_budget=20s"]).config
+    assert len(cfg.train.fold_candidates) == 2 and cfg.train.fold_margin_se == 1.0
+    summary = Trainer(cfg, tmp_path / "a").fit()
+    assert summary["length_folds"]["candidate"] == 0 and summary["length_folds"]["candidates"][1] is None
+    notes = " ".join(summary["notes"])
+    assert ("train.fold_candidates: candidate 2 was not tried: its fold runs' share of the budget (2 s each) is "
+            "too short for one evaluation of it (the untrained evaluation took") in notes
+    assert "train.fold_candidates: " in notes and "not tried) the folds chose 1: the recipe as it is" in notes
+    record = json.loads((tmp_path / "a" / "folds.json").read_text())
+    assert record["candidate"] == 0 and record["by_candidate"][1] == {"tried": False}
+    assert len(record["by_candidate"][0]["curves"]) == 3
+    written = load_config(tmp_path / "a" / "config.yaml")
+    assert len(written.losses) == 1 and written.train.fold_candidates == [] and written.train.max_steps == summary["step"]
+    assert "candidate 1 of the 2 train.fold_candidates" in format_summary(summary)
+
+
 def test_the_recipe_asks_for_folds_only_where_the_classes_are_few(tmp_path):
     assert fold_classes(["a", "b", "c", "d", "e"], 3) == [["d", "e"], ["c", "a"], ["b", "d"]]
     assert fold_classes(list("abcd"), 3) == [["d", "c"], ["a", "b"]]  # two folds cover four classes

@@ -70,9 +70,9 @@ class FoldLength:
     mean: List[Tuple[int, float]] = field(default_factory=list)
     warmup_steps: int = 0
     #: which of ``train.fold_candidates`` (0 without any), and each candidate's mean validation value
-    #: at its own chosen step
+    #: at its own chosen step (``None``: not tried, its share of the budget too short)
     candidate: int = 0
-    candidates: List[float] = field(default_factory=list)
+    candidates: List[Optional[float]] = field(default_factory=list)
     #: seconds a training step of the first fold took (a time budget's plan; 0 without one)
     step_s: float = 0.0
     #: ``train.fold_extend``: what the run trains instead of ``steps`` (0: not extended)
@@ -108,7 +108,7 @@ class FoldLength:
         if len(self.candidates) > 1:
             what = ", ".join(f"{k}={json.dumps(v)}" for k, v in (values or {}).items()) or "the recipe as it is"
             text += (f"; of {len(self.candidates)} candidates (train.fold_candidates: "
-                     f"{', '.join(f'{v:.4f}' for v in self.candidates)}) the folds chose {self.candidate + 1}: {what}")
+                     f"{', '.join('not tried' if v is None else f'{v:.4f}' for v in self.candidates)}) the folds chose {self.candidate + 1}: {what}")
             if self.margin_se:
                 text += self._margin_note()
         if self.extended:
@@ -127,7 +127,8 @@ class FoldLength:
     def _margin_note(self) -> str:
         """``train.fold_margin_se`` in the note: the chosen later candidate's lead and the margin it
         passed, or, where the first was kept, the best later candidate's lead within the margin."""
-        ahead = [j for j in range(1, len(self.candidates)) if self.candidates[j] > self.candidates[0]]
+        ahead = [j for j in range(1, len(self.candidates))
+                 if self.candidates[j] is not None and self.candidates[j] > self.candidates[0]]
         if not self.candidate and not ahead:
             return ""
         j = self.candidate or max(ahead, key=lambda i: self.candidates[i])
@@ -227,9 +228,10 @@ def fold_steps(cfg: Config, runs: int) -> int:
 
 
 def _candidate_folds(trainer: Any, cfg: Config, folds: List[List[Any]], first: int, runs: int,
-                     budget: float) -> FoldLength:
+                     budget: float) -> Optional[FoldLength]:
     """Train ``cfg`` (a candidate) on each fold, as runs ``first + 1 ...`` of ``runs`` under
-    ``RUN/folds/``; its :class:`FoldLength`."""
+    ``RUN/folds/``; its :class:`FoldLength`, or ``None`` for a later candidate (``first > 0``) whose
+    share of a time budget is too short for one evaluation (the trainer's notes say so)."""
     n_train = trainer.splits.num_classes
     share = fold_run_share(cfg, runs)
     metric = cfg.eval.metric
@@ -259,6 +261,14 @@ def _candidate_folds(trainer: Any, cfg: Config, folds: List[List[Any]], first: i
             fold_trainer.fit()
         except ConfigError as e:
             need = re.search(r"too short for one evaluation: (.*); give at least (\d+)s", str(e))
+            if i == 0 and budget and need and first:  # a later candidate: the first one's folds have run, so
+                # the budget held them; this one's steps cost more than its share holds. Failing now would
+                # throw away the folds done: the run goes on without this candidate, and says so
+                trainer.notes.append(f"train.fold_candidates: candidate {first // len(folds) + 1} was not tried: "
+                                     f"its fold runs' share of the budget ({budget * share:.3g} s each) is too "
+                                     f"short for one evaluation of it ({need.group(1)})")
+                log.warning("%s", trainer.notes[-1])
+                return None
             if i == 0 and budget and need:
                 part = f"{share:.3g}" if cfg.train.fold_share else f"1/{runs + 1}"
                 raise ConfigError(f"train.time_budget={trainer.cfg.train.time_budget}: too short for the folds that "
@@ -345,10 +355,14 @@ def run_folds(trainer: Any) -> FoldLength:
     runs = len(folds) * len(configs)
     budget = budget_seconds(cfg)
     results = [_candidate_folds(trainer, c, folds, j * len(folds), runs, budget) for j, c in enumerate(configs)]
-    values = [[dict(c)[r.steps] for c in r.curves] for r in results]  # each fold at the candidate's length
-    best, errors = choose_candidate(values, cfg.train.fold_margin_se)
+    tried = [j for j, r in enumerate(results) if r is not None]  # the first always is
+    values = [[dict(c)[r.steps] for c in r.curves] for r in results if r is not None]  # each fold at its length
+    pick, found = choose_candidate(values, cfg.train.fold_margin_se)
+    best, errors = tried[pick], [0.0] * len(results)
+    for j, e in zip(tried, found):
+        errors[j] = e
     result = results[best]
-    result.candidate, result.candidates = best, [r.chosen for r in results]
+    result.candidate, result.candidates = best, [None if r is None else r.chosen for r in results]
     result.margin_se, result.errors = cfg.train.fold_margin_se, errors
     result.extended = extended_steps(cfg, result, runs, budget, CLOCK() - started)
     result.members = member_count(cfg, result, runs)
@@ -358,8 +372,9 @@ def run_folds(trainer: Any) -> FoldLength:
          "members": result.members,
          "curves": result.curves, "mean": result.mean,
          "margin_se": cfg.train.fold_margin_se,
-         "by_candidate": [{"steps": r.steps, "val": r.chosen, "folds": v, "se": e, "curves": r.curves, "mean": r.mean}
-                          for r, v, e in zip(results, values, errors)]},
+         "by_candidate": [{"tried": False} if r is None else
+                          {"steps": r.steps, "val": r.chosen, "folds": values[tried.index(j)], "se": errors[j],
+                           "curves": r.curves, "mean": r.mean} for j, r in enumerate(results)]},
         indent=1))
     trainer.notes.append(result.describe(candidates[best] if candidates else None))
     log.info("%s", trainer.notes[-1])
