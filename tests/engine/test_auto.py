@@ -185,7 +185,7 @@ def test_a_budgeted_run_repeats_exactly_as_its_step_count(tmp_path):
     assert not (tmp_path / "c").exists()  # nothing half-made is left
 
 
-def test_train_dir_from_the_command_line_and_python(tmp_path, capsys, caplog):
+def test_train_dir_from_the_command_line_and_python(tmp_path, capsys, caplog, monkeypatch):
     import logging
 
     import deepmetric as dm
@@ -206,6 +206,10 @@ def test_train_dir_from_the_command_line_and_python(tmp_path, capsys, caplog):
     assert summary["length_folds"]["members"] == 4 == load_config(tmp_path / "py").model.members
     trainer = dm.Trainer(str(root), tmp_path / "py2")  # a path: the automatic recipe, defaults and all
     assert trainer.cfg.data.format == "image_folder" and trainer.cfg.train.time_budget == "5m"
+    # the run folder as a key, like any other choice (it was ignored for a folder, and the run went to runs/)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(root), f"run_dir={tmp_path / 'keyed'}", *TINY, "train.max_steps=2"]) == 0
+    assert (tmp_path / "keyed" / "config.yaml").is_file() and not (tmp_path / "runs").exists()
 
 
 def test_pretrained_weights_given_or_cached_choose_the_backbone(tmp_path, monkeypatch):

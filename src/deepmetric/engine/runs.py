@@ -52,7 +52,8 @@ def trainer_for(config: Optional[str], overrides: Sequence[str] = (), run_dir: O
     if is_data_path(config):  # your own images: a recipe written from the data, each choice said
         auto = auto_config(config, overrides)
         log.info("%s: a recipe from the data (key=value overrides any choice):\n%s", config, auto.describe())
-        trainer = Trainer(auto.config, Path(run_dir or f"runs/{auto.config.name}"), callbacks=callbacks)
+        trainer = Trainer(auto.config, Path(run_dir or auto.config.run_dir or f"runs/{auto.config.name}"),
+                          callbacks=callbacks)
         trainer.notes.extend(auto.notes)
         return trainer
     cfg = load_config(resolve_recipe(config), overrides)
