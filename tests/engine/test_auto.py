@@ -2,7 +2,6 @@
 reason), the hash split, the time budget, pretrained weights, and bad input (issue 22)."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -105,7 +104,7 @@ def test_few_classes_say_so_and_keep_the_last_step(tmp_path):
     root = folder(tmp_path / "imgs", n_classes=12, per_class=5)
     recipe = auto_config(root, TINY)
     assert recipe.config.data.val_classes is None
-    assert f"only 9 training classes: a validation split of 2 would select by noise" in recipe.describe()
+    assert "only 9 training classes: a validation split of 2 would select by noise" in recipe.describe()
     assert recipe.config.losses[0].memory is None  # a memory would hold the same few classes again
     assert "no cross-batch memory: only 9 training classes" in recipe.describe()
     many = auto_config(folder(tmp_path / "many", n_classes=2 * FEW_CLASSES, per_class=3, size=8), TINY)
