@@ -184,6 +184,44 @@ def test_a_budgeted_run_repeats_exactly_as_its_step_count(tmp_path):
     assert not (tmp_path / "c").exists()  # nothing half-made is left
 
 
+def _busy(monkeypatch, busy: bool) -> None:
+    """Make ``_time_steps`` measure a step 50 times slower on torch's threads (``busy``: other work holds
+    the cores) or on one thread (an idle machine), the other count as measured."""
+    import deepmetric.engine.budget as budget
+
+    real = budget._time_steps
+
+    def timed(trainer, *args, **kwargs):
+        cold, warm, each = real(trainer, *args, **kwargs)
+        return (cold * 50, warm * 50, each) if busy == (torch.get_num_threads() > 1) else (cold, warm, each)
+
+    monkeypatch.setattr(budget, "_time_steps", timed)
+
+
+@pytest.mark.parametrize("busy", [True, False])
+def test_a_budgeted_run_keeps_the_faster_thread_count(tmp_path, monkeypatch, busy):
+    """``train.threads=0``: a time-budget run on the CPU times its steps on one thread too and keeps the
+    faster count; ``config.yaml`` records it, so the repeat computes alike, and the threads are torch's
+    again after the run."""
+    root = folder(tmp_path / "imgs", n_classes=10, per_class=6, size=8)
+    cfg = auto_config(root, [*TINY, "train.time_budget=4s", "train.length_folds=[]"]).config
+    assert cfg.train.threads == 0
+    _busy(monkeypatch, busy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        summary = Trainer(cfg, tmp_path / "a").fit()
+        assert torch.get_num_threads() == 2  # the run's count was the run's only
+        written = load_config(tmp_path / "a" / "config.yaml")
+        assert written.train.threads == (1 if busy else 2) and summary["budget"]["threads"] == written.train.threads
+        notes = " ".join(summary["notes"])
+        assert ("train.threads=1: a step took" in notes and "against" in notes and "on torch's 2" in notes) == busy
+        again = Trainer(written, tmp_path / "b").fit()  # no budget: no measuring; the recorded count
+        assert again["metrics"] == summary["metrics"]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_train_dir_from_the_command_line_and_python(tmp_path, capsys, caplog, monkeypatch):
     import logging
 

@@ -174,6 +174,28 @@ def test_a_candidate_too_slow_for_its_share_is_left_out_not_fatal(tmp_path, monk
     assert "candidate 1 of the 2 train.fold_candidates" in format_summary(summary)
 
 
+def test_the_thread_count_the_first_fold_kept_is_the_folds_and_the_runs(tmp_path, monkeypatch):
+    """``train.threads=0`` with folds: the first fold run measures (one thread is faster here: other
+    work holds the cores), and the other folds and the run compute on the count it kept."""
+    from tests.engine.test_auto import _busy
+
+    _busy(monkeypatch, True)
+    root = folder(tmp_path / "imgs", n_classes=7, per_class=6, size=8, grey=True)
+    cfg = auto_config(root, [*TINY, "train.time_budget=10s", "train.fold_candidates=[]"]).config
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        summary = Trainer(cfg, tmp_path / "a").fit()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert [load_config(tmp_path / "a" / "folds" / str(i + 1) / "config.yaml").train.threads for i in range(3)] == [1] * 3
+    assert load_config(tmp_path / "a" / "config.yaml").train.threads == 1
+    assert "train.threads=1: a step took" in " ".join(json.loads(
+        (tmp_path / "a" / "folds" / "1" / "metrics.json").read_text())["notes"])
+    assert summary["step"] >= 1
+
+
 def test_the_recipe_asks_for_folds_only_where_the_classes_are_few(tmp_path):
     assert fold_classes(["a", "b", "c", "d", "e"], 3) == [["d", "e"], ["c", "a"], ["b", "d"]]
     assert fold_classes(list("abcd"), 3) == [["d", "c"], ["a", "b"]]  # two folds cover four classes

@@ -14,6 +14,7 @@ selected checkpoint's, come on top: they take what the test set's size asks, wha
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 import time
@@ -50,6 +51,9 @@ class Plan:
     elapsed_s: float
     #: seconds planned for the training images' first decoding into the memory cache (``data.cache``)
     fill_s: float = 0.0
+    #: the CPU threads the measurement kept (``train.threads=0``; 0: not compared), and why where one
+    threads: int = 0
+    threads_note: Optional[str] = None
 
     def describe(self, budget: str) -> str:
         fill = f", {self.fill_s:.1f} s to decode the images into memory once" if self.fill_s else ""
@@ -133,6 +137,11 @@ def measure_budget(trainer: Any, started: Optional[float] = None, time_test: boo
     cache = getattr(getattr(trainer, "parts", None), "cache", None)
     stats = None if cache is None else cache.stats("train")
     cold_s, warm_s, each_s = _time_steps(trainer, stats=stats)
+    threads, threads_note = 0, None
+    if cfg.train.threads == 0 and trainer.device.type == "cpu" and torch.get_num_threads() > 1:
+        threads, one, threads_note = compare_threads(trainer, warm_s, stats)
+        if one is not None:  # the steps of one thread (the images' decoding cost: the first timing's)
+            cold_s, warm_s = one[0], one[1]
     fill = None
     if stats is not None and stats.misses and cache.fits("train"):  # new images decode once, then come from memory
         step_s, fill = warm_s, (cache.left_to_fill("train"), each_s, trainer.cfg.data.classes_per_batch
@@ -150,7 +159,26 @@ def measure_budget(trainer: Any, started: Optional[float] = None, time_test: boo
         spent -= timed["val"]
     plan = plan_steps(budget_seconds(cfg), spent, step_s, timed.get("val", timed.get("test")), timed.get("test", 0.0),
                       cfg.train.eval_every, what=str(cfg.train.time_budget), fill=fill)
-    return broadcast_object(plan), done  # every rank trains the steps rank 0 measured
+    if threads:
+        plan = dataclasses.replace(plan, threads=threads, threads_note=threads_note)
+    return broadcast_object(plan), done
+
+
+def compare_threads(trainer: Any, step_s: float, stats: Any = None) -> Tuple[int, Optional[Tuple[float, float, float]],
+                                                                             Optional[str]]:
+    """``train.threads=0`` on the CPU: time the trainer's steps on one thread (:func:`_time_steps`)
+    against ``step_s``, a step measured on torch's threads, and keep the faster count
+    (``torch.set_num_threads``). Returns the count kept, and where it is one, that timing and a note
+    saying why."""
+    many = torch.get_num_threads()
+    torch.set_num_threads(1)
+    one = _time_steps(trainer, stats=stats)
+    if one[1] < step_s:
+        return 1, one, (f"train.threads=1: a step took {one[1] * 1000:.0f} ms on one thread against "
+                        f"{step_s * 1000:.0f} ms on torch's {many} (its threads wait for one another where other "
+                        f"work holds the cores or the operations are small), so the run computes on one")
+    torch.set_num_threads(many)
+    return many, None, None  # every rank trains the steps rank 0 measured
 
 
 def measure_steps(trainer: Any, steps: int = 8, warmup: int = 2) -> float:
@@ -226,10 +254,14 @@ def fit_to_budget(trainer: Any, started: Optional[float] = None) -> Dict[str, An
 
     plan, done = measure_budget(trainer, started)
     trainer.budget_plan = plan
+    if plan.threads_note:
+        trainer.notes.append(plan.threads_note)
+        log.info("%s", trainer.notes[-1])
     trainer.notes.append(plan.describe(str(trainer.cfg.train.time_budget)))
     log.info("%s", trainer.notes[-1])
     update = {"train": trainer.cfg.train.model_copy(update={
-        "max_steps": plan.max_steps, "eval_every": plan.eval_every, "time_budget": None})}
+        "max_steps": plan.max_steps, "eval_every": plan.eval_every, "time_budget": None,
+        **({"threads": plan.threads} if plan.threads else {})})}
     warmup = trainer.cfg.scheduler.warmup_steps
     kept = short_run_warmup(warmup, plan.max_steps)
     if kept != warmup:

@@ -82,6 +82,8 @@ class FoldLength:
     #: ``train.fold_margin_se``, and each candidate's standard error against the first
     margin_se: float = 0.0
     errors: List[float] = field(default_factory=list)
+    #: the CPU threads the candidate's fold runs computed with (``train.threads``; 0: torch's default)
+    threads: int = 0
 
     @property
     def untrained(self) -> float:
@@ -246,7 +248,8 @@ def _candidate_folds(trainer: Any, cfg: Config, folds: List[List[Any]], first: i
             steps = plan.get("max_steps") or fold_steps(cfg, runs)
             every = plan.get("eval_every") or max(1, steps // FOLD_EVALUATIONS)
             update = {"train": fcfg.train.model_copy(update={"time_budget": None, "max_steps": steps,
-                                                             "eval_every": every})}
+                                                             "eval_every": every,
+                                                             "threads": plan.get("threads") or fcfg.train.threads})}
             if "warmup_steps" in plan:
                 update["scheduler"] = fcfg.scheduler.model_copy(update={"warmup_steps": plan["warmup_steps"]})
             fcfg = fcfg.model_copy(update=update)
@@ -283,13 +286,14 @@ def _candidate_folds(trainer: Any, cfg: Config, folds: List[List[Any]], first: i
         if i == 0:
             plan = {"max_steps": fold_trainer.cfg.train.max_steps, "eval_every": fold_trainer.cfg.train.eval_every,
                     "warmup_steps": fold_trainer.cfg.scheduler.warmup_steps,
-                    "step_s": fold_trainer.budget_plan.step_s if fold_trainer.budget_plan else 0.0}
+                    "step_s": fold_trainer.budget_plan.step_s if fold_trainer.budget_plan else 0.0,
+                    "threads": fold_trainer.cfg.train.threads}
         curves.append(validation_curve(fold_trainer, metric))
         del fold_trainer
         gc.collect()
     mean = mean_curve(curves)
     return FoldLength(metric, choose_length(mean), plan["max_steps"], curves, mean, warmup_steps=plan["warmup_steps"],
-                      step_s=plan["step_s"])
+                      step_s=plan["step_s"], threads=plan["threads"])
 
 
 def extended_steps(cfg: Config, result: FoldLength, runs: int, budget: Optional[float], spent: float) -> int:
@@ -385,7 +389,8 @@ def run_folds(trainer: Any) -> FoldLength:
         warmup = short_run_warmup(chosen.scheduler.warmup_steps, steps)
     scheduler = chosen.scheduler.model_copy(update={"total_steps": total, "warmup_steps": warmup})
     train = chosen.train.model_copy(update={"max_steps": steps, "time_budget": None, "length_folds": [],
-                                            "fold_candidates": [], "eval_every": 0})
+                                            "fold_candidates": [], "eval_every": 0,
+                                            "threads": result.threads or chosen.train.threads})
     final = chosen.model_copy(update={"train": train, "scheduler": scheduler})
     if result.members > 1:
         final = final.model_copy(update={"model": final.model.model_copy(update={"members": result.members})})

@@ -253,6 +253,7 @@ class Trainer:
         ``metrics.json``; see :func:`deepmetric.viz.summary.format_summary`)."""
         created = not self.run_dir.exists()
         then = f"; free space (or fix the folder), then continue with `deepmetric train --resume {self.run_dir}`"
+        threads = torch.get_num_threads()  # train.threads sets them for the run only
         try:
             with collect_notes(self.notes), writing(self.run_dir, "run directory", then):
                 if self.is_main:
@@ -265,8 +266,12 @@ class Trainer:
             if self.is_main and created and not self.resume and not (self.run_dir / "checkpoints").exists():
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             raise
+        finally:
+            torch.set_num_threads(threads)
 
     def _fit(self) -> Dict[str, Any]:
+        if self.cfg.train.threads:
+            torch.set_num_threads(self.cfg.train.threads)
         if self.cfg.train.length_folds and not self.resume:  # how long to train, chosen on folds first
             if self.dist.is_distributed:
                 raise ConfigError("train.length_folds runs in one process; choose the length there (or set "
@@ -274,6 +279,8 @@ class Trainer:
             from .folds import run_folds
 
             self.fold_length = run_folds(self)
+            if self.cfg.train.threads:  # the count the folds' time budget kept
+                torch.set_num_threads(self.cfg.train.threads)
         untrained = fit_to_budget(self, budget.CLOCK()) if budget_seconds(self.cfg) and not self.resume else {}
         if self.is_main and not self.resume:
             save_config(self.cfg, self.run_dir / "config.yaml")
