@@ -109,8 +109,9 @@ class FoldLength:
                 f"{self.untrained:.4f}, after {self.schedule_steps} steps {self.mean[-1][1]:.4f})")
         if len(self.candidates) > 1:
             what = ", ".join(f"{k}={json.dumps(v)}" for k, v in (values or {}).items()) or "the recipe as it is"
-            text += (f"; of {len(self.candidates)} candidates (train.fold_candidates: "
-                     f"{', '.join('not tried' if v is None else f'{v:.4f}' for v in self.candidates)}) the folds chose {self.candidate + 1}: {what}")
+            scores = ", ".join("not tried" if v is None else f"{v:.4f}" for v in self.candidates)
+            text += (f"; of {len(self.candidates)} candidates (train.fold_candidates: {scores}) the folds chose "
+                     f"{self.candidate + 1}: {what}")
             if self.margin_se:
                 text += self._margin_note()
         if self.extended:
