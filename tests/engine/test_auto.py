@@ -2,7 +2,6 @@
 reason), the hash split, the time budget, pretrained weights, and bad input (issue 22)."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

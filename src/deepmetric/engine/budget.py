@@ -161,7 +161,7 @@ def measure_budget(trainer: Any, started: Optional[float] = None, time_test: boo
                       cfg.train.eval_every, what=str(cfg.train.time_budget), fill=fill)
     if threads:
         plan = dataclasses.replace(plan, threads=threads, threads_note=threads_note)
-    return broadcast_object(plan), done
+    return broadcast_object(plan), done  # every rank trains the steps rank 0 measured
 
 
 def compare_threads(trainer: Any, step_s: float, stats: Any = None) -> Tuple[int, Optional[Tuple[float, float, float]],
@@ -178,7 +178,7 @@ def compare_threads(trainer: Any, step_s: float, stats: Any = None) -> Tuple[int
                         f"{step_s * 1000:.0f} ms on torch's {many} (its threads wait for one another where other "
                         f"work holds the cores or the operations are small), so the run computes on one")
     torch.set_num_threads(many)
-    return many, None, None  # every rank trains the steps rank 0 measured
+    return many, None, None
 
 
 def measure_steps(trainer: Any, steps: int = 8, warmup: int = 2) -> float:

@@ -270,17 +270,15 @@ class Trainer:
             torch.set_num_threads(threads)
 
     def _fit(self) -> Dict[str, Any]:
-        if self.cfg.train.threads:
-            torch.set_num_threads(self.cfg.train.threads)
         if self.cfg.train.length_folds and not self.resume:  # how long to train, chosen on folds first
             if self.dist.is_distributed:
                 raise ConfigError("train.length_folds runs in one process; choose the length there (or set "
                                   "train.max_steps) and launch that with torchrun")
             from .folds import run_folds
 
-            self.fold_length = run_folds(self)
-            if self.cfg.train.threads:  # the count the folds' time budget kept
-                torch.set_num_threads(self.cfg.train.threads)
+            self.fold_length = run_folds(self)  # the fold runs set their own threads
+        if self.cfg.train.threads:  # the recipe's, or the count the folds' time budget kept
+            torch.set_num_threads(self.cfg.train.threads)
         untrained = fit_to_budget(self, budget.CLOCK()) if budget_seconds(self.cfg) and not self.resume else {}
         if self.is_main and not self.resume:
             save_config(self.cfg, self.run_dir / "config.yaml")
