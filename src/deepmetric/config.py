@@ -250,7 +250,7 @@ class TrainConfig(_Section):
     #: CPU threads the run computes with (``torch.set_num_threads`` for the run, restored after it).
     #: 0: torch's default, except that a ``time_budget`` run on the CPU times its steps on one thread
     #: as well and keeps the faster: on a busy machine torch's threads wait for one another (a step of
-    #: the digits recipe took 32-554 ms on two threads of a 2-core machine running two other jobs,
+    #: the digits recipe took 28-554 ms on two threads of a 2-core machine running two other jobs,
     #: 6-22 ms on one). ``config.yaml`` then records the count kept, so the repeat computes alike.
     threads: int = Field(0, ge=0)
     #: decay of an exponential moving average of the weights (0 = off; 0.99 averages about the last
