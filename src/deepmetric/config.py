@@ -118,6 +118,10 @@ class ModelConfig(_Section):
     pooling: Literal["avg", "max", "gem", "avgmax"] = "avg"
     bnneck: bool = False
     normalize: bool = True
+    #: what retrieval (evaluation, embed, search, export) uses: ``embedding`` (the head's, what the
+    #: losses train), or ``pooled``: the pooled features before the projection, L2-normalised with
+    #: ``normalize``. ``train.fold_retrieval`` lets folds of the training classes choose
+    retrieval: Literal["embedding", "pooled"] = "embedding"
     #: keep every BatchNorm of the backbone in eval mode (running statistics frozen) during training
     freeze_bn: bool = False
     #: with ``freeze_bn``, also freeze the BatchNorm weight and bias (False: they keep training)
@@ -291,6 +295,11 @@ class TrainConfig(_Section):
     #: folds' length, as many as the run's share of the budget holds (its steps over that length):
     #: an early stop leaves that share to more members instead of unspent; 1: one network
     fold_members: int = Field(1, ge=1)
+    #: with ``length_folds``: the folds also score the pooled features under the projection
+    #: (``model.retrieval: pooled``) on their held-out classes, and the run keeps them where they lead
+    #: the embedding by more than ``fold_margin_se`` standard errors (each at its own best step, which
+    #: is then the length); needs ``model.embedding_dim`` (a projection to look under)
+    fold_retrieval: bool = False
 
     @field_validator("length_folds")
     @classmethod
@@ -503,6 +512,14 @@ def validate(raw: Any, source: str = "config") -> Config:
                               f"which is empty; give both, or train.fold_candidates=[]")
         for j in range(len(cfg.train.fold_candidates)):
             with_candidate(cfg, j, source)  # each candidate is a valid recipe
+    if cfg.train.fold_retrieval:
+        if not cfg.train.length_folds:
+            raise ConfigError(f"{source}: train.fold_retrieval is chosen on the folds of train.length_folds, which is "
+                              f"empty; give both, or train.fold_retrieval=false")
+        if not cfg.model.embedding_dim:
+            raise ConfigError(f"{source}: train.fold_retrieval compares the embedding with the pooled features under "
+                              f"its projection, and model.embedding_dim is 0 (no projection); set "
+                              f"train.fold_retrieval=false")
     return cfg
 
 

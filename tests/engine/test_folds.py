@@ -90,8 +90,8 @@ def test_the_folds_choose_a_candidate_and_the_config_repeats_it(tmp_path):
     root = folder(tmp_path / "imgs", n_classes=8, per_class=6, size=8, grey=True)
     instance = "{name: ntxent, labels: instance, params: {temperature: 0.2}}"
     candidates = f'[{{"optimizer.lr": 0.01}}, {{"optimizer.lr": 0.002, losses: [{{name: multi_similarity}}, {instance}]}}]'
-    cfg = auto_config(root, [*TINY, "train.max_steps=35", f"train.fold_candidates={candidates}",
-                             "train.fold_members=1"]).config  # one network: the six fold runs and the run share 35
+    cfg = auto_config(root, [*TINY, "train.max_steps=35", f"train.fold_candidates={candidates}", "train.fold_members=1",
+                             "train.fold_retrieval=false"]).config  # one network: the six fold runs and the run share 35
     summary = Trainer(cfg, tmp_path / "a").fit()
     record = json.loads((tmp_path / "a" / "folds.json").read_text())
     vals = [c["val"] for c in record["by_candidate"]]
@@ -140,6 +140,48 @@ def test_a_later_candidate_must_win_by_the_margin(tmp_path):
     # the automatic recipe's own candidates (the instance term) must win by one standard error
     assert auto_config(root, TINY).config.train.fold_margin_se == 1.0
     assert auto_config(root, [*TINY, "train.fold_margin_se=0"]).config.train.fold_margin_se == 0.0
+
+
+def test_the_folds_choose_what_the_run_retrieves(tmp_path):
+    """``train.fold_retrieval`` (the automatic recipe's, with few classes): every fold validation also
+    scores the pooled features under the projection. Under a 2-d projection they lead by far: the run
+    retrieves them at their own length, ``config.yaml`` repeats it, and ``deepmetric eval`` and the
+    Predictor give what the run scored. Under a margin nothing passes, the embedding stays."""
+    from deepmetric.cli import main as cli
+    from deepmetric.inference.predictor import Predictor
+
+    root = folder(tmp_path / "imgs", n_classes=8, per_class=6, size=8, grey=True)
+    base = [*TINY, "model.embedding_dim=2", "train.max_steps=40", "train.fold_candidates=[]", "train.fold_members=1"]
+    cfg = auto_config(root, base).config
+    assert cfg.train.fold_retrieval and cfg.train.fold_margin_se == 1.0 and cfg.model.retrieval == "embedding"
+    summary = Trainer(cfg, tmp_path / "a").fit()
+    record = json.loads((tmp_path / "a" / "folds.json").read_text())
+    choice, embedding = record["retrieval_choice"], record["by_candidate"][0]
+    assert record["retrieval"] == "pooled" == summary["length_folds"]["retrieval"]
+    assert choice["embedding"]["folds"] == embedding["folds"] and choice["embedding"]["steps"] == embedding["steps"]
+    assert choice["pooled"]["folds"] == [dict(map(tuple, c))[record["steps"]] for c in record["curves"]]
+    assert record["steps"] == choice["pooled"]["steps"] == choose_length([tuple(x) for x in record["mean"]])
+    assert choice["pooled"]["val"] - choice["embedding"]["val"] > choice["se"] > 0
+    assert record["curves"] != embedding["curves"] and all(c[0][0] == 0 for c in record["curves"])
+    note = next(n for n in summary["notes"] if n.startswith("length chosen on 3 folds"))
+    assert "so the run retrieves the pooled features (train.fold_retrieval, model.retrieval=pooled)" in note
+    written = load_config(tmp_path / "a" / "config.yaml")
+    assert written.model.retrieval == "pooled" and not written.train.fold_retrieval
+    assert written.train.max_steps == record["steps"] == summary["step"]
+    again = Trainer(written, tmp_path / "b").fit()  # config.yaml repeats it without the folds
+    assert again["metrics"] == summary["metrics"]
+    assert cli(["eval", str(tmp_path / "a"), "--output", str(tmp_path / "ev")]) == 0
+    scored = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert scored.get("metrics", scored)["map@r"] == pytest.approx(summary["metrics"]["map@r"], abs=1e-6)
+    assert Predictor.from_checkpoint(tmp_path / "a").embedding_dim == 64  # 16 channels x a 2 x 2 grid
+    held = Trainer(auto_config(root, [*base, "train.fold_margin_se=1000"]).config, tmp_path / "c").fit()
+    assert held["length_folds"]["retrieval"] == "embedding"
+    assert load_config(tmp_path / "c" / "config.yaml").model.retrieval == "embedding"
+    assert "within 1000 standard errors" in " ".join(held["notes"])
+    # your own retrieval, or a run without folds: nothing to choose
+    assert not auto_config(root, [*base, "model.retrieval=pooled"]).config.train.fold_retrieval
+    with pytest.raises(ConfigError, match="train.fold_retrieval compares the embedding with the pooled features"):
+        auto_config(root, [*base, "model.embedding_dim=0", "train.fold_retrieval=true"])
 
 
 def test_a_candidate_too_slow_for_its_share_is_left_out_not_fatal(tmp_path, monkeypatch):
@@ -260,7 +302,7 @@ def test_fold_share_and_the_extension_to_the_rest_of_the_budget(tmp_path, monkey
     monkeypatch.setattr(folds, "validation_curve", curve)
     root = folder(tmp_path / "imgs", n_classes=8, per_class=6, size=8, grey=True)
     cfg = auto_config(root, [*TINY, "train.max_steps=40", "train.fold_candidates=[]", "train.fold_share=0.6",
-                             "train.fold_extend=true"]).config
+                             "train.fold_extend=true", "train.fold_retrieval=false"]).config  # set curves: the embedding's
     summary = Trainer(cfg, tmp_path / "a").fit()
     record = json.loads((tmp_path / "a" / "folds.json").read_text())
     assert all(load_config(tmp_path / "a" / "folds" / str(i + 1) / "config.yaml").train.max_steps == 8
@@ -292,7 +334,7 @@ def test_an_early_length_leaves_the_share_to_more_members(tmp_path, monkeypatch,
     monkeypatch.setattr(folds, "validation_curve", curve)
     root = folder(tmp_path / "imgs", n_classes=8, per_class=6, size=8, grey=True)
     cfg = auto_config(root, [*TINY, "train.max_steps=40", "train.fold_candidates=[]",
-                             f"train.fold_members={allowed}"]).config
+                             f"train.fold_members={allowed}", "train.fold_retrieval=false"]).config
     summary = Trainer(cfg, tmp_path / "a").fit()
     record = json.loads((tmp_path / "a" / "folds.json").read_text())
     written = load_config(tmp_path / "a" / "config.yaml")

@@ -104,3 +104,24 @@ def test_onnx_export_of_every_pooling(pooling, tmp_path):
                            optimizers={}, state={"step": 0})
     report = export_checkpoint(ckpt, "onnx", tmp_path / "model.onnx")
     assert report.max_abs_diff <= 1e-4
+
+
+def test_onnx_export_of_the_pooled_retrieval(tmp_path, image_folder):
+    """``model.retrieval: pooled`` (what ``train.fold_retrieval`` may choose): the export gives the
+    pooled features the checkpoint's evaluation scored, with their width in the metadata, and the ONNX
+    predictor agrees with the PyTorch one."""
+    from deepmetric.config import load_config
+    from deepmetric.engine.build import build_model
+    from deepmetric.engine.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.backbone=small_cnn", "model.in_chans=3", "model.embedding_dim=16",
+                             "model.backbone_options={width: 8, grid: 2}", "model.retrieval=pooled",
+                             "data.transform=imagenet", "data.image_size=[32,32]"])
+    ckpt = save_checkpoint(tmp_path / "best", cfg=cfg, model=build_model(cfg), losses=torch.nn.ModuleList(),
+                           optimizers={}, state={"step": 0})
+    report = export_checkpoint(ckpt, "onnx", tmp_path / "model.onnx")
+    assert report.max_abs_diff <= 1e-4 and read_onnx_metadata(tmp_path / "model.onnx")["embedding_dim"] == 64
+    images = sorted(str(p) for p in image_folder.rglob("*.jpg"))[:6]
+    a = Predictor.from_checkpoint(ckpt).embed_images(images)
+    assert a.shape == (6, 64) and np.abs(a - Predictor.from_onnx(tmp_path / "model.onnx").embed_images(images)).max() <= 1e-4

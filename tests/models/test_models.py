@@ -45,6 +45,40 @@ def test_freeze_batchnorm_keeps_backbone_statistics_across_train_calls(affine):
     assert not any(bn.training for bn in bns)
 
 
+def test_pooled_retrieval_is_the_features_under_the_projection():
+    """``model.retrieval: pooled``: search and evaluation get the pooled map before the projection,
+    L2-normalised; the losses still get the projected embedding; ``retrieval_as`` switches and restores."""
+    import torch.nn.functional as F
+
+    from deepmetric.config import ConfigError, load_config
+    from deepmetric.core.errors import ParameterError
+    from deepmetric.engine.build import build_model
+    from deepmetric.models import Ensemble, retrieval_as
+
+    torch.manual_seed(0)
+    m = build_embedder("small_cnn", embedding_dim=8, in_chans=1, backbone_options={"width": 8, "grid": 2},
+                       retrieval="pooled").eval()
+    x = torch.randn(3, 1, 8, 8)
+    pooled = F.normalize(m.head.pool(m.backbone(x)).flatten(1), dim=1)
+    assert m.embedding_dim == 64 and m.loss_dim == 8  # 16 channels x a 2 x 2 grid; the projection's 8
+    torch.testing.assert_close(m(x), pooled)
+    assert m(x, all_outputs=True)["embedding"].shape == (3, 8)
+    with retrieval_as(m, "embedding"):
+        torch.testing.assert_close(m(x), m.forward_train(x)["embedding"])
+        assert m.embedding_dim == 8
+    torch.testing.assert_close(m(x), pooled)
+    raw = build_embedder("small_cnn", embedding_dim=8, in_chans=1, normalize=False, retrieval="pooled").eval()
+    torch.testing.assert_close(raw(x), raw.head.pool(raw.backbone(x)).flatten(1))  # unnormalised as asked
+    two = build_model(load_config(None, ["model.backbone=small_cnn", "model.in_chans=1", "model.embedding_dim=8",
+                                         "model.members=2", "model.retrieval=pooled"]))
+    assert isinstance(two, Ensemble) and two.embedding_dim == 2 * 128 and two.eval()(x).shape == (3, 256)
+    assert [e.loss_dim for e in two.members] == [8, 8]
+    with pytest.raises(ParameterError, match="must be one of embedding, pooled, got 'neck'"):
+        build_embedder("small_cnn", in_chans=1, retrieval="neck")
+    with pytest.raises(ConfigError, match="model.retrieval"):
+        load_config(None, ["model.retrieval=neck"])
+
+
 def test_unnormalised_embedding_keeps_the_neck():
     m = build_embedder("small_cnn", embedding_dim=16, normalize=False, in_chans=1).eval()
     out = m.forward_train(torch.randn(3, 1, 8, 8))

@@ -98,6 +98,11 @@ DEFAULTS: Dict[str, Any] = {
     #: differences (train.fold_margin_se; 1: the one-standard-error rule): it lowers most data sets
     #: where it is not needed, and near the ceiling of a few-class fold a win by a hair is noise
     "fold_margin_se": 1.0,
+    #: ... and the folds also score the pooled features under the projection, and the run retrieves
+    #: them where they win by that margin (train.fold_retrieval, model.retrieval). Chosen on the suite's
+    #: few-class folds: the pooled features won digits' and Fashion-MNIST's (5 training classes), the
+    #: embedding all six 20-class tasks of CJK and icons (docs/benchmarks.md, "what the run retrieves")
+    "fold_retrieval": True,
     #: ... and the run's share of the budget trains up to this many networks of the folds' length
     #: (train.fold_members: an ensemble, model.members) where it holds more than one; not with
     #: pretrained weights (the members would start alike, and each costs a large network's inference)
@@ -409,31 +414,45 @@ def auto_config(source: str | os.PathLike, overrides: Sequence[str] = (), name: 
         raw["data"]["test_classes"] = None
     source = f"{profile.source} (automatic recipe) with overrides"
     cfg = validate(apply_overrides(raw, list(overrides)), source)
+    cfg = _fold_choices(cfg, overrides, choices, source)
+    overridden = [o.split("=", 1)[0] for o in overrides]
+    return AutoRecipe(cfg, choices, notes, profile, overridden)
+
+
+def _fold_choices(cfg: Config, overrides: Sequence[str], choices: List[Choice], source: str) -> Config:
+    """With ``train.length_folds``, what else the folds choose: the instance term
+    (``train.fold_candidates``), the retrieval (``train.fold_retrieval``), and the margin either must
+    win by (``train.fold_margin_se``); each as :data:`DEFAULTS` says unless overridden."""
+    if not cfg.train.length_folds:
+        return cfg
+    raw = cfg.to_dict()
     term = DEFAULTS.get("fold_instance_term")
     given_candidates = _override_value(overrides, "train.fold_candidates")
     if given_candidates is not ...:
         choices.append(Choice("train.fold_candidates", given_candidates, "set by you"))
-    elif cfg.train.length_folds and term:
+    elif term:
         with_term = [t.model_dump(mode="json") for t in cfg.losses] + [dict(term)]  # the losses as overridden
-        raw = cfg.to_dict()
         raw["train"]["fold_candidates"] = [{}, {"losses": with_term}]
-        margin = _override_value(overrides, "train.fold_margin_se")
-        if margin is ...:
-            raw["train"]["fold_margin_se"] = DEFAULTS.get("fold_margin_se", 0.0)
-        cfg = validate(raw, source)
         choices.append(Choice("train.fold_candidates", "the recipe, and the recipe with an instance term",
                               "the folds compare them and keep the better: an instance term (each image against a "
                               "second view of itself) keeps features a few classes do not ask for; on the suite it "
                               "raised one few-class data set and lowered three"))
-        if margin is ...:
-            se = cfg.train.fold_margin_se
-            choices.append(Choice("train.fold_margin_se", se,
-                                  f"the term must win by more than {'one' if se == 1 else f'{se:g}'} standard "
-                                  f"error{'' if se == 1 else 's'} of the folds' differences (the one-standard-error "
-                                  "rule): where it is not needed it lowers the embedding, and near the top of a "
-                                  "few-class fold a win by a hair is noise"))
-    overridden = [o.split("=", 1)[0] for o in overrides]
-    return AutoRecipe(cfg, choices, notes, profile, overridden)
+    given = {key: _override_value(overrides, key) is not ... for key in ("train.fold_retrieval", "model.retrieval")}
+    if DEFAULTS.get("fold_retrieval") and not any(given.values()) and cfg.model.embedding_dim:
+        raw["train"]["fold_retrieval"] = True
+        choices.append(Choice("train.fold_retrieval", True,
+                              "the folds also score the pooled features under the projection, and the run retrieves "
+                              "them where they win: trained on a few classes, the projection narrows to them (on the "
+                              "suite they won the 5-class folds, and lost every 20-class task's)"))
+    searched = raw["train"].get("fold_candidates") or raw["train"].get("fold_retrieval")
+    own = given_candidates is not ... and given_candidates  # candidates of your own: the best mean wins,
+    if searched and not own and _override_value(overrides, "train.fold_margin_se") is ...:  # unless you give a margin
+        raw["train"]["fold_margin_se"] = se = DEFAULTS.get("fold_margin_se", 0.0)
+        choices.append(Choice("train.fold_margin_se", se,
+                              f"the term or the pooled features must win by more than {'one' if se == 1 else f'{se:g}'} "
+                              f"standard error{'' if se == 1 else 's'} of the folds' differences (the "
+                              "one-standard-error rule): near the top of a few-class fold a win by a hair is noise"))
+    return validate(raw, source)
 
 
 def _run_name(source: str) -> str:

@@ -184,7 +184,8 @@ def build_model(cfg: Config, load_weights: bool = True, ckpt: Optional[Path] = N
     _check_backbone_options(m.backbone, m.backbone_options)
     try:
         members = [build_embedder(m.backbone, m.embedding_dim, m.pooling, m.bnneck, m.normalize,
-                                  in_chans=m.in_chans, backbone_options=m.backbone_options) for _ in range(m.members)]
+                                  in_chans=m.in_chans, backbone_options=m.backbone_options, retrieval=m.retrieval)
+                   for _ in range(m.members)]
     except ParameterError as e:
         options = {key: f"model.backbone_options.{key}" for key in m.backbone_options}
         raise ConfigError(e.naming({**KEYS, "name": "model.backbone", **options})) from None

@@ -27,6 +27,13 @@ candidate (:meth:`~deepmetric.engine.trainer.Trainer.rebuild`) unless it is the 
 incumbent: another replaces it only by a lead of more than that many standard errors of their
 fold-by-fold differences (:func:`choose_candidate`).
 
+``train.fold_retrieval`` makes the folds choose what the run retrieves: every validation of a fold run
+also scores the pooled features under the projection (``model.retrieval: pooled``), and where their
+mean curve, at its own best step, leads the embedding's by more than ``train.fold_margin_se`` standard
+errors of the fold-by-fold differences, the run retrieves them, at that length
+(:func:`choose_retrieval`). Trained on a handful of classes, the projection narrows to what tells
+those apart; the features under it can keep more of what new classes need.
+
 ``train.fold_members`` spends what an early stop leaves of the run's share: when that share holds
 several runs of the chosen length (:func:`member_count`), the run trains that many networks
 (``model.members``, at most ``fold_members``), each for that length on its own initial weights and
@@ -84,6 +91,13 @@ class FoldLength:
     errors: List[float] = field(default_factory=list)
     #: the CPU threads the candidate's fold runs computed with (``train.threads``; 0: torch's default)
     threads: int = 0
+    #: ``train.fold_retrieval``: each fold's validation curve of the pooled features (empty without it)
+    pooled_curves: List[List[Tuple[int, float]]] = field(default_factory=list)
+    #: ... what the run retrieves (``model.retrieval``); ``curves``, ``mean`` and ``steps`` are its own
+    retrieval: str = "embedding"
+    #: ... and what the choice saw: per retrieval (embedding, pooled) its length, its folds' values there
+    #: and their mean, and the standard error of the pooled features' fold-by-fold lead
+    retrieval_choice: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def untrained(self) -> float:
@@ -99,7 +113,7 @@ class FoldLength:
         return {"folds": len(self.curves), "metric": self.metric, "steps": self.steps,
                 "schedule_steps": self.schedule_steps, "val": self.chosen, "untrained": self.untrained,
                 "candidate": self.candidate, "candidates": self.candidates, "extended": self.extended,
-                "members": self.members}
+                "members": self.members, "retrieval": self.retrieval}
 
     def describe(self, values: Optional[Dict[str, Any]] = None) -> str:
         """The run's note; ``values``: the chosen candidate's (``train.fold_candidates``)."""
@@ -114,6 +128,8 @@ class FoldLength:
                      f"{self.candidate + 1}: {what}")
             if self.margin_se:
                 text += self._margin_note()
+        if self.retrieval_choice:
+            text += self._retrieval_note()
         if self.extended:
             text += (f"; the folds' curve was still at its best at their last step, so the run trains for the rest "
                      f"of the budget instead: {self.extended} steps (train.fold_extend)")
@@ -126,6 +142,20 @@ class FoldLength:
                      "or start from pretrained weights (model.pretrained=PATH)")
         return text
 
+
+    def _retrieval_note(self) -> str:
+        """``train.fold_retrieval`` in the note: the two retrievals' mean values, the margin, the choice."""
+        c = self.retrieval_choice
+        emb, pooled = c["embedding"], c["pooled"]
+        lead = pooled["val"] - emb["val"]
+        margin = self.margin_se * c["se"]
+        why = (f"ahead by {lead:.4f}, more than" if self.retrieval == "pooled" else
+               f"{'ahead by %.4f, within' % lead if lead > 0 else 'not ahead of it, with a margin of'}")
+        return (f"; the pooled features under the projection scored {pooled['val']:.4f} on the folds (step "
+                f"{pooled['steps']}) against the embedding's {emb['val']:.4f} (step {emb['steps']}): {why} "
+                f"{self.margin_se:g} standard error{'s' if self.margin_se != 1 else ''} ({margin:.4f}), so the run "
+                f"retrieves the {'pooled features' if self.retrieval == 'pooled' else 'embedding'} "
+                f"(train.fold_retrieval, model.retrieval={self.retrieval})")
 
     def _margin_note(self) -> str:
         """``train.fold_margin_se`` in the note: the chosen later candidate's lead and the margin it
@@ -178,6 +208,32 @@ def choose_candidate(values: List[List[float]], margin_se: float = 0.0) -> Tuple
     return max(eligible, key=lambda j: (means[j], -j)), errors
 
 
+def choose_retrieval(result: FoldLength, margin_se: float = 0.0) -> FoldLength:
+    """``train.fold_retrieval``: the embedding (the incumbent, at ``result.steps``) against the pooled
+    features (at their own mean curve's best step), by :func:`choose_candidate` with ``margin_se``.
+    Where the pooled features win, ``result`` takes their curves, mean and length; either way it
+    records the choice (``retrieval``, ``retrieval_choice``).
+
+    >>> r = FoldLength("map@r", 10, 20, [[(0, .5), (10, .7), (20, .6)], [(0, .5), (10, .6), (20, .6)]],
+    ...                [(0, .5), (10, .65), (20, .6)],
+    ...                pooled_curves=[[(0, .6), (10, .7), (20, .8)], [(0, .6), (10, .7), (20, .75)]])
+    >>> r = choose_retrieval(r, 1.0)
+    >>> r.retrieval, r.steps, r.chosen, r.retrieval_choice["embedding"]["val"]
+    ('pooled', 20, 0.775, 0.65)
+    """
+    pooled_mean = mean_curve(result.pooled_curves)
+    pooled_steps = choose_length(pooled_mean)
+    values = [[dict(c)[result.steps] for c in result.curves], [dict(c)[pooled_steps] for c in result.pooled_curves]]
+    pick, errors = choose_candidate(values, margin_se)
+    result.retrieval_choice = {
+        "embedding": {"steps": result.steps, "val": float(np.mean(values[0])), "folds": values[0]},
+        "pooled": {"steps": pooled_steps, "val": float(np.mean(values[1])), "folds": values[1]}, "se": errors[1]}
+    if pick == 1:
+        result.retrieval = "pooled"
+        result.curves, result.mean, result.steps = result.pooled_curves, pooled_mean, pooled_steps
+    return result
+
+
 def choose_length(mean: List[Tuple[int, float]]) -> int:
     """The step of the best mean value after step 0 (the earliest of equals).
 
@@ -197,7 +253,7 @@ def _fold_config(cfg: Config, fold: List[Any], n_train: int, i: int) -> Config:
                           f"{'' if left == 1 else 'es'}; a fold must leave at least 2 to train on")
     data = cfg.data.model_copy(update={"val_classes": list(fold), "val_per_class": cfg.data.val_per_class or
                                        FOLD_VAL_PER_CLASS, "classes_per_batch": min(cfg.data.classes_per_batch, left)})
-    train = cfg.train.model_copy(update={"length_folds": [], "progress": False})
+    train = cfg.train.model_copy(update={"length_folds": [], "fold_retrieval": False, "progress": False})
     return cfg.model_copy(update={"data": data, "train": train, "name": f"{cfg.name}-fold{i + 1}",
                                   "eval": cfg.eval.model_copy(update={"untrained": True})})
 
@@ -239,6 +295,7 @@ def _candidate_folds(trainer: Any, cfg: Config, folds: List[List[Any]], first: i
     share = fold_run_share(cfg, runs)
     metric = cfg.eval.metric
     curves: List[List[Tuple[int, float]]] = []
+    pooled: List[List[Tuple[int, float]]] = []
     plan: Dict[str, Any] = {}
     for i, fold in enumerate(folds):
         n = first + i + 1
@@ -261,6 +318,8 @@ def _candidate_folds(trainer: Any, cfg: Config, folds: List[List[Any]], first: i
         # on Fashion-MNIST's 5,000 test images
         fold_trainer.parts.evaluator = fold_trainer.parts.val_evaluator
         fold_trainer.notes.append("a fold run: its test rows score its held-out classes (its validation split)")
+        if cfg.train.fold_retrieval:  # every validation also scores the pooled features
+            fold_trainer.pooled_curve = {}
         try:
             fold_trainer.fit()
         except ConfigError as e:
@@ -290,11 +349,13 @@ def _candidate_folds(trainer: Any, cfg: Config, folds: List[List[Any]], first: i
                     "step_s": fold_trainer.budget_plan.step_s if fold_trainer.budget_plan else 0.0,
                     "threads": fold_trainer.cfg.train.threads}
         curves.append(validation_curve(fold_trainer, metric))
+        if fold_trainer.pooled_curve is not None:
+            pooled.append(sorted(fold_trainer.pooled_curve.items()))
         del fold_trainer
         gc.collect()
     mean = mean_curve(curves)
     return FoldLength(metric, choose_length(mean), plan["max_steps"], curves, mean, warmup_steps=plan["warmup_steps"],
-                      step_s=plan["step_s"], threads=plan["threads"])
+                      step_s=plan["step_s"], threads=plan["threads"], pooled_curves=pooled)
 
 
 def extended_steps(cfg: Config, result: FoldLength, runs: int, budget: Optional[float], spent: float) -> int:
@@ -369,6 +430,12 @@ def run_folds(trainer: Any) -> FoldLength:
     result = results[best]
     result.candidate, result.candidates = best, [None if r is None else r.chosen for r in results]
     result.margin_se, result.errors = cfg.train.fold_margin_se, errors
+    by_candidate = [{"tried": False} if r is None else  # each candidate's embedding, before the retrieval's choice
+                    {"steps": r.steps, "val": r.chosen, "folds": values[tried.index(j)], "se": errors[j],
+                     "curves": r.curves, "mean": r.mean} for j, r in enumerate(results)]
+    result.retrieval = configs[best].model.retrieval
+    if cfg.train.fold_retrieval:
+        choose_retrieval(result, cfg.train.fold_margin_se)
     result.extended = extended_steps(cfg, result, runs, budget, CLOCK() - started)
     result.members = member_count(cfg, result, runs)
     atomic_write(trainer.run_dir / "folds.json", json.dumps(
@@ -377,9 +444,8 @@ def run_folds(trainer: Any) -> FoldLength:
          "members": result.members,
          "curves": result.curves, "mean": result.mean,
          "margin_se": cfg.train.fold_margin_se,
-         "by_candidate": [{"tried": False} if r is None else
-                          {"steps": r.steps, "val": r.chosen, "folds": values[tried.index(j)], "se": errors[j],
-                           "curves": r.curves, "mean": r.mean} for j, r in enumerate(results)]},
+         "retrieval": result.retrieval, "retrieval_choice": result.retrieval_choice,
+         "by_candidate": by_candidate},
         indent=1))
     trainer.notes.append(result.describe(candidates[best] if candidates else None))
     log.info("%s", trainer.notes[-1])
@@ -390,12 +456,13 @@ def run_folds(trainer: Any) -> FoldLength:
         warmup = short_run_warmup(chosen.scheduler.warmup_steps, steps)
     scheduler = chosen.scheduler.model_copy(update={"total_steps": total, "warmup_steps": warmup})
     train = chosen.train.model_copy(update={"max_steps": steps, "time_budget": None, "length_folds": [],
-                                            "fold_candidates": [], "eval_every": 0,
+                                            "fold_candidates": [], "fold_retrieval": False, "eval_every": 0,
                                             "threads": result.threads or chosen.train.threads})
     final = chosen.model_copy(update={"train": train, "scheduler": scheduler})
-    if result.members > 1:
-        final = final.model_copy(update={"model": final.model.model_copy(update={"members": result.members})})
-    if (candidates and candidates[best]) or result.members > 1:  # another model or recipe: build its parts anew
+    if result.members > 1 or result.retrieval != final.model.retrieval:
+        final = final.model_copy(update={"model": final.model.model_copy(update={"members": result.members,
+                                                                                 "retrieval": result.retrieval})})
+    if (candidates and candidates[best]) or final.model != chosen.model:  # another model or recipe: build anew
         trainer.rebuild(final)
     else:
         trainer.cfg = final
@@ -403,5 +470,5 @@ def run_folds(trainer: Any) -> FoldLength:
     return result
 
 
-__all__ = ["FOLD_EVALUATIONS", "FOLD_VAL_PER_CLASS", "FoldLength", "choose_candidate", "choose_length", "extended_steps", "fold_run_share",
+__all__ = ["FOLD_EVALUATIONS", "FOLD_VAL_PER_CLASS", "FoldLength", "choose_candidate", "choose_length", "choose_retrieval", "extended_steps", "fold_run_share",
            "fold_steps", "mean_curve", "member_count", "run_folds", "validation_curve"]

@@ -134,7 +134,7 @@ def build_training(cfg: Config, device: torch.device, dist: DistInfo, *, resume:
     else:
         model = model.to(device)
     members = getattr(model, "members", None) if cfg.model.members > 1 else None
-    dim = members[0].embedding_dim if members else embedding_dim(model, splits, device)
+    dim = members[0].loss_dim if members else embedding_dim(model, splits, device)
     losses = (build_losses(cfg, splits.num_classes, dim) if loss is None else torch.nn.ModuleList([loss])).to(device)
     if members:
         check_member_losses(cfg, losses)

@@ -75,9 +75,10 @@ def mark_python_objects(cfg: Config, model: Optional[torch.nn.Module], loss: Opt
 
 
 def embedding_dim(model: torch.nn.Module, splits: DataSplits, device: torch.device) -> int:
-    """``model.embedding_dim``, or for a model without it the D of ``model(image)`` on one evaluation
-    image (which checks that it gives ``(B, D)`` embeddings)."""
-    dim = getattr(model, "embedding_dim", None)
+    """The width of the embedding the losses take: ``model.loss_dim`` (an
+    :class:`~deepmetric.models.Embedder`'s), ``model.embedding_dim``, or for a model without them the D
+    of ``model(image)`` on one evaluation image (which checks that it gives ``(B, D)`` embeddings)."""
+    dim = getattr(model, "loss_dim", None) or getattr(model, "embedding_dim", None)
     if isinstance(dim, int) and dim > 0:
         return dim
     dataset = splits.query if splits.query is not None else splits.train

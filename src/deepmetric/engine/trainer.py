@@ -44,6 +44,7 @@ from ..core.distributed import barrier, broadcast_object, init_distributed, rank
 from ..core.files import atomic_write, check_writable, writing
 from ..data.base import DataSplits
 from ..data.protocol import describe_splits
+from ..models.embedder import retrieval_as
 from .auto import recipe_or_data
 from . import budget
 from .budget import budget_seconds, fit_to_budget
@@ -114,6 +115,8 @@ class Trainer:
             self.summary: Dict[str, Any] = {}
             self.budget_plan = None  # what train.time_budget came to (engine.budget.Plan)
             self.fold_length = None  # what train.length_folds chose (engine.folds.FoldLength)
+            #: a fold run of train.fold_retrieval: {step: validation eval.metric of the pooled features}
+            self.pooled_curve: Optional[Dict[int, float]] = None
             self.recorder = Recorder()
             self.callbacks: List[Callback] = []  # rank 0 alone calls them, as it alone writes
             if self.is_main:
@@ -386,6 +389,10 @@ class Trainer:
             model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
         with warnings_as_notes(self.notes, f"step {self.step}, {split}"):
             result = evaluator.run(model, neighbours=neighbours)
+            if split == "val" and self.pooled_curve is not None:  # a fold run of train.fold_retrieval
+                with retrieval_as(model, "pooled"):
+                    pooled = evaluator.run(model, neighbours=False).metrics[self.cfg.eval.metric]
+                self.pooled_curve[self.step] = float(pooled)
         result.metrics = broadcast_object(result.metrics)
         self.model.train()
         if notify:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "Embedder": "embedder", "Ensemble": "embedder", "LoadReport": "embedder", "WeightsError": "embedder",
-    "first_nonfinite": "embedder", "join_embeddings": "embedder", "load_pretrained": "embedder", "load_weights": "embedder",
+    "first_nonfinite": "embedder", "join_embeddings": "embedder", "retrieval_as": "embedder", "load_pretrained": "embedder", "load_weights": "embedder",
     "read_state_dict": "embedder", "weight_mismatches": "embedder",
     "EmbeddingHead": "heads", "GeM": "heads",
 }
@@ -41,13 +41,13 @@ def build_backbone(name: str, in_chans: int = 3, **options) -> "nn.Module":
 
 def build_embedder(backbone: str = "resnet50", embedding_dim: int = 0, pooling: str = "avg",
                    bnneck: bool = False, normalize: bool = True, in_chans: int = 3,
-                   backbone_options: Optional[dict] = None) -> "Embedder":
+                   backbone_options: Optional[dict] = None, retrieval: str = "embedding") -> "Embedder":
     """``Embedder(backbone ► head)`` from the backbone's name and the head's settings."""
     from .embedder import Embedder
     from .heads import EmbeddingHead
 
     trunk = build_backbone(backbone, in_chans=in_chans, **(backbone_options or {}))
-    return Embedder(trunk, EmbeddingHead(trunk.out_channels, embedding_dim, pooling, bnneck, normalize))
+    return Embedder(trunk, EmbeddingHead(trunk.out_channels, embedding_dim, pooling, bnneck, normalize, retrieval))
 
 
 __all__ = ["BACKBONES", "build_backbone", "build_embedder", *_EXPORTS]

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,12 @@ class Embedder(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
+        """The width of what :meth:`forward` gives (``model.retrieval``)."""
+        return self.head.retrieval_dim
+
+    @property
+    def loss_dim(self) -> int:
+        """The width of the embedding the losses take (``model.embedding_dim``, or the pooled map's)."""
         return self.head.dim
 
     def backbone_batchnorms(self) -> List[nn.Module]:
@@ -69,8 +76,9 @@ class Embedder(nn.Module):
         return self.head(self.backbone(x))
 
     def forward(self, x: torch.Tensor, all_outputs: bool = False):
-        out = self.forward_train(x)
-        return out if all_outputs else out["embedding"]
+        if all_outputs:
+            return self.forward_train(x)
+        return self.head.retrieve(self.backbone(x))
 
 
 class Ensemble(nn.Module):
@@ -109,6 +117,22 @@ class Ensemble(nn.Module):
         if all_outputs:
             return self.forward_train(x)
         return join_embeddings([m(x) for m in self.members])
+
+
+@contextmanager
+def retrieval_as(model: nn.Module, retrieval: str) -> Iterator[nn.Module]:
+    """Within the block, every :class:`~deepmetric.models.heads.EmbeddingHead` of ``model`` (an
+    ensemble's members', a moving average's copy) retrieves ``retrieval`` (``embedding`` or
+    ``pooled``); as before afterwards."""
+    heads = [m for m in model.modules() if isinstance(m, EmbeddingHead)]
+    saved = [h.retrieval for h in heads]
+    try:
+        for h in heads:
+            h.retrieval = retrieval
+        yield model
+    finally:
+        for h, r in zip(heads, saved):
+            h.retrieval = r
 
 
 def join_embeddings(embeddings: List[torch.Tensor]) -> torch.Tensor:

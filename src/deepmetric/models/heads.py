@@ -31,6 +31,9 @@ class AvgMaxPool(nn.Module):
 
 
 POOLINGS = ("avg", "max", "gem", "avgmax")
+#: what retrieval uses (``model.retrieval``): the head's embedding, or the pooled features before its
+#: projection (L2-normalised like the embedding)
+RETRIEVALS = ("embedding", "pooled")
 
 
 class EmbeddingHead(nn.Module):
@@ -43,13 +46,24 @@ class EmbeddingHead(nn.Module):
 
     The BNNeck (Luo et al. 2019, "Bag of Tricks") is a BatchNorm1d whose bias is frozen at zero;
     re-ID recipes put metric losses on ``features`` and the classifier on ``neck``.
+
+    ``retrieval``: what :meth:`retrieve` gives search, evaluation and export: ``embedding``, or
+    ``pooled``, the pooled map before the projection (``in_channels`` wide). The losses train the
+    projection either way; with few training classes it narrows to them, and the features under it
+    can keep more of what new classes need (``train.fold_retrieval`` lets folds of the training
+    classes choose). ``dim`` is the embedding's width (what the losses take), ``retrieval_dim`` what
+    :meth:`retrieve` gives.
     """
 
     def __init__(self, in_channels: int, embedding_dim: int = 0, pooling: str = "avg",
-                 bnneck: bool = False, normalize: bool = True) -> None:
+                 bnneck: bool = False, normalize: bool = True, retrieval: str = "embedding") -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ParameterError(f"{{pooling}} must be one of {', '.join(POOLINGS)}, got '{pooling}'", "pooling")
+        if retrieval not in RETRIEVALS:
+            raise ParameterError(f"{{retrieval}} must be one of {', '.join(RETRIEVALS)}, got '{retrieval}'", "retrieval")
+        self.in_channels = in_channels
+        self.retrieval = retrieval
         self.pool = {"avg": nn.AdaptiveAvgPool2d(1), "max": nn.AdaptiveMaxPool2d(1), "gem": GeM(),
                      "avgmax": AvgMaxPool()}[pooling]
         self.pooling = pooling
@@ -67,6 +81,10 @@ class EmbeddingHead(nn.Module):
             self.bnneck.bias.requires_grad_(False)
         self.normalize = normalize
 
+    @property
+    def retrieval_dim(self) -> int:
+        return self.in_channels if self.retrieval == "pooled" else self.dim
+
     def forward(self, fmap: torch.Tensor) -> Dict[str, torch.Tensor]:
         x = self.pool(fmap).flatten(1)
         if self.proj is not None:
@@ -74,3 +92,10 @@ class EmbeddingHead(nn.Module):
         neck = self.bnneck(x) if self.bnneck is not None else x
         emb = F.normalize(neck.float(), dim=1) if self.normalize else neck
         return {"features": x, "neck": neck, "embedding": emb}
+
+    def retrieve(self, fmap: torch.Tensor) -> torch.Tensor:
+        """What retrieval uses (``retrieval``): the embedding, or the pooled features, ``(B, retrieval_dim)``."""
+        if self.retrieval == "embedding":
+            return self(fmap)["embedding"]
+        x = self.pool(fmap).flatten(1)
+        return F.normalize(x.float(), dim=1) if self.normalize else x
