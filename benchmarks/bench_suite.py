@@ -577,23 +577,31 @@ def cmd_curves(args) -> int:
     """Validation curves of the default on a few-class data set's folds (two held-out training classes
     each, :func:`selection_fold`), for the whole run, evaluated every ``--every`` steps; then each fold
     scored at the length the other folds' mean curve chooses (:mod:`deepmetric.engine.folds`, cross-
-    validated) against its last step and its untrained network."""
+    validated) against its last step and its untrained network. ``--pooled-json``: every validation
+    also scores the pooled features under the projection (``train.fold_retrieval``), written there
+    in the same form, so that ``choose embedding=JSON pooled=POOLED_JSON`` compares the two."""
     from deepmetric.engine.folds import choose_length, mean_curve, validation_curve
 
     out, work = fold_session(args, "bench_suite_curves_")
+    pooled = json.loads(Path(args.pooled_json).read_text()) if args.pooled_json and Path(args.pooled_json).is_file() else {}
     for name, task, data, fold_of in curve_tasks(args):
         root = Path(args.root) / DATASETS[name].folder
         for f in range(args.folds):
             key = f"{task}/{f}"
-            if key not in out:
+            if key not in out or (args.pooled_json and key not in pooled):
                 cfg = auto_recipe(root, name, 0, "2m", [*fold_of(f), *data, "train.time_budget=null",
                                                          f"train.max_steps={args.steps[name]}",
                                                          f"train.eval_every={args.every[name]}", *args.set])
                 trainer = Trainer(cfg, work / key.replace("/", "-"))
+                if args.pooled_json:
+                    trainer.pooled_curve = {}
                 trainer.fit()
                 out[key] = validation_curve(trainer, "map@r")
                 if args.json:
                     atomic_write(args.json, json.dumps(out))
+                if args.pooled_json:
+                    pooled[key] = sorted(trainer.pooled_curve.items())
+                    atomic_write(args.pooled_json, json.dumps(pooled))
         curves = [dict(map(tuple, out[f"{task}/{f}"])) for f in range(args.folds)]
         rows = []
         for j, c in enumerate(curves):
@@ -792,6 +800,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     v.add_argument("--tasks", type=int, default=3, help="with --classes: this many tasks per data set")
     v.add_argument("--threads", type=int, default=1)
     v.add_argument("--json")
+    v.add_argument("--pooled-json", help="also the pooled features' curves (train.fold_retrieval), in this file")
     h = sub.add_parser("choose", help="the folds' choice between candidates, cross-validated, from curves files")
     h.add_argument("candidates", nargs="+", metavar="NAME=FILE[,FILE...]", help="each candidate's curves files")
     h.add_argument("--share", type=float, default=1.0, help="cut every curve to this fraction of its length")

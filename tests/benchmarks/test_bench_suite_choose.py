@@ -62,3 +62,32 @@ def test_rotated_tasks_cover_every_class_and_keep_each_split_zero_shot(tmp_path)
     assert len({tuple(test) for _, test in splits}) == 5 and set().union(*(t for _, t in splits)) == everything
     order = suite.hash_order(sorted(everything))
     assert splits[1][1] == sorted(order[2:7]) and splits[4][1] == sorted(order[8:] + order[:3])  # wrapping round
+
+
+def test_curves_write_the_pooled_features_curves_for_choose(tmp_path, capsys):
+    """``curves --pooled-json``: every validation of a fold run also scores the pooled features under
+    the projection (what ``train.fold_retrieval`` compares); both files hold the same folds and
+    steps, step 0 first, and ``choose embedding=... pooled=...`` compares them."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for d in range(10):  # the digits' folder layout: class folders 0-9, of tiny grey images
+        (tmp_path / "digits" / str(d)).mkdir(parents=True)
+        base = rng.integers(0, 256, (4, 4))
+        for i in range(6):
+            img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).resize((8, 8)).save(tmp_path / "digits" / str(d) / f"{i}.png")
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    args = ["curves", "--root", str(tmp_path), "--datasets", "digits", "--steps", "digits=4", "--every", "digits=2",
+            "--folds", "2", "--json", str(a), "--pooled-json", str(b), "--set", "model.backbone_options={width: 8, grid: 2}",
+            "model.embedding_dim=4"]
+    assert suite.main(args) == 0
+    embedding, pooled = json.loads(a.read_text()), json.loads(b.read_text())
+    assert sorted(embedding) == sorted(pooled) == ["digits/0", "digits/1"]
+    for key in embedding:
+        assert [s for s, _ in embedding[key]] == [s for s, _ in pooled[key]] == [0, 2, 4]
+        assert embedding[key] != pooled[key]
+    capsys.readouterr()
+    assert suite.main(["choose", f"embedding={a}", f"pooled={b}", "--margin-se", "1"]) == 0
+    assert capsys.readouterr().out.startswith("digits: untrained ")
