@@ -177,7 +177,7 @@ def test_the_folds_choose_what_the_run_retrieves(tmp_path):
     held = Trainer(auto_config(root, [*base, "train.fold_margin_se=1000"]).config, tmp_path / "c").fit()
     assert held["length_folds"]["retrieval"] == "embedding"
     assert load_config(tmp_path / "c" / "config.yaml").model.retrieval == "embedding"
-    assert "within 1000 standard errors" in " ".join(held["notes"])
+    assert "within the margin of 1000 standard errors of the folds' differences" in " ".join(held["notes"])
     # your own retrieval, or a run without folds: nothing to choose
     assert not auto_config(root, [*base, "model.retrieval=pooled"]).config.train.fold_retrieval
     with pytest.raises(ConfigError, match="train.fold_retrieval compares the embedding with the pooled features"):

@@ -148,13 +148,13 @@ class FoldLength:
         c = self.retrieval_choice
         emb, pooled = c["embedding"], c["pooled"]
         lead = pooled["val"] - emb["val"]
-        margin = self.margin_se * c["se"]
-        why = (f"ahead by {lead:.4f}, more than" if self.retrieval == "pooled" else
-               f"{'ahead by %.4f, within' % lead if lead > 0 else 'not ahead of it, with a margin of'}")
+        margin = (f"the margin of {self.margin_se:g} standard error{'s' if self.margin_se != 1 else ''} of the "
+                  f"folds' differences ({self.margin_se * c['se']:.4f})")
+        why = (f"ahead by {lead:.4f}, more than {margin}" if self.retrieval == "pooled" else
+               f"ahead by {lead:.4f}, within {margin}" if lead > 0 else "not ahead")
         return (f"; the pooled features under the projection scored {pooled['val']:.4f} on the folds (step "
-                f"{pooled['steps']}) against the embedding's {emb['val']:.4f} (step {emb['steps']}): {why} "
-                f"{self.margin_se:g} standard error{'s' if self.margin_se != 1 else ''} ({margin:.4f}), so the run "
-                f"retrieves the {'pooled features' if self.retrieval == 'pooled' else 'embedding'} "
+                f"{pooled['steps']}) against the embedding's {emb['val']:.4f} (step {emb['steps']}): {why}, so the "
+                f"run retrieves the {'pooled features' if self.retrieval == 'pooled' else 'embedding'} "
                 f"(train.fold_retrieval, model.retrieval={self.retrieval})")
 
     def _margin_note(self) -> str:
