@@ -142,7 +142,6 @@ class FoldLength:
                      "or start from pretrained weights (model.pretrained=PATH)")
         return text
 
-
     def _retrieval_note(self) -> str:
         """``train.fold_retrieval`` in the note: the two retrievals' mean values, the margin, the choice."""
         c = self.retrieval_choice
