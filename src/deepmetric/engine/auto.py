@@ -167,7 +167,7 @@ def hash_order(keys: Sequence[Any]) -> List[Any]:
     """``keys`` ordered by a stable hash of their text (SHA-1), the same on every machine and run.
 
     >>> hash_order(["a", "b", "c", "d"])
-    ['c', 'a', 'd', 'b']
+    ['d', 'c', 'a', 'b']
     """
     return sorted(keys, key=lambda k: hashlib.sha1(str(k).encode("utf-8")).hexdigest())
 
