@@ -178,6 +178,11 @@ def test_the_folds_choose_what_the_run_retrieves(tmp_path):
     assert held["length_folds"]["retrieval"] == "embedding"
     assert load_config(tmp_path / "c" / "config.yaml").model.retrieval == "embedding"
     assert "within the margin of 1000 standard errors of the folds' differences" in " ".join(held["notes"])
+    # an ensemble of your own (model.members) keeps its count when the folds change the retrieval
+    two = auto_config(root, [*base, "train.max_steps=14", "model.members=2"]).config
+    assert two.train.fold_retrieval and Trainer(two, tmp_path / "d").fit()["length_folds"]["retrieval"] == "pooled"
+    written = load_config(tmp_path / "d" / "config.yaml")
+    assert written.model.members == 2 and written.model.retrieval == "pooled"
     # your own retrieval, or a run without folds: nothing to choose
     assert not auto_config(root, [*base, "model.retrieval=pooled"]).config.train.fold_retrieval
     with pytest.raises(ConfigError, match="train.fold_retrieval compares the embedding with the pooled features"):

@@ -458,9 +458,10 @@ def run_folds(trainer: Any) -> FoldLength:
                                             "fold_candidates": [], "fold_retrieval": False, "eval_every": 0,
                                             "threads": result.threads or chosen.train.threads})
     final = chosen.model_copy(update={"train": train, "scheduler": scheduler})
-    if result.members > 1 or result.retrieval != final.model.retrieval:
-        final = final.model_copy(update={"model": final.model.model_copy(update={"members": result.members,
-                                                                                 "retrieval": result.retrieval})})
+    model = {**({"members": result.members} if result.members > 1 else {}),  # else the recipe's own count
+             **({"retrieval": result.retrieval} if result.retrieval != final.model.retrieval else {})}
+    if model:
+        final = final.model_copy(update={"model": final.model.model_copy(update=model)})
     if (candidates and candidates[best]) or final.model != chosen.model:  # another model or recipe: build anew
         trainer.rebuild(final)
     else:
