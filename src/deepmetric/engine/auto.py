@@ -437,8 +437,8 @@ def _fold_choices(cfg: Config, overrides: Sequence[str], choices: List[Choice], 
                               "the folds compare them and keep the better: an instance term (each image against a "
                               "second view of itself) keeps features a few classes do not ask for; on the suite it "
                               "raised one few-class data set and lowered three"))
-    given = {key: _override_value(overrides, key) is not ... for key in ("train.fold_retrieval", "model.retrieval")}
-    if DEFAULTS.get("fold_retrieval") and not any(given.values()) and cfg.model.embedding_dim:
+    given = any(_override_value(overrides, key) is not ... for key in ("train.fold_retrieval", "model.retrieval"))
+    if DEFAULTS.get("fold_retrieval") and not given and cfg.model.embedding_dim:
         raw["train"]["fold_retrieval"] = True
         choices.append(Choice("train.fold_retrieval", True,
                               "the folds also score the pooled features under the projection, and the run retrieves "
