@@ -91,3 +91,42 @@ def test_curves_write_the_pooled_features_curves_for_choose(tmp_path, capsys):
     capsys.readouterr()
     assert suite.main(["choose", f"embedding={a}", f"pooled={b}", "--margin-se", "1"]) == 0
     assert capsys.readouterr().out.startswith("digits: untrained ")
+
+
+def _record(dataset, seed, system, test, untrained, members=1):
+    keys = suite.METRICS
+    return {"dataset": dataset, "seed": seed, "system": system, "kind": "report", "members": members,
+            "test": dict(zip(keys, test)), "val": {"map@r": 0.5}, "untrained": {"test": dict(zip(keys, untrained))}}
+
+
+def test_table_judges_the_default_against_one_untrained_network_and_lists_each_run_not_above(tmp_path, capsys):
+    """``table``: the untrained network is one network (the PML loop's step 0) on every metric of the
+    report, judged on the mean over seeds; every run not above it is listed with its metric."""
+    one = [0.40, 0.60, 0.50, 0.90, 0.95, 0.99, 1.0, 0.93]     # one untrained network: R@8 at the ceiling
+    four = [0.62, 0.76, 0.68, 0.98, 0.99, 0.995, 1.0, 0.99]   # the auto run's own step 0: four networks
+    runs = [_record("digits", 0, "auto", [0.66, 0.75, 0.70, 0.99, 0.995, 0.997, 1.0, 0.995], four, members=4),
+            _record("digits", 1, "auto", [0.64, 0.74, 0.69, 0.985, 0.995, 0.997, 1.0, 0.992], four, members=4),
+            _record("digits", 0, "pml", [0.45] * 8, one), _record("digits", 1, "pml", [0.44] * 8, one)]
+    (tmp_path / "a.json").write_text(json.dumps({"budget": "2m", "runs": runs}))
+    assert suite.main(["table", str(tmp_path / "a.json")]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("digits"))
+    # untrained R@1 / MAP@R are the one network's (0.90 / 0.40), not the four's; +0.205 over the loop;
+    # recall@8 is 1.0 for both: equal, so not above on the mean -> short
+    assert row.split()[2:4] == ["0.9000", "0.4000"] and "+0.2050" in row and row.endswith("<- short")
+    assert "its own step 0 (4 networks): R@1 0.9800, MAP@R 0.6200; the mean above it on every metric but map, " \
+           "recall@8" in out
+    assert "target (>= +0.02 MAP@R" in out and out.split("every rotation): ")[1].startswith("NOT met")
+    assert "above the untrained network on every metric on 0 of 2, below it on some metric on 0" in out
+    assert "digits seed 0: recall@8 equal (1.0000 vs 1.0000)" in out
+    # one run below on a metric is listed as below, and met needs every metric above on the mean
+    runs[0]["test"]["recall@8"] = runs[1]["test"]["recall@8"] = 1.0
+    for r in runs[2:]:
+        r["untrained"]["test"]["recall@8"] = 0.999
+    runs[1]["test"]["recall@4"] = 0.985  # below the one network's 0.99 on this run, above it on the mean
+    (tmp_path / "a.json").write_text(json.dumps({"budget": "2m", "runs": runs}))
+    assert suite.main(["table", str(tmp_path / "a.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.split("every rotation): ")[1].startswith("met")
+    assert "on every metric on 1 of 2, below it on some metric on 1" in out
+    assert "digits seed 1: recall@4 below (0.9850 vs 0.9900)" in out
