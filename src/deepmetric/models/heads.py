@@ -90,12 +90,14 @@ class EmbeddingHead(nn.Module):
         if self.proj is not None:
             x = self.proj(x)
         neck = self.bnneck(x) if self.bnneck is not None else x
-        emb = F.normalize(neck.float(), dim=1) if self.normalize else neck
-        return {"features": x, "neck": neck, "embedding": emb}
+        return {"features": x, "neck": neck, "embedding": self._unit(neck)}
+
+    def _unit(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` L2-normalised (in float32) with ``normalize``, else as it is."""
+        return F.normalize(x.float(), dim=1) if self.normalize else x
 
     def retrieve(self, fmap: torch.Tensor) -> torch.Tensor:
         """What retrieval uses (``retrieval``): the embedding, or the pooled features, ``(B, retrieval_dim)``."""
         if self.retrieval == "embedding":
             return self(fmap)["embedding"]
-        x = self.pool(fmap).flatten(1)
-        return F.normalize(x.float(), dim=1) if self.normalize else x
+        return self._unit(self.pool(fmap).flatten(1))
